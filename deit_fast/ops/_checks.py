@@ -1,0 +1,39 @@
+"""Input checks shared by the ops. Each raises ValueError naming the argument, before any launch."""
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = FLOATS  # what the Triton and CUDA kernels take
+TORCH_DTYPES = FLOATS + (torch.float64,)  # the reference also runs in fp64 (the test spec)
+
+
+def tensor(name: str, t, dims: Optional[Iterable[int]] = None, dtypes=TORCH_DTYPES) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() not in tuple(dims):
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def shape(name: str, t: Tensor, expected, what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}{what}, got {tuple(t.shape)}")
+
+
+def same_device(**tensors: Optional[Tensor]) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for n, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}")
+
+
+def kernel_dtypes(backend: str, **tensors: Optional[Tensor]) -> None:
+    """The kernels compute in fp32 from fp32/fp16/bf16 storage; fp64 is the reference's alone."""
+    for n, t in tensors.items():
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"{n} dtype {t.dtype} is not supported by the {backend} backend "
+                             f"(fp32, fp16, bf16); use the torch backend for it")
