@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_R, BLOCK_C, NUM_WARPS = 16, 256, 4  # 4096-element tiles; 256 columns = 512 B per bf16 row
+BLOCK_R, BLOCK_C, NUM_WARPS = 16, 256, 8  # 4096-element tiles, 16 per thread; 256 columns = 512 B of bf16
 BWD_PROGRAMS = 1024  # row strips in the backward: enough to fill 132 SMs a few times over
 
 
@@ -102,16 +102,19 @@ def backward(dout, y, gamma, scale):
 
 
 def aot_configs(dtype: str):
-    """(kernel, signature, constexprs, num_warps) of every shipped variant, for the sm_90 AOT test.
-    dtype is the activation type ("fp16", "bf16"); gamma and DropPath factors are fp32."""
-    ints = {name: "i32" for name in ("rows", "N", "C")}
-    ints.update({name: "i64" for name in ("sxb", "sxn", "syb", "syn", "sdb", "sdn")})
+    """Every shipped variant, for the sm_90 AOT test: dicts of kernel, signature, constexprs,
+    num_warps, `aligned` (the int args the JIT would specialise as multiples of 16: all strides at
+    ViT widths, none at an odd C) and `matmul` (whether the PTX must use wgmma). dtype is the
+    activation type; gamma and DropPath factors are fp32."""
+    strides = ("sxb", "sxn", "syb", "syn", "sdb", "sdn")
+    ints = dict.fromkeys(("rows", "N", "C", "rows_per_prog") + strides, "i32")
+    ptrs = dict.fromkeys(("X", "Y", "OUT", "DO", "DY"), f"*{dtype}")
+    ptrs.update(dict.fromkeys(("G", "S", "PARTIAL"), "*fp32"))
     for has_gamma in (True, False):
         for has_drop in (True, False):
             flags = dict(HAS_GAMMA=has_gamma, HAS_DROP=has_drop, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-            fwd = {"X": f"*{dtype}", "Y": f"*{dtype}", "G": "*fp32", "S": "*fp32", "OUT": f"*{dtype}"}
-            bwd = {"DO": f"*{dtype}", "Y": f"*{dtype}", "G": "*fp32", "S": "*fp32", "DY": f"*{dtype}",
-                   "PARTIAL": "*fp32", "rows_per_prog": "i32"}
-            for kernel, ptrs in ((_layerscale_fwd, fwd), (_layerscale_bwd, bwd)):
+            for kernel in (_layerscale_fwd, _layerscale_bwd):
                 sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
-                yield kernel, sig, flags, NUM_WARPS
+                for aligned in (("C",) + strides, ()):
+                    yield dict(kernel=kernel, signature=sig, constexprs=flags, num_warps=NUM_WARPS,
+                               aligned=aligned, matmul=False)

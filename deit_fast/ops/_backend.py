@@ -6,7 +6,6 @@ else torch. An explicit backend that cannot run raises and says why, so a benchm
 silently measures the wrong thing. backend_report() shows the decision and every reason.
 """
 import contextlib
-import functools
 from typing import Dict, Optional
 
 import torch
@@ -25,6 +24,7 @@ KERNELS: Dict[str, tuple] = {
 }
 
 _current = "auto"
+_availability: Dict[tuple, Optional[str]] = {}  # (backend, device type) -> why not, or None
 
 
 def set_backend(name: str) -> None:
@@ -50,7 +50,6 @@ def use_backend(name: str):
         set_backend(previous)
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_unavailable(device_type: str) -> Optional[str]:
     try:
         from deit_fast import kernels
@@ -70,7 +69,6 @@ def _triton_unavailable(device_type: str) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_unavailable(device_type: str) -> Optional[str]:
     if device_type != "cuda":
         return f"the CUDA extension runs CUDA tensors only, not {device_type}"
@@ -93,8 +91,11 @@ def unavailable(op: str, backend: str, device_type: str) -> Optional[str]:
         return None
     if backend not in KERNELS[op]:
         return f"no {backend} kernel for {op} yet"
-    check = _triton_unavailable if backend == "triton" else _cuda_unavailable
-    return check(device_type)
+    key = (backend, device_type)
+    if key not in _availability:  # probed once: imports and device queries are not free
+        check = _triton_unavailable if backend == "triton" else _cuda_unavailable
+        _availability[key] = check(device_type)
+    return _availability[key]
 
 
 def resolve(op: str, device: torch.device) -> str:
