@@ -1,0 +1,3 @@
+from deit_fast.cli import main
+
+main()

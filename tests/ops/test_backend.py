@@ -1,0 +1,41 @@
+"""Backend selection: explicit choices, the context manager, auto's decision and the report."""
+import pytest
+import torch
+
+from deit_fast import ops
+from deit_fast.ops import _backend
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.set_backend("cudnn")
+
+
+def test_use_backend_restores_on_error():
+    ops.set_backend("torch")
+    with pytest.raises(KeyError), ops.use_backend("triton"):
+        assert ops.get_backend() == "triton"
+        raise KeyError
+    assert ops.get_backend() == "torch"
+
+
+def test_auto_runs_torch_on_cpu_and_interpreter_only_when_asked():
+    assert _backend.resolve("layerscale_residual", torch.device("cpu")) == "torch"
+    with ops.use_backend("triton"):  # the suite runs with TRITON_INTERPRET=1 on CPU
+        assert _backend.resolve("layerscale_residual", torch.device("cpu")) == "triton"
+
+
+def test_forcing_a_backend_that_cannot_run_says_why():
+    with ops.use_backend("cuda"), pytest.raises(RuntimeError, match="cannot run layerscale_residual on cpu"):
+        ops.layerscale_residual(torch.randn(2, 4), torch.randn(2, 4), None)
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="no triton kernel for attention"):
+        ops.attention(*(torch.randn(1, 1, 2, 4) for _ in range(3)))
+
+
+def test_report_covers_every_op_and_gives_reasons():
+    report = ops.backend_report()
+    assert set(report) == set(_backend.KERNELS)
+    cpu = report["layerscale_residual"]["cpu"]
+    assert cpu["runs"] == "torch"
+    assert "cuda" in cpu["unavailable"] and "triton" not in cpu["unavailable"]
+    assert report["attention"]["cpu"]["unavailable"]["triton"] == "no triton kernel for attention yet"
