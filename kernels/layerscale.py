@@ -101,20 +101,176 @@ def backward(dout, y, gamma, scale):
     return dy, dgamma
 
 
+# --- layerscale_residual_layernorm: the residual above, then the next LayerNorm, in one pass ---
+# A program owns BLOCK_R whole rows (BLOCK_C = next power of two >= C) so the row statistics
+# stay in registers. The forward saves mean and rstd (fp32, one each per row) and the block
+# output; the backward recomputes x_hat from them. HAS_RESIDUAL=False is a plain LayerNorm.
+
+
+@triton.jit
+def _residual_ln_fwd(X, Y, G, S, W, Bias, OUT, NORMED, MEAN, RSTD, rows, N, C, sxb, sxn, syb, syn,
+                     eps, HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                     HAS_DROP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    rmask, cmask = r < rows, c < C
+    mask = rmask[:, None] & cmask[None, :]
+    b, n = (r // N).to(tl.int64), (r % N).to(tl.int64)
+    rc = r.to(tl.int64)[:, None] * C + c[None, :]
+    out = tl.load(X + (b * sxb + n * sxn)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        y = tl.load(Y + (b * syb + n * syn)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_GAMMA:
+            y = y * tl.load(G + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_DROP:
+            y = y * tl.load(S + b, mask=rmask, other=0.0)[:, None]
+        out = (out + y).to(OUT.dtype.element_ty)
+        tl.store(OUT + rc, out, mask=mask)
+        out = out.to(tl.float32)  # normalise the stored (rounded) value, as eager code would
+    mean = tl.sum(out, axis=1) / C
+    diff = tl.where(mask, out - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + c, mask=cmask, other=0.0).to(tl.float32)
+    normed = diff * rstd[:, None] * w[None, :] + bias[None, :]
+    tl.store(NORMED + rc, normed.to(NORMED.dtype.element_ty), mask=mask)
+    tl.store(MEAN + r, mean, mask=rmask)
+    tl.store(RSTD + r, rstd, mask=rmask)
+
+
+@triton.jit
+def _residual_ln_bwd(DOUT, DNORM, OUT, Y, G, S, W, MEAN, RSTD, DX, DY, PARTIAL, rows, N, C,
+                     sob, son, snb, snn, syb, syn, rows_per_prog, programs,
+                     HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                     HAS_DROP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # PARTIAL is (3, programs, C): this program's column sums for dgamma, dweight, dbias.
+    pid = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        g = tl.load(G + c, mask=cmask, other=0.0).to(tl.float32)
+    acc_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R)
+        rmask = r < rows
+        mask = rmask[:, None] & cmask[None, :]
+        b, n = (r // N).to(tl.int64), (r % N).to(tl.int64)
+        rc = r.to(tl.int64)[:, None] * C + c[None, :]
+        v = tl.load(OUT + rc, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + r, mask=rmask, other=0.0)
+        rstd = tl.load(RSTD + r, mask=rmask, other=0.0)
+        x_hat = tl.where(mask, (v - mean[:, None]) * rstd[:, None], 0.0)
+        dn = tl.load(DNORM + (b * snb + n * snn)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc_w += dn * x_hat
+        acc_b += dn
+        dxh = dn * w[None, :]
+        m1 = tl.sum(dxh, axis=1) / C
+        m2 = tl.sum(dxh * x_hat, axis=1) / C
+        d = tl.where(mask, (dxh - m1[:, None] - x_hat * m2[:, None]) * rstd[:, None], 0.0)
+        if HAS_RESIDUAL:
+            d += tl.load(DOUT + (b * sob + n * son)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = d
+            if HAS_DROP:
+                dy = dy * tl.load(S + b, mask=rmask, other=0.0)[:, None]
+            if HAS_GAMMA:
+                y = tl.load(Y + (b * syb + n * syn)[:, None] + c[None, :], mask=mask, other=0.0)
+                acc_g += dy * y.to(tl.float32)
+                dy = dy * g[None, :]
+            tl.store(DY + rc, dy.to(DY.dtype.element_ty), mask=mask)
+        tl.store(DX + rc, d.to(DX.dtype.element_ty), mask=mask)
+    if HAS_GAMMA:
+        tl.store(PARTIAL + pid * C + c, tl.sum(acc_g, axis=0), mask=cmask)
+    tl.store(PARTIAL + (programs + pid) * C + c, tl.sum(acc_w, axis=0), mask=cmask)
+    tl.store(PARTIAL + (2 * programs + pid) * C + c, tl.sum(acc_b, axis=0), mask=cmask)
+
+
+LN_FWD_TILE, LN_BWD_TILE = 4096, 2048  # elements per program tile
+LN_MAX_C = 8192  # widest row a program holds in registers (32 warps, 8 elements per thread)
+
+
+def _ln_tile(C: int, tile: int):
+    """(BLOCK_R, BLOCK_C, num_warps) for whole rows of C. The backward tile is half the forward's:
+    it keeps three fp32 column-sum tiles live, and at 4096 elements it needed 150-255 registers
+    per thread at sm_90, i.e. one resident block per SM."""
+    block_c = triton.next_power_of_2(C)
+    return max(1, tile // block_c), block_c, max(8, block_c // 256)
+
+
+def residual_layernorm_forward(x, y, gamma, scale, weight, bias, eps, out_dtype):
+    """-> (out, normed, mean, rstd). y None: plain LayerNorm of x (out is then None).
+    normed takes out's dtype (x's for a plain LayerNorm); mean and rstd are fp32 (rows,)."""
+    x3 = _rows(x)
+    y3 = _rows(y) if y is not None else x3
+    B, N, C = x3.shape
+    block_r, block_c, warps = _ln_tile(C, LN_FWD_TILE)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device) if y is not None else None
+    normed = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean, rstd = (torch.empty(B * N, dtype=torch.float32, device=x.device) for _ in range(2))
+    _residual_ln_fwd[(triton.cdiv(B * N, block_r),)](
+        x3, y3, gamma, scale, weight, bias, out, normed, mean, rstd, B * N, N, C, x3.stride(0),
+        x3.stride(1), y3.stride(0), y3.stride(1), eps, HAS_RESIDUAL=y is not None,
+        HAS_GAMMA=gamma is not None, HAS_DROP=scale is not None, BLOCK_R=block_r,
+        BLOCK_C=block_c, num_warps=warps)
+    return out, normed, mean, rstd
+
+
+def residual_layernorm_backward(dout, dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype):
+    """-> (dx, dy, dgamma, dweight, dbias). For a plain LayerNorm pass out = x and y = dout = None:
+    dy and dgamma are then None. Column sums are fp32 per-strip partials, summed by torch."""
+    n3 = _rows(dnormed)
+    d3 = _rows(dout) if dout is not None else n3
+    y3 = _rows(y) if y is not None else n3
+    src = out.contiguous()
+    B, N, C = n3.shape
+    rows = B * N
+    block_r, block_c, warps = _ln_tile(C, LN_BWD_TILE)
+    rows_per_prog = triton.cdiv(triton.cdiv(rows, BWD_PROGRAMS), block_r) * block_r
+    programs = triton.cdiv(rows, rows_per_prog)
+    dx = torch.empty(src.shape, dtype=x_dtype, device=src.device)
+    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if y is not None else None
+    partial = torch.empty((3, programs, C), dtype=torch.float32, device=src.device)
+    _residual_ln_bwd[(programs,)](
+        d3, n3, src, y3, gamma, scale, weight, mean, rstd, dx, dy, partial, rows, N, C,
+        d3.stride(0), d3.stride(1), n3.stride(0), n3.stride(1), y3.stride(0), y3.stride(1),
+        rows_per_prog, programs, HAS_RESIDUAL=y is not None, HAS_GAMMA=gamma is not None,
+        HAS_DROP=scale is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    dgamma = partial[0].sum(0).to(gamma.dtype) if gamma is not None else None
+    return dx, dy, dgamma, partial[1].sum(0).to(weight.dtype), partial[2].sum(0).to(weight.dtype)
+
+
 def aot_configs(dtype: str):
     """Every shipped variant, for the sm_90 AOT test: dicts of kernel, signature, constexprs,
     num_warps, `aligned` (the int args the JIT would specialise as multiples of 16: all strides at
     ViT widths, none at an odd C) and `matmul` (whether the PTX must use wgmma). dtype is the
-    activation type; gamma and DropPath factors are fp32."""
-    strides = ("sxb", "sxn", "syb", "syn", "sdb", "sdn")
-    ints = dict.fromkeys(("rows", "N", "C", "rows_per_prog") + strides, "i32")
-    ptrs = dict.fromkeys(("X", "Y", "OUT", "DO", "DY"), f"*{dtype}")
-    ptrs.update(dict.fromkeys(("G", "S", "PARTIAL"), "*fp32"))
+    activation type; gamma, DropPath factors and LayerNorm parameters are fp32."""
+    strides = ("sxb", "sxn", "syb", "syn", "sdb", "sdn", "sob", "son", "snb", "snn")
+    ints = dict.fromkeys(("rows", "N", "C", "rows_per_prog", "programs") + strides, "i32")
+    ints["eps"] = "fp32"
+    ptrs = dict.fromkeys(("X", "Y", "OUT", "DO", "DY", "DOUT", "DNORM", "DX", "NORMED"), f"*{dtype}")
+    ptrs.update(dict.fromkeys(("G", "S", "PARTIAL", "W", "Bias", "MEAN", "RSTD"), "*fp32"))
+
+    def variant(kernel, aligned, **constexprs):
+        sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
+        return dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=constexprs.pop("warps"),
+                    aligned=("C",) + strides if aligned else (), matmul=False)
+
     for has_gamma in (True, False):
         for has_drop in (True, False):
-            flags = dict(HAS_GAMMA=has_gamma, HAS_DROP=has_drop, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
             for kernel in (_layerscale_fwd, _layerscale_bwd):
-                sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
-                for aligned in (("C",) + strides, ()):
-                    yield dict(kernel=kernel, signature=sig, constexprs=flags, num_warps=NUM_WARPS,
-                               aligned=aligned, matmul=False)
+                for aligned in (True, False):
+                    yield variant(kernel, aligned, HAS_GAMMA=has_gamma, HAS_DROP=has_drop,
+                                  BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, warps=NUM_WARPS)
+    # Residual+LayerNorm: every row tile width for C up to 8192 with the full residual, plus
+    # the flag combinations at ViT widths (C = 192 ... 1024).
+    flag_sets = [(True, True, True), (False, False, False)]
+    for C in (192, 384, 768, 2048, 4096, LN_MAX_C):
+        combos = flag_sets + ([(True, False, False), (True, True, False), (True, False, True)]
+                              if C <= 1024 else [])
+        for has_res, has_gamma, has_drop in combos:
+            for kernel, tile in ((_residual_ln_fwd, LN_FWD_TILE), (_residual_ln_bwd, LN_BWD_TILE)):
+                block_r, block_c, warps = _ln_tile(C, tile)
+                yield variant(kernel, True, HAS_RESIDUAL=has_res, HAS_GAMMA=has_gamma,
+                              HAS_DROP=has_drop, BLOCK_R=block_r, BLOCK_C=block_c, warps=warps)

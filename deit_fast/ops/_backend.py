@@ -19,7 +19,8 @@ KERNELS: Dict[str, tuple] = {
     "class_attention": (),
     "talking_heads_attention": (),
     "layerscale_residual": ("triton", "cuda"),
-    "layerscale_residual_layernorm": (),
+    "layerscale_residual_layernorm": ("triton",),
+    "layer_norm": ("triton",),
     "distillation_loss": (),
 }
 

@@ -1,8 +1,9 @@
-"""LayerScale residual: x + gamma * y with per-sample DropPath, the end of every block branch.
+"""LayerScale residual: x + gamma * y with per-sample DropPath, the end of every block branch;
+fused with the LayerNorm that follows it; and a plain LayerNorm on the same kernel.
 
-The kernel backends run behind the custom ops deit_fast::layerscale_residual and
-deit_fast::layerscale_residual_backward, so torch.compile sees one opaque node per call (fake
-impls give it shapes) and autograd needs no saved activations beyond y. The torch backend calls
+The kernel backends run behind torch.library custom ops (a forward and a backward op each), so
+torch.compile sees one opaque node per call (fake impls give it shapes) and autograd saves only
+what the kernels need (y, the block output, per-row mean and rstd). The torch backend calls
 reference.py directly, which autograd and torch.compile handle natively.
 """
 from typing import Optional, Tuple
@@ -109,16 +110,150 @@ def layerscale_residual(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     return _fused(x, y, gamma, scale, backend)
 
 
+def check_norm(weight: Tensor, bias: Tensor, eps: float, channels: int) -> None:
+    for name, t in (("weight", weight), ("bias", bias)):
+        _checks.tensor(name, t, dims=(1,))
+        _checks.shape(name, t, (channels,), " (C,)")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+
+
+def check_norm_width(backend: str, channels: int) -> None:
+    from deit_fast.kernels.layerscale import LN_MAX_C
+    if channels > LN_MAX_C:
+        raise ValueError(f"x has C={channels} channels; the {backend} LayerNorm kernels hold a row "
+                         f"in registers and take C <= {LN_MAX_C}: use the torch backend")
+
+
+def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)  # custom ops cannot return None
+
+
+@torch.library.custom_op("deit_fast::layerscale_residual_layernorm", mutates_args=())
+def _fused_ln(x: Tensor, y: Tensor, gamma: Optional[Tensor], scale: Optional[Tensor], weight: Tensor,
+              bias: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from deit_fast.kernels import layerscale
+    return layerscale.residual_layernorm_forward(x, y, gamma, scale, weight, bias, eps,
+                                                 _result_dtype(x, y, gamma))
+
+
+@_fused_ln.register_fake
+def _(x, y, gamma, scale, weight, bias, eps, backend):
+    dtype, rows = _result_dtype(x, y, gamma), x.numel() // x.shape[-1]
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("deit_fast::layerscale_residual_layernorm_backward", mutates_args=())
+def _fused_ln_backward(dout: Tensor, dnormed: Tensor, out: Tensor, y: Tensor, gamma: Optional[Tensor],
+                       scale: Optional[Tensor], weight: Tensor, mean: Tensor, rstd: Tensor,
+                       x_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from deit_fast.kernels import layerscale
+    dx, dy, dgamma, dweight, dbias = layerscale.residual_layernorm_backward(
+        dout, dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype)
+    return dx, dy, _empty_if_none(dgamma, y), dweight, dbias
+
+
+@_fused_ln_backward.register_fake
+def _(dout, dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype, backend):
+    return (out.new_empty(out.shape, dtype=x_dtype), y.new_empty(y.shape),
+            _empty_if_none(gamma.new_empty(gamma.shape) if gamma is not None else None, y),
+            weight.new_empty(weight.shape), weight.new_empty(weight.shape))
+
+
+def _fused_ln_setup(ctx, inputs, output):
+    x, y, gamma, scale, weight, bias, eps, backend = inputs
+    out, _, mean, rstd = output
+    ctx.save_for_backward(out, y, gamma, scale, weight, mean, rstd)
+    ctx.backend, ctx.x_dtype = backend, x.dtype
+
+
+def _fused_ln_grad(ctx, dout, dnormed, _dmean, _drstd):
+    out, y, gamma, scale, weight, mean, rstd = ctx.saved_tensors
+    dx, dy, dgamma, dweight, dbias = _fused_ln_backward(
+        dout, dnormed, out, y, gamma, scale, weight, mean, rstd, ctx.x_dtype, ctx.backend)
+    return dx, dy, (dgamma if gamma is not None else None), None, dweight, dbias, None, None
+
+
+_fused_ln.register_autograd(_fused_ln_grad, setup_context=_fused_ln_setup)
+
+
 def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor], weight: Tensor,
                                   bias: Tensor, eps: float = 1e-6, keep_mask: Optional[Tensor] = None,
                                   keep_prob: float = 1.0) -> Tuple[Tensor, Tensor]:
-    """(out, layer_norm(out)) with out = layerscale_residual(x, y, gamma, keep_mask, keep_prob)."""
+    """(out, layer_norm(out)) with out = layerscale_residual(x, y, gamma, keep_mask, keep_prob):
+    the end of a block branch and the LayerNorm that opens the next one, in one pass.
+
+    weight, bias: (C,) LayerNorm affine parameters. On the kernel backends the normalised output
+    takes out's dtype; on torch it is whatever F.layer_norm gives (fp32 under autocast).
+    """
     check(x, y, gamma, keep_mask, keep_prob)
-    for name, t in (("weight", weight), ("bias", bias)):
-        _checks.tensor(name, t, dims=(1,))
-        _checks.shape(name, t, (x.shape[-1],), " (C,)")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
-    _backend.resolve("layerscale_residual_layernorm", x.device)
-    out = layerscale_residual(x, y, gamma, keep_mask, keep_prob)
-    return out, torch.nn.functional.layer_norm(out, (out.shape[-1],), weight, bias, eps)
+    check_norm(weight, bias, eps, x.shape[-1])
+    _checks.same_device(x=x, weight=weight, bias=bias)
+    backend = _backend.resolve("layerscale_residual_layernorm", x.device)
+    if backend == "torch":
+        return reference.layerscale_residual_layernorm(x, y, gamma, weight, bias, eps, keep_mask, keep_prob)
+    _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma, weight=weight, bias=bias)
+    check_norm_width(backend, x.shape[-1])
+    scale = None if keep_mask is None else keep_mask.to(torch.float32) / keep_prob
+    out, normed, _, _ = _fused_ln(x, y, gamma, scale, weight, bias, eps, backend)
+    return out, normed
+
+
+@torch.library.custom_op("deit_fast::layer_norm", mutates_args=())
+def _ln(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    from deit_fast.kernels import layerscale
+    _, normed, mean, rstd = layerscale.residual_layernorm_forward(x, None, None, None, weight, bias,
+                                                                  eps, x.dtype)
+    return normed, mean, rstd
+
+
+@_ln.register_fake
+def _(x, weight, bias, eps, backend):
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("deit_fast::layer_norm_backward", mutates_args=())
+def _ln_backward(dnormed: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    from deit_fast.kernels import layerscale
+    dx, _, _, dweight, dbias = layerscale.residual_layernorm_backward(
+        None, dnormed, x, None, None, None, weight, mean, rstd, x.dtype)
+    return dx, dweight, dbias
+
+
+@_ln_backward.register_fake
+def _(dnormed, x, weight, mean, rstd, backend):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape))
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, eps, backend = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.backend = backend
+
+
+def _ln_grad(ctx, dnormed, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _ln_backward(dnormed, x, weight, mean, rstd, ctx.backend)
+    return dx, dweight, dbias, None, None
+
+
+_ln.register_autograd(_ln_grad, setup_context=_ln_setup)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim, for the places with no residual before it. x: (..., C)."""
+    _checks.tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (rows, C) or (B, ..., C), got shape {tuple(x.shape)}")
+    check_norm(weight, bias, eps, x.shape[-1])
+    _checks.same_device(x=x, weight=weight, bias=bias)
+    backend = _backend.resolve("layer_norm", x.device)
+    if backend == "torch":
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    _checks.kernel_dtypes(backend, x=x, weight=weight, bias=bias)
+    check_norm_width(backend, x.shape[-1])
+    return _ln(x, weight, bias, eps, backend)[0]
