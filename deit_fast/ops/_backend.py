@@ -15,7 +15,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 # Kernel backends per op, in "auto" preference order. Ops missing here run on torch only.
 # The order is a default until the GPU benchmark (bench/gpu_check.sh) says otherwise.
 KERNELS: Dict[str, tuple] = {
-    "attention": (),
+    "attention": ("triton",),
     "class_attention": (),
     "talking_heads_attention": (),
     "layerscale_residual": ("triton", "cuda"),

@@ -1,6 +1,12 @@
-"""Self-attention: softmax(q k^T * scale) v over (B, H, N, D) tensors (DeiT, ViT)."""
-from typing import Optional
+"""Self-attention: softmax(q k^T * scale) v over (B, H, N, D) tensors (DeiT, ViT).
 
+The triton backend runs the flash kernels of kernels/attention.py behind the custom ops
+deit_fast::attention / deit_fast::attention_backward; the forward also returns the per-row
+log-sum-exp, which autograd saves instead of the N x N probabilities. The torch backend is SDPA.
+"""
+from typing import Optional, Tuple
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -22,12 +28,66 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
         raise ValueError(f"scale must be a positive float, got {scale}")
 
 
+def check_head_dim(backend: str, q: Tensor, head_dims) -> None:
+    if q.shape[-1] not in head_dims:
+        raise ValueError(f"q has head dim D={q.shape[-1]}; the {backend} kernels take D in "
+                         f"{tuple(head_dims)}: use the torch backend")
+
+
+@torch.library.custom_op("deit_fast::attention", mutates_args=())
+def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    from deit_fast.kernels import attention
+    return attention.forward(q, k, v, scale)
+
+
+@_fused.register_fake
+def _(q, k, v, scale, backend):
+    B, H, N, D = q.shape
+    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("deit_fast::attention_backward", mutates_args=())
+def _fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                    scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    from deit_fast.kernels import attention
+    return attention.backward(do, q, k, v, o, lse, scale)
+
+
+@_fused_backward.register_fake
+def _(do, q, k, v, o, lse, scale, backend):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return (*_fused_backward(do, q, k, v, o, lse, ctx.scale, ctx.backend), None, None)
+
+
+_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v.
 
     q: (B, H, Nq, D); k, v: (B, H, N, D); strided views (e.g. of the qkv projection) are fine.
-    scale defaults to D ** -0.5. Returns (B, H, Nq, D) in q's dtype.
+    scale defaults to D ** -0.5. Returns (B, H, Nq, D) in q's dtype. The triton backend takes
+    Nq == N (self-attention), fp32/fp16/bf16 and D in kernels.attention.HEAD_DIMS.
     """
     check_qkv(q, k, v, scale)
-    _backend.resolve("attention", q.device)  # torch only for now; raises if another is forced
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    backend = _backend.resolve("attention", q.device)
+    if backend == "torch":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    from deit_fast.kernels.attention import HEAD_DIMS
+    _checks.kernel_dtypes(backend, q=q)
+    check_head_dim(backend, q, HEAD_DIMS)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
+                         "self-attention kernel takes Nq == N: use the torch backend")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _fused(q, k, v, scale, backend)[0]

@@ -44,7 +44,8 @@ def main(module_name: str) -> None:
             attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                      if signature[name].startswith("*") or name in cfg["aligned"]}
             compiled = triton.compile(ASTSource(kernel, signature, cfg["constexprs"], attrs),
-                                      target=TARGET, options={"num_warps": cfg["num_warps"]})
+                                      target=TARGET, options={"num_warps": cfg["num_warps"],
+                                                     "num_stages": cfg.get("num_stages", 3)})
             row = {"kernel": kernel.__name__, "dtype": dtype, "num_warps": cfg["num_warps"],
                    "constexprs": cfg["constexprs"], "aligned": bool(cfg["aligned"]),
                    "matmul": cfg["matmul"], "wgmma": "wgmma" in compiled.asm["ptx"]}

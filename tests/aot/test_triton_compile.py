@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.aot
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ["layerscale"]
+MODULES = ["layerscale", "attention"]
 
 
 @pytest.fixture(scope="module", params=MODULES)

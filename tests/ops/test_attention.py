@@ -1,0 +1,107 @@
+"""Self-attention: the Triton flash kernels vs the fp64 reference (interpreter on CPU, real on a
+GPU), forward and dq/dk/dv, at ViT's odd sequence lengths and head dims, with strided qkv views."""
+import pytest
+import torch
+
+from deit_fast import ops
+from deit_fast.ops import reference
+from tests.conftest import DEVICE
+from tests.ops.tolerance import assert_rule, poisoned_empty
+
+# (B, H, N, D): N = 197/198 are DeiT's 224 px lengths, 48 is CaiT's head dim.
+SHAPES = [(1, 1, 1, 32), (2, 3, 7, 48), (3, 1, 65, 64), (1, 4, 197, 48), (2, 1, 198, 64),
+          (1, 3, 197, 32), (1, 1, 577, 64), (1, 1, 33, 128), (1, 2, 40, 80)]
+
+
+def qkv_views(B, H, N, D, dtype, device=DEVICE):
+    """q, k, v as the model takes them: strided views of one (B, N, 3, H, D) projection."""
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=torch.float64)
+    return qkv.to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def run(fn, q, k, v, do, scale=None):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, scale)
+    return (out,) + torch.autograd.grad(out, leaves, do.to(out.dtype))
+
+
+def triton_attention(q, k, v, scale):
+    with ops.use_backend("triton"):
+        return ops.attention(q, k, v, scale)
+
+
+def check(q, k, v, scale=None):
+    do = torch.randn(q.shape, device=q.device, dtype=torch.float64)
+    ours = run(triton_attention, q, k, v, do, scale)
+    same = run(reference.attention, q, k, v, do, scale)  # the plain PyTorch math, same dtype
+    ref = run(reference.attention, q.double(), k.double(), v.double(), do, scale)
+    for name, a, r, s in zip(("out", "dq", "dk", "dv"), ours, ref, same):
+        assert a.dtype == q.dtype and a.shape == q.shape, name
+        assert_rule(name, a, r, s)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference(shape, dtype, monkeypatch):
+    poisoned_empty(monkeypatch)
+    check(*qkv_views(*shape, dtype))
+
+
+def test_scale_and_contiguous_inputs():
+    q, k, v = (t.contiguous() for t in qkv_views(2, 3, 65, 48, torch.float32))
+    check(q, k, v, scale=0.37)
+
+
+def test_large_logits_stay_finite():
+    q, k, v = qkv_views(1, 2, 65, 64, torch.float16)
+    check(q * 8, k * 8, v)
+
+
+def test_grads_are_bitwise_deterministic():
+    q, k, v = qkv_views(2, 3, 197, 48, torch.float16)
+    do = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
+    first, second = run(triton_attention, q, k, v, do), run(triton_attention, q, k, v, do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v = (t.detach().clone().requires_grad_() for t in qkv_views(1, 2, 7, 32, torch.float32))
+    torch.library.opcheck(torch.ops.deit_fast.attention.default, (q, k, v, 0.2, "triton"))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = qkv_views(1, 2, 9, 32, torch.float32)
+
+    def step(q, k, v):
+        return ops.attention(q, k, v).square().sum()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with ops.use_backend("triton"):
+        a = [t.clone().requires_grad_() for t in (q, k, v)]
+        compiled(*a).backward()
+        e = [t.clone().requires_grad_() for t in (q, k, v)]
+        step(*e).backward()
+    for x, y in zip(a, e):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("args,arg", [
+    (dict(D=24), "head dim"),
+    (dict(dtype=torch.float64), "q dtype"),
+    (dict(Nq=5), "queries"),
+])
+def test_kernel_limits_are_named_before_launch(args, arg, monkeypatch):
+    from deit_fast.kernels import attention
+    monkeypatch.setattr(attention, "forward", lambda *a: pytest.fail("kernel launched"))
+    D, dtype = args.get("D", 32), args.get("dtype", torch.float32)
+    q, k, v = qkv_views(1, 2, 7, D, dtype)
+    q = q[:, :, :args["Nq"]] if "Nq" in args else q
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=arg):
+        ops.attention(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(8, 3, 197, 64), (8, 6, 198, 64), (4, 8, 196, 48), (2, 12, 577, 64),
+                                   (2, 16, 785, 48), (3, 4, 1, 64), (3, 4, 7, 128)], ids=str)
+def test_gpu_bf16_fp16(shape, dtype):
+    check(*qkv_views(*shape, dtype, device="cuda"))
