@@ -1,10 +1,55 @@
-"""Talking-heads attention (CaiT): logits mixed across heads before the softmax, probabilities after."""
-from typing import Optional
+"""Talking-heads attention (CaiT): logits mixed across heads before the softmax, probabilities
+after. The triton backend runs kernels/talking_heads.py behind deit_fast::talking_heads_attention
+(+ its backward op); autograd saves q, k, v and the per-row log-sum-exp, never an N x N tensor.
+"""
+from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from . import _backend, _checks, reference
-from .attention import check_qkv
+from .attention import check_head_dim, check_qkv
+
+
+@torch.library.custom_op("deit_fast::talking_heads_attention", mutates_args=())
+def _fused(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor,
+           scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    # b_l is an input only so that autograd hands it a real zero grad (DDP wants every
+    # parameter to receive one); the kernels never read it.
+    from deit_fast.kernels import talking_heads
+    return talking_heads.forward(q, k, v, w_l, w_w, b_w, scale)
+
+
+@_fused.register_fake
+def _(q, k, v, w_l, b_l, w_w, b_w, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("deit_fast::talking_heads_attention_backward", mutates_args=())
+def _fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, w_w: Tensor,
+                    b_w: Tensor, lse: Tensor, scale: float,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from deit_fast.kernels import talking_heads
+    return talking_heads.backward(do, q, k, v, w_l, w_w, b_w, lse, scale)
+
+
+@_fused_backward.register_fake
+def _(do, q, k, v, w_l, w_w, b_w, lse, scale, backend):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, w_l, w_w, b_w))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, w_l, b_l, w_w, b_w, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, w_l, w_w, b_w, output[1])
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, do, _dlse):
+    dq, dk, dv, dw_l, dw_w, db_w = _fused_backward(do, *ctx.saved_tensors, ctx.scale, ctx.backend)
+    return dq, dk, dv, dw_l, torch.zeros_like(db_w), dw_w, db_w, None, None
+
+
+_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
 def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor,
@@ -12,6 +57,8 @@ def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: T
     """q, k, v: (B, H, N, D); w_l, w_w: (H, H) head-mixing weights; b_l, b_w: (H,).
 
     S' = w_l . (q k^T * scale) + b_l ; P = softmax(S') ; out = (w_w . P + b_w) v.
+    b_l shifts whole softmax rows, so it never changes the output and its grad is zero.
+    The triton backend takes Nq == N, H <= 16 heads, D in kernels.talking_heads.HEAD_DIMS.
     """
     check_qkv(q, k, v, scale)
     heads = q.shape[1]
@@ -20,5 +67,17 @@ def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: T
         _checks.tensor(name, t)
         _checks.shape(name, t, shape, f" for H={heads} heads")
     _checks.same_device(q=q, w_l=w_l, b_l=b_l, w_w=w_w, b_w=b_w)
-    _backend.resolve("talking_heads_attention", q.device)
-    return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
+    backend = _backend.resolve("talking_heads_attention", q.device)
+    if backend == "torch":
+        return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
+    from deit_fast.kernels.talking_heads import HEAD_DIMS, MAX_HEADS
+    _checks.kernel_dtypes(backend, q=q, w_l=w_l, b_l=b_l, w_w=w_w, b_w=b_w)
+    check_head_dim(backend, q, HEAD_DIMS)
+    if heads > MAX_HEADS:
+        raise ValueError(f"q has H={heads} heads; the {backend} kernel holds all heads of a tile "
+                         f"in registers and takes H <= {MAX_HEADS}: use the torch backend")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
+                         "kernel takes Nq == N: use the torch backend")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _fused(q, k, v, w_l, b_l, w_w, b_w, scale, backend)[0]

@@ -1,0 +1,273 @@
+"""Talking-heads attention (CaiT), fused: no B x H x N x N tensor is ever written to memory.
+
+    S[h] = scale * q_h k_h^T ;  S'[g] = sum_h w_l[g,h] S[h] + b_l[g] ;  P = softmax_keys(S')
+    P'[g] = sum_h w_w[g,h] P[h] + b_w[g] ;  out[g] = P'[g] v_g
+
+Every program holds all H heads of a tile of query rows (or, in the dk/dv backward, of key rows)
+as [HP, rows, cols] register tensors (HP = H rounded up to a power of two), because the mixing
+couples every head at every (i, j). The per-head products are ordinary 2D tl.dot calls; the
+mixing is a broadcast multiply-add over the head axis (H <= 16 in every CaiT).
+
+b_l adds the same constant to a whole softmax row, so it changes nothing: the kernels ignore it
+and its gradient is exactly zero. The forward makes two passes over the keys: the first for the
+row statistics of the mixed logits (saved as the log-sum-exp, O(B H N)), the second for the
+normalised, mixed probabilities times V. The backward recomputes everything from q, k, v and lse:
+one kernel per query tile computes delta = rowsum(dP * P) (a first pass), then dq and the
+weight grads (per-program partial sums, no atomics); two kernels per key tile compute dv and dk.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .attention import _precision, _strides, _tile, _unit_last
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 48, 64)  # CaiT uses 48; wider heads would need a smaller tile to fit registers
+MAX_HEADS = 16
+
+
+def _tiles(heads: int):
+    """(HP, BLOCK_M, BLOCK_N, num_warps): at most 4096 fp32 per [HP, M, N] tile; 16 is the
+    smallest dot dimension."""
+    hp = max(2, triton.next_power_of_2(heads))
+    block_m = 32 if hp <= 4 else 16
+    return hp, block_m, max(16, min(32, 4096 // (hp * block_m))), 4
+
+
+@triton.jit
+def _mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N, D, qk_scale,
+                  HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """[HP, M, N] mixed logits sum_h w_l[g, h] S[h], in log2 units, without b_l."""
+    hh = tl.arange(0, HP)
+    mixed = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.float32)
+    for h in range(H):
+        q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, BLOCK_D)
+        k = _tile(K, cols, skb, skh, skn, off_b, h, N, D, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        w = tl.load(WL + hh * H + h, mask=hh < H, other=0.0).to(tl.float32)  # column h
+        mixed += w[:, None, None] * s[None, :, :]
+    return mixed
+
+
+@triton.jit
+def _probs(mixed, lse, rows, cols, N):
+    valid = (rows[None, :, None] < N) & (cols[None, None, :] < N)
+    return tl.where(valid, tl.exp2(mixed - lse[:, :, None]), 0.0)
+
+
+@triton.jit
+def _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H, N, D,
+                  HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dP[h] = sum_g w_w[g, h] (dO_g v_g^T): the grad of the softmax output, [HP, M, N]."""
+    hh = tl.arange(0, HP)
+    dp = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.float32)
+    for g in range(H):
+        do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, BLOCK_D)
+        v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, BLOCK_D)
+        dpm = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)  # row g
+        dp += w[:, None, None] * dpm[None, :, :]
+    return dp
+
+
+@triton.jit
+def _load_rows(PTR, off_b, rows, H, N, HP: tl.constexpr):
+    hh = tl.arange(0, HP)
+    ptrs = PTR + (off_b * H + hh)[:, None] * N + rows[None, :]
+    return tl.load(ptrs, mask=(hh[:, None] < H) & (rows[None, :] < N), other=0.0)
+
+
+@triton.jit
+def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+            sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    off_b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    hh = tl.arange(0, HP)
+    m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([HP, BLOCK_M], tl.float32)
+    for start in range(0, N, BLOCK_N):  # pass 1: row statistics of the mixed logits
+        cols = start + tl.arange(0, BLOCK_N)
+        mixed = _mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N, D,
+                              qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        mixed = tl.where(cols[None, None, :] < N, mixed, float("-inf"))
+        m_new = tl.maximum(m, tl.max(mixed, axis=2))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(mixed - m_new[:, :, None]), axis=2)
+        m = m_new
+    lse = m + tl.log2(l)
+    acc = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_N):  # pass 2: mixed probabilities times V
+        cols = start + tl.arange(0, BLOCK_N)
+        mixed = _mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N, D,
+                              qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        p = _probs(mixed, lse, rows, cols, N)
+        for g in range(H):
+            w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)
+            pg = tl.sum(w[:, None, None] * p, axis=0) + tl.load(BW + g).to(tl.float32)
+            v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, BLOCK_D)  # zero past N
+            pv = tl.dot(pg.to(v.dtype), v, input_precision=PRECISION)
+            acc = tl.where(hh[:, None, None] == g, acc + pv[None, :, :], acc)
+    d = tl.arange(0, BLOCK_D)
+    o_ptrs = (O + off_b * sob + hh.to(tl.int64)[:, None, None] * soh
+              + rows.to(tl.int64)[None, :, None] * son + d[None, None, :])
+    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask)
+    tl.store(LSE + (off_b * H + hh)[:, None] * N + rows[None, :], lse,
+             mask=(hh[:, None] < H) & (rows[None, :] < N))
+
+
+@triton.jit
+def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, skh, skn,
+               svb, svh, svn, sdb, sdh, sdn, H, N, D, qk_scale, scale, programs,
+               HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # PART: (programs_total, 3, HP, HP) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
+    off_b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    hh = tl.arange(0, HP)
+    lse = _load_rows(LSE, off_b, rows, H, N, HP)
+    delta = tl.zeros([HP, BLOCK_M], tl.float32)
+    for start in range(0, N, BLOCK_N):  # pass 1: delta = rowsum(dP * P) per head
+        cols = start + tl.arange(0, BLOCK_N)
+        p = _probs(_mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N,
+                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows, cols, N)
+        dp = _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H, N, D,
+                           HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        delta += tl.sum(dp * p, axis=2)
+    tl.store(DELTA + (off_b * H + hh)[:, None] * N + rows[None, :], delta,
+             mask=(hh[:, None] < H) & (rows[None, :] < N))
+    dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
+    dwl = tl.zeros([HP, HP], tl.float32)
+    dww = tl.zeros([HP, HP], tl.float32)
+    dbw = tl.zeros([HP], tl.float32)
+    for start in range(0, N, BLOCK_N):  # pass 2: dq and the head-mixing weight grads
+        cols = start + tl.arange(0, BLOCK_N)
+        p = _probs(_mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N,
+                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows, cols, N)
+        dp = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.float32)
+        for g in range(H):
+            do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, BLOCK_D)
+            v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, BLOCK_D)
+            dpm = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP'[g]
+            w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)
+            dp += w[:, None, None] * dpm[None, :, :]
+            dww = tl.where(hh[:, None] == g, dww + tl.sum(tl.sum(dpm[None, :, :] * p, 2), 1)[None, :], dww)
+            dbw = tl.where(hh == g, dbw + tl.sum(tl.sum(dpm, 1), 0), dbw)
+        ds = p * (dp - delta[:, :, None])  # grad of the mixed logits S'
+        for h in range(H):
+            w = tl.load(WL + hh * H + h, mask=hh < H, other=0.0).to(tl.float32)  # column h
+            dsh = tl.sum(w[:, None, None] * ds, axis=0)  # grad of S[h]
+            q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, BLOCK_D)
+            k = _tile(K, cols, skb, skh, skn, off_b, h, N, D, BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            dwl = tl.where(hh[None, :] == h, dwl + tl.sum(tl.sum(ds * s[None, :, :], 2), 1)[:, None], dwl)
+            dqh = tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
+            dq = tl.where(hh[:, None, None] == h, dq + dqh[None, :, :], dq)
+    d = tl.arange(0, BLOCK_D)
+    offs = ((off_b * H + hh)[:, None, None] * N + rows[None, :, None]) * D + d[None, None, :]
+    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
+    tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    sq = hh[:, None] * HP + hh[None, :]
+    base = PART + pid.to(tl.int64) * 3 * HP * HP
+    tl.store(base + sq, dwl)
+    tl.store(base + HP * HP + sq, dww)
+    tl.store(base + 2 * HP * HP + hh, dbw)
+
+
+@triton.jit
+def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, skh, skn,
+                 svb, svh, svn, sdb, sdh, sdn, H, N, D, qk_scale, scale, HP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr, DK: tl.constexpr):
+    """One key tile, all heads, looping over the queries: dk when DK else dv (two launches keep
+    one [HP, BLOCK_N, BLOCK_D] accumulator live instead of two)."""
+    off_b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hh = tl.arange(0, HP)
+    acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        lse = _load_rows(LSE, off_b, rows, H, N, HP)
+        p = _probs(_mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N,
+                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows, cols, N)
+        if DK:
+            dp = _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H, N, D,
+                               HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            ds = p * (dp - _load_rows(DELTA, off_b, rows, H, N, HP)[:, :, None])
+            for h in range(H):
+                w = tl.load(WL + hh * H + h, mask=hh < H, other=0.0).to(tl.float32)
+                dsh = tl.sum(w[:, None, None] * ds, axis=0)
+                q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, BLOCK_D)
+                dkh = tl.dot(tl.trans(dsh).to(q.dtype), q, input_precision=PRECISION)
+                acc = tl.where(hh[:, None, None] == h, acc + dkh[None, :, :], acc)
+        else:
+            for g in range(H):
+                w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)
+                pg = tl.sum(w[:, None, None] * p, axis=0) + tl.load(BW + g).to(tl.float32)
+                do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, BLOCK_D)  # zero past N
+                dvg = tl.dot(tl.trans(pg).to(do.dtype), do, input_precision=PRECISION)
+                acc = tl.where(hh[:, None, None] == g, acc + dvg[None, :, :], acc)
+    if DK:
+        acc = acc * scale
+    d = tl.arange(0, BLOCK_D)
+    offs = ((off_b * H + hh)[:, None, None] * N + cols[None, :, None]) * D + d[None, None, :]
+    mask = (hh[:, None, None] < H) & (cols[None, :, None] < N) & (d[None, None, :] < D)
+    tl.store(DKV + offs, acc.to(DKV.dtype.element_ty), mask=mask)
+
+
+def forward(q, k, v, w_l, w_w, b_w, scale):
+    """q, k, v: (B, H, N, D) -> (out contiguous, lse fp32 (B, H, N) in log2 units)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, N, D = q.shape
+    hp, block_m, block_n, warps = _tiles(H)
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    _th_fwd[(triton.cdiv(N, block_m), B)](
+        q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, N, D, scale * LOG2E, HP=hp, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype), num_warps=warps)
+    return o, lse
+
+
+def backward(do, q, k, v, w_l, w_w, b_w, lse, scale):
+    """-> (dq, dk, dv, dw_l, dw_w, db_w); db_l is zero (see the module docstring)."""
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    B, H, N, D = q.shape
+    hp, block_m, block_n, warps = _tiles(H)
+    meta = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
+                PRECISION=_precision(q.dtype), num_warps=warps)
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, N, D, scale * LOG2E, scale)
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    q_tiles = triton.cdiv(N, block_m)
+    part = torch.empty((q_tiles * B, 3, hp, hp), dtype=torch.float32, device=q.device)
+    _th_bwd_dq[(q_tiles, B)](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, q_tiles, **meta)
+    for out, is_dk in ((dk, True), (dv, False)):
+        _th_bwd_dkdv[(triton.cdiv(N, block_n), B)](q, k, v, do, w_l, w_w, b_w, lse, delta, out,
+                                                   *args, DK=is_dk, **meta)
+    sums = part.sum(0)  # fixed-order sum over programs: deterministic
+    dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
+        (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))
+    return dq, dk, dv, dw_l, dw_w, db_w
+
+
+def aot_configs(dtype: str):
+    """Every shipped variant (head counts 4, 8, 16 of CaiT; head-dim tiles 32 and 64) for the
+    sm_90 AOT test. The products are per-head 2D dots of 16-32 rows: mma.sync, not wgmma."""
+    strides = [f"s{t}{a}" for t in "qkvod" for a in "bhn"]
+    ints = dict.fromkeys(["H", "N", "D", "programs"] + strides, "i32")
+    ints.update(qk_scale="fp32", scale="fp32")
+    ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")
+    ptrs.update(dict.fromkeys(["WL", "WW", "BW", "LSE", "DELTA", "PART"], "*fp32"))
+    for heads in (4, 8, 16):
+        hp, block_m, block_n, warps = _tiles(heads)
+        for block_d in (32, 64):
+            base = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION="tf32")
+            for kernel, extra in ((_th_fwd, {}), (_th_bwd_dq, {}), (_th_bwd_dkdv, {"DK": True}),
+                                  (_th_bwd_dkdv, {"DK": False})):
+                sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
+                yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
+                           num_warps=warps, aligned=tuple(strides), matmul=False)

@@ -1,0 +1,98 @@
+"""Talking-heads attention: the fused Triton kernels vs the fp64 reference (interpreter on CPU,
+real on a GPU): output and the grads of q, k, v and all four head-mixing parameters."""
+import pytest
+import torch
+
+from deit_fast import ops
+from deit_fast.ops import reference
+from tests.conftest import DEVICE
+from tests.ops.test_attention import qkv_views
+from tests.ops.tolerance import assert_rule, poisoned_empty
+
+# (B, H, N, D): CaiT has H = 4 (XXS), 8 (S), 16 (M) and D = 48.
+SHAPES = [(1, 1, 1, 32), (2, 3, 7, 48), (1, 4, 65, 48), (1, 8, 20, 32), (1, 16, 17, 16), (2, 2, 33, 64)]
+
+
+def mixing(H, device=DEVICE):
+    """Head-mixing parameters shaped like CaiT's proj_l / proj_w Linear layers (fp32)."""
+    return (torch.randn(H, H, device=device) / H ** 0.5, torch.randn(H, device=device),
+            torch.randn(H, H, device=device) / H ** 0.5, torch.randn(H, device=device) * 0.1)
+
+
+def run(fn, inputs, do):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return (out,) + torch.autograd.grad(out, leaves, do.to(out.dtype))
+
+
+def fused(*args):
+    with ops.use_backend("triton"):
+        return ops.talking_heads_attention(*args)
+
+
+def check(q, k, v, w):
+    do = torch.randn(q.shape, device=q.device, dtype=torch.float64)
+    ours = run(fused, (q, k, v, *w), do)
+    same = run(reference.talking_heads_attention, (q, k, v, *w), do)
+    ref = run(reference.talking_heads_attention, [t.double() for t in (q, k, v, *w)], do)
+    names = ("out", "dq", "dk", "dv", "dw_l", "db_l", "dw_w", "db_w")
+    for name, a, r, s in zip(names, ours, ref, same):
+        assert a.dtype == s.dtype and a.shape == s.shape, name
+        if name == "db_l":  # mathematically zero; the fused op returns exact zeros
+            assert torch.equal(a, torch.zeros_like(a))
+        else:
+            assert_rule(name, a, r, s, ulps=16)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference(shape, dtype, monkeypatch):
+    poisoned_empty(monkeypatch)
+    check(*qkv_views(*shape, dtype), mixing(shape[1]))
+
+
+def test_grads_are_bitwise_deterministic():
+    q, k, v = qkv_views(2, 4, 40, 48, torch.float16)
+    w = mixing(4)
+    do = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
+    first, second = run(fused, (q, k, v, *w), do), run(fused, (q, k, v, *w), do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v = (t.detach().clone().requires_grad_() for t in qkv_views(1, 2, 7, 16, torch.float32))
+    w_l, b_l, w_w, b_w = (t.requires_grad_() for t in mixing(2))
+    torch.library.opcheck(torch.ops.deit_fast.talking_heads_attention.default,
+                          (q, k, v, w_l, b_l, w_w, b_w, 0.25, "triton"))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = qkv_views(1, 2, 9, 16, torch.float32)
+    w = mixing(2)
+
+    def step(*args):
+        return ops.talking_heads_attention(*args).square().sum()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with ops.use_backend("triton"):
+        a = [t.clone().requires_grad_() for t in (q, k, v, *w)]
+        compiled(*a).backward()
+        e = [t.clone().requires_grad_() for t in (q, k, v, *w)]
+        step(*e).backward()
+    for x, y in zip(a, e):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("H,D,arg", [(17, 16, "H=17"), (2, 128, "head dim")])
+def test_kernel_limits_are_named_before_launch(H, D, arg, monkeypatch):
+    from deit_fast.kernels import talking_heads
+    monkeypatch.setattr(talking_heads, "forward", lambda *a: pytest.fail("kernel launched"))
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=arg):
+        ops.talking_heads_attention(*qkv_views(1, H, 3, D, torch.float32), *mixing(H))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(8, 4, 196, 48), (4, 8, 196, 48), (2, 16, 576, 48), (2, 8, 784, 48),
+                                   (3, 4, 1, 48), (2, 3, 7, 32)], ids=str)
+def test_gpu_bf16_fp16(shape, dtype):
+    check(*qkv_views(*shape, dtype, device="cuda"), mixing(shape[1], device="cuda"))
