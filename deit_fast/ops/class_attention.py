@@ -1,17 +1,92 @@
-"""Class-attention (CaiT): one query per (batch, head) against all N tokens."""
-from typing import Optional
+"""Class-attention (CaiT): one query per (batch, head) against all N tokens.
 
+The triton backend runs behind two torch.library custom ops (forward, backward), so torch.compile
+sees one opaque node per call (fake impls give it shapes and strides) and autograd saves only
+q, k, v, the output and one fp32 log-sum-exp per (b, h). The torch backend is SDPA, which
+autograd and torch.compile handle natively.
+"""
+from typing import Optional, Tuple
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _checks
 from .attention import check_qkv
+
+HEAD_DIMS = (32, 48, 64, 80, 96, 128)  # what the kernels are compiled and tested for
+
+
+def _grad_layout_fake(t: Tensor) -> Tensor:
+    """The layout kernels.class_attention._grad_layout gives dk and dv, without importing triton."""
+    B, H, N, D = t.shape
+    if t.stride(1) < t.stride(2):
+        return t.new_empty((B, N, H, D)).transpose(1, 2)
+    return t.new_empty((B, H, N, D))
+
+
+@torch.library.custom_op("deit_fast::class_attention", mutates_args=())
+def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    from deit_fast.kernels import class_attention
+    return class_attention.forward(q, k, v, scale)
+
+
+@_fused.register_fake
+def _(q, k, v, scale, backend):
+    B, H, _, D = q.shape
+    return q.new_empty((B, H, 1, D)), q.new_empty((B, H), dtype=torch.float32)
+
+
+@torch.library.custom_op("deit_fast::class_attention_backward", mutates_args=())
+def _fused_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    from deit_fast.kernels import class_attention
+    return class_attention.backward(dout, q, k, v, out, lse, scale)
+
+
+@_fused_backward.register_fake
+def _(dout, q, k, v, out, lse, scale, backend):
+    return q.new_empty((q.shape[0], q.shape[1], 1, q.shape[3])), _grad_layout_fake(k), _grad_layout_fake(k)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _fused_backward(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None
+
+
+_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    """What the kernel backends take on top of check_qkv: fp32/fp16/bf16 and the compiled head dims."""
+    _checks.kernel_dtypes(backend, q=q, k=k, v=v)
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"q has head dim D={q.shape[-1]}; the {backend} class-attention kernels take "
+                         f"D in {HEAD_DIMS}: use the torch backend")
 
 
 def class_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
-    """q: (B, H, 1, D); k, v: (B, H, N, D) -> (B, H, 1, D). scale defaults to D ** -0.5."""
+    """softmax(q k^T * scale) v for one query per (batch, head), accumulated in fp32.
+
+    q: (B, H, 1, D); k, v: (B, H, N, D), any N >= 1; all three may be strided views (e.g. k, v of
+    a (B, N, 2, H, D) projection, q a transposed (B, 1, H, D)). scale defaults to D ** -0.5.
+    Returns (B, H, 1, D) in q's dtype. The kernel backends take fp32/fp16/bf16 and
+    D in (32, 48, 64, 80, 96, 128); their grads are bitwise reproducible.
+    """
     check_qkv(q, k, v, scale)
     if q.shape[2] != 1:
         raise ValueError(f"q must hold one query per head, shape (B, H, 1, D), got {tuple(q.shape)}")
-    _backend.resolve("class_attention", q.device)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    backend = _backend.resolve("class_attention", q.device)
+    if backend == "torch":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    check_kernel(backend, q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _fused(q, k, v, scale, backend)[0]

@@ -1,0 +1,174 @@
+"""Benchmark class_attention (CaiT): our Triton kernels vs timm's eager ClassAttn math, SDPA with
+each backend forced, and torch.compile of the eager math, at CaiT's class-attention shapes.
+
+    python -m bench.ops.class_attention                      # CaiT XXS/S/M at 224 and 384 px, bf16
+    python -m bench.ops.class_attention --device cpu --quick # smoke test (Triton interpreter)
+
+q, k and v are laid out as timm's ClassAttn makes them: q a transposed (B, 1, H, D), k and v
+head-split views of (B, N, H*D) projections; the timed backward ends at those projections' grads.
+The op is bandwidth-bound (4 FLOP per byte of K and V read), so the columns to judge are GB/s and
+% of the bandwidth roofline. Targets (DESIGN.md section 1): >= 80 % of the HBM roofline and >= 3x
+timm eager; the run appends both, per case, to the .md.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import common  # first: sets TRITON_INTERPRET on a machine without a GPU
+from deit_fast import ops
+
+# CaiT's class-attention blocks: head dim 48, keys = cls + patches. (B, H, N, D)
+SHAPES = {"cait_xxs_224": (256, 4, 197, 48), "cait_s_224": (256, 8, 197, 48),
+          "cait_m_224": (256, 16, 197, 48), "cait_xxs_384": (64, 4, 577, 48),
+          "cait_s_384": (64, 8, 577, 48), "cait_m_384": (64, 16, 577, 48)}
+SMOKE_SHAPES = {"smoke": (1, 2, 9, 32)}  # a handful of programs under the interpreter
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SMOKE_DTYPE = "fp32"  # the interpreter has no bf16 arithmetic (DESIGN.md section 6)
+TARGET_PCT_ROOFLINE, TARGET_VS_EAGER = 80.0, 3.0
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
+                 "sdpa_math": "MATH", "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def _ours(q, k, v):
+    with ops.use_backend("triton"):  # the backward keeps the backend the forward ran on
+        return ops.class_attention(q, k, v)
+
+
+def _timm_eager(q, k, v):
+    """timm ClassAttn with fused_attn off."""
+    q = q * q.shape[-1] ** -0.5
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
+def _sdpa(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, backend_name)
+
+    def f(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+    return f
+
+
+def _compiled():
+    torch._dynamo.reset()  # a fresh static-shape compile per case: no recompile limit
+    return torch.compile(_timm_eager, dynamic=False)
+
+
+IMPLS = {"triton": lambda: _ours, "eager": lambda: _timm_eager,
+         "sdpa": lambda: F.scaled_dot_product_attention,  # timm's default (fused_attn): SDPA's pick
+         **{name: (lambda b=b: _sdpa(b)) for name, b in SDPA_BACKENDS.items()},
+         "compile": _compiled}
+
+
+def op_bytes(B, H, N, D, itemsize):
+    """The fewest bytes each direction moves: fwd reads q, k, v and writes o; bwd reads q, k, v, o,
+    dO and the fp32 lse and writes dq, dk, dv."""
+    kv, vec = B * H * N * D * itemsize, B * H * D * itemsize
+    return 2 * kv + 2 * vec, 4 * kv + 5 * vec + 4 * B * H
+
+
+def setup(case: common.Case, impl: str, args):
+    (B, H, N, D), dtype = case.shape, DTYPES[case.dtype]
+    device = torch.device(args.device)
+    f = IMPLS[impl]()
+    fwd_bytes, bwd_bytes = op_bytes(B, H, N, D, dtype.itemsize)
+    # q.k and p.v: 2 FLOP per element of K and V each; the backward recomputes s and adds dp, dv,
+    # dk and dq: 10 per element (FlashAttention's 2.5x the forward).
+    fwd_flops, bwd_flops = 4 * B * H * N * D, 10 * B * H * N * D
+    sets = common.rotation(fwd_bytes + bwd_bytes, device)
+
+    def leaves(grad):
+        """The (B, 1, H*D) and (B, N, H*D) projection outputs ClassAttn splits into heads."""
+        return [torch.randn(shape, device=device, dtype=dtype).requires_grad_(grad)
+                for shape in ((B, 1, H, D), (B, N, H, D), (B, N, H, D))]
+
+    def call(q, k, v):
+        return f(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    def fwd():
+        return common.Timed(common.rotating([leaves(False) for _ in range(sets)], torch.no_grad()(call)),
+                            fwd_bytes, fwd_flops)
+
+    def bwd():
+        graphs = []  # forward once per input set; each timed call replays one backward
+        for _ in range(sets):
+            ls = leaves(True)
+            out = call(*ls)
+            graphs.append((out, torch.randn_like(out), ls))
+        return common.Timed(common.rotating(graphs, lambda out, dout, _: out.backward(dout, retain_graph=True)),
+                            bwd_bytes, bwd_flops, grad_to_none=[t for g in graphs for t in g[2]])
+
+    def fwd_bwd():
+        sets_ = [(ls, torch.randn((B, H, 1, D), device=device, dtype=dtype))
+                 for ls in (leaves(True) for _ in range(sets))]
+        return common.Timed(common.rotating(sets_, lambda ls, dout: call(*ls).backward(dout)),
+                            fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
+                            grad_to_none=[t for ls, _ in sets_ for t in ls])
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def _sdpa_unavailable(name: str, device: torch.device, dtype: torch.dtype):
+    """Why SDPA with `name` forced cannot run one query per head at D=48 fwd+bwd here, or None."""
+    import warnings
+    try:
+        q = torch.randn(2, 2, 1, 48, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 2, 9, 48, device=device, dtype=dtype, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the "kernel not used because" chatter
+            IMPLS[name]()(q, k, k).sum().backward()
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    return None
+
+
+def targets_lines(rows) -> str:
+    """Ours per case and direction: % of the bandwidth roofline and speedup over timm eager, as
+    list lines (the .md keeps one table, which the report and the smoke test parse)."""
+    key = lambda r: (r["shape"], r["dtype"], r["direction"])
+    eager = {key(r): r["us"] for r in rows if r["impl"] == "eager" and r.get("us")}
+    lines = [f"### targets (triton): >= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, "
+             f">= {TARGET_VS_EAGER:g}x timm eager", ""]
+    for r in rows:
+        if r["impl"] != "triton" or not r.get("us"):
+            continue
+        pct, vs = r.get("pct_roofline"), (eager[key(r)] / r["us"] if key(r) in eager else None)
+        cells = [f"{pct:.3g} % of roofline ({'ok' if pct >= TARGET_PCT_ROOFLINE else 'MISSED'})" if pct else "",
+                 f"{vs:.2f}x timm eager ({'ok' if vs >= TARGET_VS_EAGER else 'MISSED'})" if vs else ""]
+        lines.append(f"- {r['shape']} {r['dtype']} {r['direction']}: {', '.join(c for c in cells if c)}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = common.parser(__doc__, list(IMPLS), warmup_ms=10, rep_ms=40)
+    p.add_argument("--dtypes", help=f"comma list out of {','.join(DTYPES)}")
+    args = common.parse_args(p, argv)
+    device = torch.device(args.device)
+    smoke = args.quick and device.type == "cpu"
+    shapes = SMOKE_SHAPES if smoke else SHAPES
+    dtypes = (args.dtypes or (SMOKE_DTYPE if smoke else "bf16")).split(",")
+    report = ops.backend_report()["class_attention"].get(device.type, {}).get("unavailable", {})
+    impls = {"triton": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
+             "sdpa": common.Impl(True), "compile": common.Impl(True)}
+    wanted = args.impls.split(",")
+    for name in SDPA_BACKENDS:  # probed once, in the first dtype: a backend refuses the op or not
+        why = _sdpa_unavailable(name, device, DTYPES[dtypes[0]]) if name in wanted else None
+        impls[name] = common.Impl(True, why)
+    cases = [common.Case("class_attention", shape, dtype) for dtype in dtypes for shape in shapes.values()]
+    notes = {"shapes": ", ".join(f"{k} {'x'.join(map(str, v))} (BxHxNxD)" for k, v in shapes.items()),
+             "layout": "q (B,1,H,D) and k, v (B,N,H,D) projections transposed to (B,H,*,D), as timm's ClassAttn",
+             "eager": "timm ClassAttn math (fused_attn off); sdpa: timm's default; sdpa_*: that backend "
+                      "forced; compile: torch.compile of the eager math, static shapes",
+             "targets": f">= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, >= {TARGET_VS_EAGER:g}x timm eager"}
+    rows = common.run("class_attention", args, cases, impls, setup, {"notes": notes})
+    table = targets_lines(rows)
+    out = Path(args.out or "out/class_attention")
+    with open(f"{out}.md", "a") as f:
+        f.write("\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
