@@ -16,12 +16,12 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 # The order is a default until the GPU benchmark (bench/gpu_check.sh) says otherwise.
 KERNELS: Dict[str, tuple] = {
     "attention": ("triton",),
-    "class_attention": (),
-    "talking_heads_attention": (),
+    "class_attention": ("triton",),
+    "talking_heads_attention": ("triton",),
     "layerscale_residual": ("triton", "cuda"),
     "layerscale_residual_layernorm": ("triton",),
     "layer_norm": ("triton",),
-    "distillation_loss": (),
+    "distillation_loss": ("triton",),
 }
 
 _current = "auto"

@@ -1,6 +1,15 @@
 """Token-distillation loss (DeiT): cross-entropy on the class head + hard or soft KD on the
-distillation head."""
-from typing import Optional
+distillation head.
+
+On the triton backend one kernel launch reads each row of logits, dist_logits and teacher_logits
+once and writes the per-row loss, its two components and the gradients w.r.t. both heads
+(kernels/distill_loss.py). The batch sum of the per-row losses is a plain torch sum (fp32, fixed
+order: deterministic), and the backward is one multiply of the saved gradients by the upstream
+gradient, row by row: no second pass over the logits. It runs behind the torch.library custom op
+deit_fast::distillation_loss (fake impl + autograd), so torch.compile(fullgraph=True) traces it.
+The torch backend calls reference.py.
+"""
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -11,16 +20,76 @@ KINDS = ("none", "hard", "soft")
 KL_REDUCTIONS = ("numel", "batchmean")
 
 
-def distillation_loss(logits: Tensor, dist_logits: Tensor, target: Tensor,
-                      teacher_logits: Optional[Tensor] = None, kind: str = "hard",
-                      alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0,
-                      kl_reduction: str = "numel") -> Tensor:
-    """(1 - alpha) * CE(logits, target) + alpha * KD(dist_logits, teacher_logits); a scalar.
+def _grad_dtype(head_dtype: torch.dtype) -> torch.dtype:
+    # Kept in step with kernels/distill_loss.grad_dtype (not imported: triton may be missing).
+    return torch.float32 if head_dtype == torch.float16 else head_dtype
 
-    logits, dist_logits, teacher_logits: (B, C). target: int64 (B,) classes or float (B, C) soft
-    targets (mixup/cutmix). kind: "none" | "hard" | "soft"; kl_reduction: "numel" (official DeiT,
-    KL sum / (B*C)) | "batchmean" (timm, KL sum / B). See reference.distillation_loss.
-    """
+
+# Few arguments on purpose: torch.library re-reads the schema once per argument on every call
+# (utils.fill_defaults, quadratic in their number), which is CPU time at DeiT's batch, where the
+# whole loss is a few microseconds of GPU work. scalars: (alpha, tau, label_smoothing);
+# grads: whether to write d/d logits and d/d dist_logits.
+@torch.library.custom_op("deit_fast::distillation_loss", mutates_args=())
+def _fused(logits: Tensor, dist_logits: Optional[Tensor], target: Tensor,
+           teacher_logits: Optional[Tensor], kind: str, kl_reduction: str, scalars: List[float],
+           grads: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (row_loss (B,) fp32, components (B, 2) fp32, saved dlogits, saved ddist); a saved grad
+    is empty when not asked for. Triton is the one kernel backend. See kernels/distill_loss."""
+    from deit_fast.kernels import distill_loss
+    alpha, tau, label_smoothing = scalars
+    return distill_loss.forward(logits, dist_logits, target, teacher_logits, kind, alpha, tau,
+                                label_smoothing, kl_reduction, grads[0], grads[1])
+
+
+@_fused.register_fake
+def _(logits, dist_logits, target, teacher_logits, kind, kl_reduction, scalars, grads):
+    B = logits.shape[0]
+    ds = (logits.new_empty(logits.shape, dtype=_grad_dtype(logits.dtype)) if grads[0]
+          else logits.new_empty(0))
+    dd = (logits.new_empty(logits.shape, dtype=_grad_dtype(dist_logits.dtype))
+          if grads[1] and kind != "none" else logits.new_empty(0))
+    return (logits.new_empty(B, dtype=torch.float32), logits.new_empty((B, 2), dtype=torch.float32),
+            ds, dd)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, dist_logits, *_ = inputs
+    _, comp, ds, dd = output
+    ctx.save_for_backward(ds, dd)
+    ctx.dtypes = (logits.dtype, dist_logits.dtype if dist_logits is not None else None)
+    # The components are for logging and the saved grads are results, not functions of the
+    # inputs to differentiate: no grads flow back through them (and none are materialised).
+    ctx.mark_non_differentiable(comp, ds, dd)
+    ctx.set_materialize_grads(False)
+
+
+def _rescale(saved: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """saved * scale computed in fp32 and stored in the head's dtype: one kernel, no fp32 copy
+    (the out= form; a double backward, which needs the differentiable form, never comes here)."""
+    if scale.requires_grad and torch.is_grad_enabled():
+        return (saved * scale).to(dtype)
+    return torch.mul(saved, scale, out=torch.empty(saved.shape, dtype=dtype, device=saved.device))
+
+
+def _backward(ctx, drow, _dcomp, _dds, _ddd):
+    ds, dd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dlogits = ddist = None
+    if drow is not None:
+        scale = drow.unsqueeze(1)  # d loss / d row_loss[b]: the upstream scalar in practice
+        if need[0] and ds.numel():
+            dlogits = _rescale(ds, scale, ctx.dtypes[0])
+        if need[1] and dd.numel():
+            ddist = _rescale(dd, scale, ctx.dtypes[1])
+    # target and teacher_logits get no grad (the teacher is frozen; the target is data).
+    return dlogits, ddist, None, None, None, None, None, None
+
+
+_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
+          kl_reduction) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kl_reduction not in KL_REDUCTIONS:
@@ -34,15 +103,21 @@ def distillation_loss(logits: Tensor, dist_logits: Tensor, target: Tensor,
             raise ValueError(f"teacher_logits is required for kind={kind!r}")
         _checks.tensor("teacher_logits", teacher_logits, dims=(2,))
         _checks.shape("teacher_logits", teacher_logits, logits.shape, " (same as logits)")
+    _checks.tensor("target", target, dtypes=None)
     if target.is_floating_point():
         _checks.shape("target", target, logits.shape, " (soft targets, same as logits)")
     else:
         if target.dtype != torch.int64:
             raise ValueError(f"target must be int64 class indices or float soft targets, got {target.dtype}")
         _checks.shape("target", target, (batch,), " (one class index per row)")
-        if target.numel() and (target.min() < 0 or target.max() >= classes):
-            raise ValueError(f"target holds class indices outside [0, {classes}): "
-                             f"min {int(target.min())}, max {int(target.max())}")
+        # Reading the range costs a device sync (one: both ends in one copy), and torch.compile
+        # cannot trace the data-dependent branch: compiled code skips it, and the kernel then
+        # turns an out-of-range class into a nan loss without reading outside the row.
+        if target.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.stack(torch.aminmax(target)).tolist()
+            if lo < 0 or hi >= classes:
+                raise ValueError(f"target holds class indices outside [0, {classes}): "
+                                 f"min {lo}, max {hi}")
     _checks.same_device(logits=logits, dist_logits=dist_logits if kind != "none" else None,
                         target=target, teacher_logits=teacher_logits if kind != "none" else None)
     if not 0.0 <= alpha <= 1.0:
@@ -51,6 +126,67 @@ def distillation_loss(logits: Tensor, dist_logits: Tensor, target: Tensor,
         raise ValueError(f"tau must be positive, got {tau}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    _backend.resolve("distillation_loss", logits.device)
-    return reference.distillation_loss(logits, dist_logits, target, teacher_logits, kind, alpha, tau,
-                                       label_smoothing, kl_reduction)
+
+
+def _reference_with_components(logits, dist_logits, target, teacher_logits, kind, alpha, tau,
+                               label_smoothing, kl_reduction) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, base, distill) from reference.distillation_loss alone: kind "none" is the base;
+    alpha = 1 gives 0 * base + distill, i.e. the distillation term (its base on detached logits,
+    so that no gradient flows through the spare copy)."""
+    base = reference.distillation_loss(logits, dist_logits, target, teacher_logits, "none", alpha,
+                                       tau, label_smoothing, kl_reduction)
+    if kind == "none":
+        return base, base.detach(), torch.zeros_like(base)
+    distill = reference.distillation_loss(logits.detach(), dist_logits, target, teacher_logits, kind,
+                                          1.0, tau, label_smoothing, kl_reduction)
+    loss = (1 - alpha) * base + alpha * distill  # the reference's own last line
+    return loss, base.detach(), distill.detach()
+
+
+def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Tensor,
+                      teacher_logits: Optional[Tensor] = None, kind: str = "hard",
+                      alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0,
+                      kl_reduction: str = "numel", return_components: bool = False
+                      ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+    """(1 - alpha) * CE(logits, target) + alpha * KD(dist_logits, teacher_logits); an fp32 scalar
+    (fp64 when the torch backend is given fp64 inputs).
+
+    logits, dist_logits, teacher_logits: (B, C), any float dtype each (fp32/fp16/bf16 on the
+    kernel backends), any row stride. target: int64 (B,) classes (label_smoothing applies) or
+    float (B, C) soft targets (mixup/cutmix). kind: "none" (base only; alpha, dist_logits and
+    teacher_logits ignored) | "hard" (CE against argmax(teacher)) | "soft" (KL at temperature tau,
+    times tau^2); kl_reduction: "numel" (official DeiT, KL sum / (B*C)) | "batchmean" (timm,
+    KL sum / B). See reference.distillation_loss.
+
+    return_components=True returns (loss, base, distill): the two terms before the alpha mix,
+    detached (for logging; distill is 0 for kind "none"), from the same pass on the kernel path.
+
+    Gradients flow to logits and dist_logits only; target and teacher_logits get none. The triton
+    backend computes them in the forward: they are saved in the head's dtype (fp32 for fp16
+    heads, whose range the 1/B-scaled grads underflow) and the backward only rescales them.
+    """
+    check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
+          kl_reduction)
+    backend = _backend.resolve("distillation_loss", logits.device)
+    if backend == "torch" or logits.numel() == 0:  # an empty batch: the reference's nan, no launch
+        if return_components:
+            return _reference_with_components(logits, dist_logits, target, teacher_logits, kind,
+                                              alpha, tau, label_smoothing, kl_reduction)
+        return reference.distillation_loss(logits, dist_logits, target, teacher_logits, kind, alpha,
+                                           tau, label_smoothing, kl_reduction)
+    heads = dict(logits=logits)
+    if kind != "none":
+        heads.update(dist_logits=dist_logits, teacher_logits=teacher_logits)
+    _checks.kernel_dtypes(backend, target=target if target.is_floating_point() else None, **heads)
+    if kind == "none":
+        dist_logits = teacher_logits = None
+    grad = torch.is_grad_enabled()
+    row, comp, _, _ = _fused(logits, dist_logits, target, teacher_logits, kind, kl_reduction,
+                             [float(alpha), float(tau), float(label_smoothing)],
+                             [grad and logits.requires_grad,
+                              grad and dist_logits is not None and dist_logits.requires_grad])
+    loss = row.sum()
+    if return_components:
+        base, distill = comp.sum(0).unbind()
+        return loss, base, distill
+    return loss

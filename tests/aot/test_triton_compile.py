@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.aot
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ["layerscale", "attention"]
+MODULES = ["layerscale", "attention", "talking_heads", "distill_loss", "class_attention"]
 
 
 @pytest.fixture(scope="module", params=MODULES)

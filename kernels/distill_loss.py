@@ -1,0 +1,295 @@
+"""Token-distillation loss (DeiT) with its gradients, in one pass over each row of logits.
+
+One program owns one row b of the (B, C) class-head logits s, distillation-head logits d and
+teacher logits t (and of a soft target q) and computes, in fp32 from any float storage:
+
+    base_b    int64 target y, smoothing eps:  (1 - eps) * (lse(s) - s_y) + eps * mean_c(lse(s) - s_c)
+              float target q (mixup):         sum_c q_c * (lse(s) - s_c)
+    distill_b hard: lse(d) - d_a,  a = argmax(t) (first index among ties, as torch.argmax)
+              soft: sum_c pt_c * (lt_c - ld_c),  lt = log_softmax(t / tau), ld = log_softmax(d / tau)
+
+It writes the row's share of the loss, total_b = w_base * base_scale * base_b + w_dist * dist_scale
+* distill_b (base_scale = 1/B; dist_scale = 1/B for hard, tau^2/(B*C) or tau^2/B for soft), the
+components base_scale * base_b and dist_scale * distill_b (for logging), and, when asked, the
+gradients d total_b / d s_b and d total_b / d d_b:
+
+    ds = w_base / B * (softmax(s) - (1 - eps) * onehot(y) - eps / C)      int target
+    ds = w_base / B * (softmax(s) * sum(q) - q)                          soft target
+    dd = w_dist / B * (softmax(d) - onehot(a))                           hard
+    dd = w_dist * dist_scale / tau * (softmax(d / tau) - softmax(t / tau)) soft
+
+with kind "none": w_base = 1, w_dist = 0; else w_base = 1 - alpha, w_dist = alpha. Those are the
+whole backward: autograd later only multiplies row b by the upstream gradient of total_b.
+log_softmax is formed as (x - max) - log(sum), never x - lse, so its rounding is that of torch's.
+
+Rows up to MAX_BLOCK_C classes are held in registers and read once. Wider rows (ImageNet-21k,
+C = 21841) take two sweeps in CHUNK_C chunks: an online max / log-sum-exp sweep (and the teacher's
+argmax), then a sweep, last chunk first, that re-reads the row (mostly from L2) to sum the loss
+terms and write the gradients. Not yet measured on a GPU: at B = 256 only 256 programs run, two
+per SM; splitting a row over programs is the next step if the bench shows it latency-bound.
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_C = 4096  # widest row held in registers (8 warps: 16 fp32 per thread per tensor)
+CHUNK_C = 2048  # chunk width of the two-sweep path for wider rows
+NONE, HARD, SOFT = 0, 1, 2
+KIND_IDS = {"none": NONE, "hard": HARD, "soft": SOFT}
+
+
+@triton.jit
+def _lse_update(m, z, x):
+    """Online log-sum-exp: fold the chunk x (masked lanes at -inf) into the running (max, sum)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    return m_new, z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+
+
+@triton.jit
+def _load(S, D, T, Q, s_off, d_off, t_off, q_off, cols, mask,
+          KIND: tl.constexpr, SOFT_TARGET: tl.constexpr, LOAD_T: tl.constexpr):
+    s = tl.load(S + s_off + cols, mask=mask, other=0.0).to(tl.float32)
+    d = s
+    t = s
+    q = s
+    if KIND != 0:
+        d = tl.load(D + d_off + cols, mask=mask, other=0.0).to(tl.float32)
+    if LOAD_T:
+        t = tl.load(T + t_off + cols, mask=mask, other=0.0).to(tl.float32)
+    if SOFT_TARGET:
+        q = tl.load(Q + q_off + cols, mask=mask, other=0.0).to(tl.float32)
+    return s, d, t, q
+
+
+@triton.jit
+def _sweep_stats(s, d, t, q, cols, mask, tau, m_s, z_s, m_d, z_d, m_t, z_t, t_best, t_arg, q_sum,
+                 KIND: tl.constexpr, SOFT_TARGET: tl.constexpr):
+    """First sweep over one chunk: running log-sum-exps, teacher argmax, sum of the soft target."""
+    m_s, z_s = _lse_update(m_s, z_s, tl.where(mask, s, float("-inf")))
+    if KIND == 1:
+        m_d, z_d = _lse_update(m_d, z_d, tl.where(mask, d, float("-inf")))
+        tm = tl.where(mask, t, float("-inf"))
+        chunk_best = tl.max(tm, axis=0)
+        chunk_arg = tl.min(tl.where(tm == chunk_best, cols, 2147483647), axis=0)  # first index of the max
+        t_arg = tl.where(chunk_best > t_best, chunk_arg, t_arg)  # strict: an earlier chunk wins ties
+        t_best = tl.maximum(t_best, chunk_best)
+    if KIND == 2:
+        m_d, z_d = _lse_update(m_d, z_d, tl.where(mask, d / tau, float("-inf")))
+        m_t, z_t = _lse_update(m_t, z_t, tl.where(mask, t / tau, float("-inf")))
+    if SOFT_TARGET:
+        q_sum += tl.sum(q, axis=0)
+    return m_s, z_s, m_d, z_d, m_t, z_t, t_best, t_arg, q_sum
+
+
+@triton.jit
+def _log_z(z_s, z_d, z_t, KIND: tl.constexpr):
+    """log of the softmax denominators; lse = m + log z, but the kernel never forms that sum:
+    log_softmax(x) = (x - m) - log z keeps the rounding at the size of log z (as torch's
+    log_softmax does), not at the size of the logits (~eps * 100 for logits near 100)."""
+    lz_s = tl.log(z_s)
+    lz_d = z_d
+    lz_t = z_t
+    if KIND != 0:
+        lz_d = tl.log(z_d)
+    if KIND == 2:
+        lz_t = tl.log(z_t)
+    return lz_s, lz_d, lz_t
+
+
+@triton.jit
+def _sweep_terms(s, d, t, q, cols, mask, DS, DD, g_off, C, y, t_arg, m_s, m_d, m_t, lz_s, lz_d,
+                 lz_t, q_sum, smoothing, tau, gs, gd, acc_base, acc_kl,
+                 KIND: tl.constexpr, SOFT_TARGET: tl.constexpr, GRAD_S: tl.constexpr,
+                 GRAD_D: tl.constexpr):
+    """Second sweep over one chunk: the summed loss terms, and the gradients, stored."""
+    ls = (s - m_s) - lz_s  # log_softmax(s)
+    if SOFT_TARGET:
+        acc_base -= tl.sum(tl.where(mask, q * ls, 0.0), axis=0)
+    else:
+        acc_base -= tl.sum(tl.where(mask, ls, 0.0), axis=0)  # the smoothing term's sum
+    if GRAD_S:
+        p = tl.exp(ls)
+        if SOFT_TARGET:
+            g = p * q_sum - q
+        else:
+            g = p - smoothing / C - tl.where(cols == y, 1.0 - smoothing, 0.0)
+        tl.store(DS + g_off + cols, (gs * g).to(DS.dtype.element_ty), mask=mask)
+    if KIND == 1:
+        if GRAD_D:
+            g = tl.exp((d - m_d) - lz_d) - tl.where(cols == t_arg, 1.0, 0.0)
+            tl.store(DD + g_off + cols, (gd * g).to(DD.dtype.element_ty), mask=mask)
+    if KIND == 2:
+        ld = (d / tau - m_d) - lz_d
+        lt = (t / tau - m_t) - lz_t
+        pt = tl.exp(lt)
+        acc_kl += tl.sum(tl.where(mask, pt * (lt - ld), 0.0), axis=0)
+        if GRAD_D:
+            tl.store(DD + g_off + cols, (gd * (tl.exp(ld) - pt)).to(DD.dtype.element_ty), mask=mask)
+    return acc_base, acc_kl
+
+
+@triton.jit
+def _distill_loss_fwd(S, D, T, Y, Q, ROW, COMP, DS, DD, C, s_stride, d_stride, t_stride, q_stride,
+                      w_base, w_dist, base_scale, dist_scale, gs, gd, smoothing, tau,
+                      KIND: tl.constexpr, SOFT_TARGET: tl.constexpr, GRAD_S: tl.constexpr,
+                      GRAD_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    # KIND: 0 none (base only), 1 hard, 2 soft. Y (int64 classes) is read when not SOFT_TARGET,
+    # Q (float soft targets) when SOFT_TARGET. Grads are written contiguous (B, C).
+    row = tl.program_id(0).to(tl.int64)  # int64: B * C passes 2**31 at B = 100k, C = 21841
+    s_off, d_off, t_off, q_off, g_off = (row * s_stride, row * d_stride, row * t_stride,
+                                         row * q_stride, row * C)
+    cols = tl.arange(0, BLOCK_C)
+    y = 0
+    y_ok = True
+    if not SOFT_TARGET:  # a class outside [0, C) (only unchecked under torch.compile): nan, no stray read
+        y = tl.load(Y + row)
+        y_ok = (y >= 0) & (y < C)
+        y = tl.where(y_ok, y, -1).to(tl.int32)
+    m_s = tl.full([], float("-inf"), tl.float32)
+    z_s = tl.zeros([], tl.float32)
+    m_d, z_d, m_t, z_t, t_best, q_sum = m_s, z_s, m_s, z_s, m_s, z_s
+    t_arg = tl.zeros([], tl.int32)
+    acc_base = tl.zeros([], tl.float32)
+    acc_kl = tl.zeros([], tl.float32)
+    if ONE_CHUNK:  # the whole row in registers: one read
+        mask = cols < C
+        s, d, t, q = _load(S, D, T, Q, s_off, d_off, t_off, q_off, cols, mask, KIND, SOFT_TARGET,
+                           KIND != 0)
+        m_s, z_s, m_d, z_d, m_t, z_t, t_best, t_arg, q_sum = _sweep_stats(
+            s, d, t, q, cols, mask, tau, m_s, z_s, m_d, z_d, m_t, z_t, t_best, t_arg, q_sum,
+            KIND, SOFT_TARGET)
+        lz_s, lz_d, lz_t = _log_z(z_s, z_d, z_t, KIND)
+        acc_base, acc_kl = _sweep_terms(
+            s, d, t, q, cols, mask, DS, DD, g_off, C, y, t_arg, m_s, m_d, m_t, lz_s, lz_d, lz_t,
+            q_sum, smoothing, tau, gs, gd, acc_base, acc_kl, KIND, SOFT_TARGET, GRAD_S, GRAD_D)
+    else:
+        for start in range(0, C, BLOCK_C):
+            c = start + cols
+            mask = c < C
+            s, d, t, q = _load(S, D, T, Q, s_off, d_off, t_off, q_off, c, mask, KIND, SOFT_TARGET,
+                               KIND != 0)
+            m_s, z_s, m_d, z_d, m_t, z_t, t_best, t_arg, q_sum = _sweep_stats(
+                s, d, t, q, c, mask, tau, m_s, z_s, m_d, z_d, m_t, z_t, t_best, t_arg, q_sum,
+                KIND, SOFT_TARGET)
+        lz_s, lz_d, lz_t = _log_z(z_s, z_d, z_t, KIND)
+        # Last chunk first: what the first sweep read last is the likeliest still in L2 (at
+        # B = 256, C = 21841 the rows in flight are about L2's size). The teacher's argmax is
+        # all that hard distillation needs of it: the second sweep reads it only for soft.
+        last = (C - 1) // BLOCK_C * BLOCK_C
+        for i in range(0, C, BLOCK_C):
+            c = (last - i) + cols
+            mask = c < C
+            s, d, t, q = _load(S, D, T, Q, s_off, d_off, t_off, q_off, c, mask, KIND, SOFT_TARGET,
+                               KIND == 2)
+            acc_base, acc_kl = _sweep_terms(
+                s, d, t, q, c, mask, DS, DD, g_off, C, y, t_arg, m_s, m_d, m_t, lz_s, lz_d, lz_t,
+                q_sum, smoothing, tau, gs, gd, acc_base, acc_kl, KIND, SOFT_TARGET, GRAD_S, GRAD_D)
+    if SOFT_TARGET:
+        base = acc_base
+    else:
+        s_y = tl.load(S + s_off + y, mask=y_ok, other=float("nan")).to(tl.float32)
+        base = (1.0 - smoothing) * (lz_s - (s_y - m_s)) + smoothing * (acc_base / C)
+    base = base * base_scale
+    total = w_base * base
+    distill = 0.0
+    if KIND == 1:
+        distill = (lz_d - (tl.load(D + d_off + t_arg).to(tl.float32) - m_d)) * dist_scale
+    if KIND == 2:
+        distill = acc_kl * dist_scale
+    if KIND != 0:
+        total += w_dist * distill
+    tl.store(ROW + row, total)
+    tl.store(COMP + 2 * row, base)
+    tl.store(COMP + 2 * row + 1, distill)
+
+
+def tile(C: int):
+    """(BLOCK_C, ONE_CHUNK, num_warps) for rows of C classes."""
+    if C <= MAX_BLOCK_C:
+        block = max(16, triton.next_power_of_2(C))
+        return block, True, min(8, max(1, block // 256))
+    return CHUNK_C, False, 8
+
+
+def grad_dtype(head_dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of a head's saved gradient. The grads are written already scaled by 1/B
+    (and 1/C for soft "numel"): ~1e-7 at B = 256, C = 21841, under fp16's smallest normal
+    (6e-5) before GradScaler's factor could lift them. So fp16 heads get fp32 grads; bf16 and
+    fp32 heads (fp32's exponent range) keep their own dtype, which halves the bytes for bf16."""
+    return torch.float32 if head_dtype == torch.float16 else head_dtype
+
+
+def _cols_unit(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(logits, dist_logits, target, teacher_logits, kind: str, alpha: float, tau: float,
+            smoothing: float, kl_reduction: str, grad_logits: bool, grad_dist: bool):
+    """-> (row_loss (B,) fp32, components (B, 2) fp32, dlogits, ddist).
+
+    row_loss sums (in torch) to the loss; components[:, 0] and [:, 1] sum to base and distill.
+    dlogits / ddist: d row_loss[b] / d logits[b] (resp. dist_logits), (B, C) contiguous in
+    grad_dtype(...), or empty when not asked for (or kind "none" for ddist).
+    Inputs: (B, C) with any row stride; target int64 (B,) or float (B, C)."""
+    s = _cols_unit(logits)
+    B, C = s.shape
+    kid = KIND_IDS[kind]
+    d = _cols_unit(dist_logits) if kid else None
+    t = _cols_unit(teacher_logits) if kid else None
+    soft_target = target.is_floating_point()
+    q = _cols_unit(target) if soft_target else None
+    y = None if soft_target else target.contiguous()
+    grad_dist = grad_dist and kid != NONE
+    dev = s.device
+    row = torch.empty(B, dtype=torch.float32, device=dev)
+    comp = torch.empty((B, 2), dtype=torch.float32, device=dev)
+    ds = (torch.empty((B, C), dtype=grad_dtype(s.dtype), device=dev) if grad_logits
+          else s.new_empty(0))
+    dd = (torch.empty((B, C), dtype=grad_dtype(d.dtype), device=dev) if grad_dist
+          else s.new_empty(0))
+    w_base, w_dist = (1.0, 0.0) if kid == NONE else (1.0 - alpha, alpha)
+    base_scale = 1.0 / B
+    if kid == SOFT:
+        dist_scale = tau * tau / (B * C if kl_reduction == "numel" else B)
+        gd = w_dist * dist_scale / tau
+    else:
+        dist_scale = 1.0 / B
+        gd = w_dist * dist_scale
+    gs = w_base * base_scale
+    block, one_chunk, warps = tile(C)
+    if B:
+        _distill_loss_fwd[(B,)](
+            s, d, t, y, q, row, comp, ds, dd, C, s.stride(0), d.stride(0) if kid else 0,
+            t.stride(0) if kid else 0, q.stride(0) if soft_target else 0,
+            w_base, w_dist, base_scale, dist_scale, gs, gd, smoothing, tau,
+            KIND=kid, SOFT_TARGET=soft_target, GRAD_S=grad_logits, GRAD_D=grad_dist,
+            ONE_CHUNK=one_chunk, BLOCK_C=block, num_warps=warps)
+    return row, comp, ds, dd
+
+
+def aot_configs(dtype: str):
+    """Every shipped variant for the sm_90 AOT test (see kernels/layerscale.py): logits of
+    `dtype` for all three heads, fp32 soft targets (timm's Mixup), int64 class targets. The
+    class counts cover every register tile (C = 10 ... 4096) and the two-sweep path."""
+    ints = dict.fromkeys(("C", "s_stride", "d_stride", "t_stride", "q_stride"), "i32")
+    floats = dict.fromkeys(("w_base", "w_dist", "base_scale", "dist_scale", "gs", "gd",
+                            "smoothing", "tau"), "fp32")
+    ptrs = dict.fromkeys(("S", "D", "T"), f"*{dtype}")
+    ptrs.update(Y="*i64", Q="*fp32", ROW="*fp32", COMP="*fp32",
+                DS=f"*{dtype}" if dtype != "fp16" else "*fp32")
+    ptrs["DD"] = ptrs["DS"]
+    kernel = _distill_loss_fwd
+
+    def variant(C, aligned, **constexprs):
+        block, one_chunk, warps = tile(C)
+        sig = {a: ptrs.get(a) or ints.get(a) or floats.get(a) or "constexpr" for a in kernel.arg_names}
+        return dict(kernel=kernel, signature=sig, num_warps=warps, matmul=False,
+                    constexprs=dict(constexprs, ONE_CHUNK=one_chunk, BLOCK_C=block),
+                    aligned=("C", "s_stride", "d_stride", "t_stride", "q_stride") if aligned else ())
+
+    for C in (10, 100, 1000, MAX_BLOCK_C, 21841):
+        for kind in (NONE, HARD, SOFT):
+            for soft_target in (False, True):
+                for grads in ((True, True), (False, False)):
+                    yield variant(C, C % 16 == 0, KIND=kind, SOFT_TARGET=soft_target,
+                                  GRAD_S=grads[0], GRAD_D=grads[1] and kind != NONE)

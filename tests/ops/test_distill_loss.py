@@ -1,0 +1,324 @@
+"""distillation_loss: the Triton kernel vs the fp64 reference (interpreter on CPU, real on a GPU):
+loss, components and both head grads for every kind x target type, C from 10 to 21841; grads not
+asked for are not written; custom-op registration, torch.compile, determinism and input checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deit_fast import ops
+from deit_fast.kernels import distill_loss as kernel
+from deit_fast.ops import distill_loss as op
+from deit_fast.ops import reference
+from tests.conftest import DEVICE
+from tests.ops.tolerance import assert_rule, poisoned_empty
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+KINDS = ("none", "hard", "soft")
+TARGETS = ("int", "int-smooth", "soft")  # class indices (smoothing 0 / 0.1), mixup soft targets
+UPSTREAM = 0.7  # d(whatever follows) / d loss: the backward must scale the saved grads by it
+
+
+def make(B, C, dtype, target, device=DEVICE, dist_dtype=None):
+    s, d, t = (3 * torch.randn(B, C, device=device) for _ in range(3))
+    s, t = s.to(dtype), t.to(dtype)
+    d = d.to(dist_dtype or dtype)
+    y = torch.randint(0, C, (B,), device=device)
+    if target == "soft":  # what timm's Mixup makes: smoothed one-hots of two samples, mixed
+        lam, smooth = 0.7, 0.1
+        one_hot = lambda i: F.one_hot(i, C).float() * (1 - smooth) + smooth / C
+        return s, d, t, lam * one_hot(y) + (1 - lam) * one_hot(y.flip(0))
+    return s, d, t, y
+
+
+def run(backend, s, d, t, target, **kw):
+    """(loss, base, distill), (dlogits, ddist) of the op on `backend`, inputs as given."""
+    leaves = [s.detach().requires_grad_(), d.detach().requires_grad_()]
+    with ops.use_backend(backend):
+        out = ops.distillation_loss(leaves[0], leaves[1], target, t, return_components=True, **kw)
+    grads = torch.autograd.grad(out[0], leaves, torch.tensor(UPSTREAM, dtype=out[0].dtype),
+                                allow_unused=True)
+    return out, grads
+
+
+def check_against_reference(s, d, t, target, **kw):
+    ours, ours_g = run("triton", s, d, t, target, **kw)
+    same, same_g = run("torch", s, d, t, target, **kw)
+    up = lambda x: x.double() if x.is_floating_point() else x
+    ref, ref_g = run("torch", up(s), up(d), up(t), up(target), **kw)
+    assert ours[0].dtype == F32 and ours[0].shape == ()
+    for name, a, r, m in zip(("loss", "base", "distill"), ours, ref, same):
+        assert_rule(name, a, r, m)
+    for name, a, r, m, x in zip(("dlogits", "ddist"), ours_g, ref_g, same_g, (s, d)):
+        if r is None:  # kind "none": dist_logits is not used
+            assert a is None and m is None
+            continue
+        assert a.dtype == x.dtype and a.shape == x.shape
+        assert_rule(name, a, r, m)
+
+
+def case_params():
+    """kind x target x C x dtype, with B, tau and the KL reduction cycled through."""
+    params, i = [], 0
+    for kind in KINDS:
+        for target in TARGETS:
+            for C in (10, 100, 1000):
+                for dtype in (F32, F16):
+                    B, tau, kl = (1, 3, 8)[i % 3], (1.0, 3.0)[i // 3 % 2], ("numel", "batchmean")[i // 2 % 2]
+                    i += 1
+                    params.append(pytest.param(kind, target, B, C, dtype, tau, kl, id=(
+                        f"{kind}-{target}-B{B}-C{C}-{str(dtype)[6:]}-tau{tau:g}-{kl}")))
+    return params
+
+
+@pytest.mark.parametrize("kind,target,B,C,dtype,tau,kl", case_params())
+def test_matches_reference(kind, target, B, C, dtype, tau, kl, monkeypatch):
+    poisoned_empty(monkeypatch)
+    s, d, t, y = make(B, C, dtype, target)
+    check_against_reference(s, d, t, y, kind=kind, alpha=0.5, tau=tau, kl_reduction=kl,
+                            label_smoothing=0.1 if target == "int-smooth" else 0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_imagenet21k_classes_two_sweeps(kind, target, monkeypatch):
+    """C = 21841 is past a register tile: the chunked two-sweep path."""
+    poisoned_empty(monkeypatch)
+    B = 2 if kind == "soft" else 1
+    assert not kernel.tile(21841)[1]
+    s, d, t, y = make(B, 21841, F32, target)
+    check_against_reference(s, d, t, y, kind=kind, alpha=0.5, tau=3.0, kl_reduction="batchmean",
+                            label_smoothing=0.1 if target == "int-smooth" else 0.0)
+
+
+def test_imagenet21k_fp16_soft():
+    s, d, t, y = make(1, 21841, F16, "int-smooth")
+    check_against_reference(s, d, t, y, kind="soft", tau=1.0, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("kind,alpha,tau", [(k, a, tau) for k in ("hard", "soft") for a in (0.0, 0.5, 1.0)
+                                            for tau in ((1.0, 3.0) if k == "soft" else (1.0,))])
+def test_alpha_and_tau(kind, alpha, tau):
+    s, d, t, y = make(3, 100, F32, "int")
+    check_against_reference(s, d, t, y, kind=kind, alpha=alpha, tau=tau)
+
+
+def test_unnormalised_soft_target_and_wide_logits():
+    """Soft targets need not sum to 1 (the spec is sum(-q * log_softmax)); logits far from 0."""
+    s, d, t, _ = make(3, 300, F32, "int")
+    q = torch.rand(3, 300, device=DEVICE)
+    check_against_reference(s * 10 + 50, d * 10 - 40, t * 5, q, kind="soft", tau=2.0)
+
+
+def test_mixed_dtypes_and_strided_rows():
+    """fp16 class head, fp32 distillation head (strided rows), fp16 teacher whose columns are
+    not contiguous (copied once); loss in fp32, each grad in its head's dtype."""
+    B, C = 3, 65
+    s = (3 * torch.randn(B, 2 * C, device=DEVICE)).half()[:, C:]
+    d = (3 * torch.randn(B, C + 7, device=DEVICE))[:, :C]
+    t = (3 * torch.randn(C, B, device=DEVICE)).half().t()
+    assert s.stride(0) != C and d.stride(0) != C and t.stride(1) != 1
+    y = torch.randint(0, C, (B,), device=DEVICE)
+    for kind in ("hard", "soft"):
+        check_against_reference(s, d, t, y, kind=kind, tau=2.0, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("C", [10, 5000], ids=["one-chunk", "chunked"])
+def test_teacher_argmax_ties_take_the_first_index(C):
+    t = torch.zeros(2, C, device=DEVICE)
+    t[:, [C // 2, 3, C - 1]] = 5.0  # ties within and (C = 5000) across chunks
+    d = torch.randn(2, C, device=DEVICE).requires_grad_()
+    s, y = torch.randn(2, C, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE)
+    with ops.use_backend("triton"):
+        loss = ops.distillation_loss(s, d, y, t, "hard", alpha=1.0)
+    loss.backward()
+    assert d.grad.argmin(dim=1).tolist() == [3, 3]  # softmax - onehot(argmax): the one negative
+    torch.testing.assert_close(loss, F.cross_entropy(d.detach(), t.argmax(dim=1)))
+
+
+def test_grads_not_required_are_not_written(monkeypatch):
+    """Heads that need no grad: the kernel gets the flags off and returns empty grad buffers;
+    everything it does write is written (poisoned outputs)."""
+    poisoned_empty(monkeypatch)
+    calls = []
+    real = kernel.forward
+
+    def spy(*args):
+        out = real(*args)
+        calls.append((args[-2:], out[2].numel(), out[3].numel()))
+        return out
+    monkeypatch.setattr(kernel, "forward", spy)
+    s, d, t, y = make(3, 100, F32, "int")
+    with ops.use_backend("triton"):
+        loss = ops.distillation_loss(s, d, y, t, "soft")
+        with torch.no_grad():
+            ops.distillation_loss(s.requires_grad_(), d, y, t, "soft")
+        d.requires_grad_()
+        s.requires_grad_(False)
+        partial = ops.distillation_loss(s, d, y, t, "soft")
+        partial.backward()
+    assert calls == [((False, False), 0, 0), ((False, False), 0, 0), ((False, True), 0, 300)]
+    assert s.grad is None and torch.isfinite(d.grad).all()
+    torch.testing.assert_close(loss, reference.distillation_loss(s, d.detach(), y, t, "soft"))
+    torch.testing.assert_close(partial, loss, rtol=0, atol=0)
+
+
+def test_saved_grad_dtypes():
+    """bf16/fp32 heads keep their dtype; fp16 grads are saved in fp32 (the 1/B-scaled values
+    underflow fp16's range); the fake impl agrees with the kernel."""
+    for dtype, saved in ((F32, F32), (BF16, BF16), (F16, F32)):
+        assert kernel.grad_dtype(dtype) == op._grad_dtype(dtype) == saved
+    s, d, t, y = make(2, 10, F16, "int")
+    out = torch.ops.deit_fast.distillation_loss(s, d.float(), y, t, "hard", "numel", [0.5, 1.0, 0.0],
+                                                [True, True])
+    assert out[2].dtype == F32 and out[3].dtype == F32 and out[2].shape == (2, 10)
+
+
+def test_target_and_teacher_get_no_grad():
+    s, d, t, q = make(2, 10, F32, "soft")
+    leaves = [x.requires_grad_() for x in (s, d, t, q)]
+    with ops.use_backend("triton"):
+        ops.distillation_loss(*leaves[:2], leaves[3], leaves[2], "soft").backward()
+    assert s.grad is not None and d.grad is not None and t.grad is None and q.grad is None
+
+
+def test_components_sum_to_the_loss():
+    s, d, t, y = make(4, 50, F32, "int-smooth")
+    for backend in ("triton", "torch"):
+        with ops.use_backend(backend):
+            loss, base, distill = ops.distillation_loss(s, d, y, t, "hard", alpha=0.3,
+                                                        label_smoothing=0.1, return_components=True)
+        torch.testing.assert_close(loss, 0.7 * base + 0.3 * distill)
+        assert not base.requires_grad and not distill.requires_grad
+    with ops.use_backend("torch"):  # the torch path is the reference, bit for bit
+        assert torch.equal(loss, reference.distillation_loss(s, d, y, t, "hard", 0.3, label_smoothing=0.1))
+
+
+def test_bitwise_deterministic():
+    s, d, t, q = make(8, 1000, F32, "soft")
+    first = run("triton", s, d, t, q, kind="soft", tau=2.0)
+    second = run("triton", s, d, t, q, kind="soft", tau=2.0)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch_gives_the_reference_nan_without_launch(monkeypatch):
+    monkeypatch.setattr(kernel, "forward", lambda *a: pytest.fail("kernel launched"))
+    e = torch.empty(0, 10, device=DEVICE)
+    with ops.use_backend("triton"):
+        assert torch.isnan(ops.distillation_loss(e, e, torch.empty(0, dtype=torch.long), e, "hard"))
+
+
+@pytest.mark.parametrize("kind,target", [("hard", "int-smooth"), ("soft", "soft"), ("none", "int")])
+def test_custom_op_passes_opcheck(kind, target):
+    s, d, t, y = make(2, 33, F32, target)
+    torch.library.opcheck(torch.ops.deit_fast.distillation_loss.default,
+                          (s.requires_grad_(), d.requires_grad_() if kind != "none" else None, y,
+                           t if kind != "none" else None, kind, "numel", [0.3, 2.0, 0.1],
+                           [True, kind != "none"]))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    s, d, t, q = make(3, 40, F32, "soft")
+
+    def step(s, d):
+        loss, base, distill = ops.distillation_loss(s, d, q, t, "soft", 0.5, 2.0, return_components=True)
+        return loss * 2.0, base, distill
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with ops.use_backend("triton"):
+        leaves = [x.clone().requires_grad_() for x in (s, d)]
+        got = compiled(*leaves)
+        got[0].backward()
+        eager = [x.clone().requires_grad_() for x in (s, d)]
+        want = step(*eager)
+        want[0].backward()
+    for a, b in zip(got + tuple(x.grad for x in leaves), want + tuple(x.grad for x in eager)):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_fullgraph_with_class_targets():
+    """The class-range check is a data-dependent branch: compiled code skips it."""
+    s, d, t, y = make(3, 40, F32, "int-smooth")
+    step = lambda s: ops.distillation_loss(s, d, y, t, "hard", label_smoothing=0.1)
+    with ops.use_backend("triton"):
+        torch.testing.assert_close(torch.compile(step, backend="aot_eager", fullgraph=True)(s), step(s))
+
+
+def test_out_of_range_class_in_the_kernel_is_nan_not_a_stray_read():
+    """What compiled code (which skips the check) gets from a bad class index."""
+    s, d, t, _ = make(3, 40, F32, "int")
+    y = torch.tensor([1, 40, -1], device=DEVICE)
+    row, comp, ds, _ = torch.ops.deit_fast.distillation_loss(s, d, y, t, "hard", "numel",
+                                                             [0.5, 1.0, 0.0], [True, False])
+    assert torch.isfinite(row[0]) and torch.isnan(row[1:]).all() and torch.isnan(comp[1:, 0]).all()
+    assert torch.isfinite(ds).all()
+
+
+L, Y = torch.randn(4, 10), torch.tensor([0, 3, 9, 1])
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    (dict(target=torch.tensor([0, 3, 10, 1])), "target"),
+    (dict(target=torch.tensor([0, -1, 2, 1])), "target"),
+    (dict(target=Y.int()), "target"),
+    (dict(target=torch.rand(4, 9)), "target"),
+    (dict(target=[0, 3, 9, 1]), "target"),
+    (dict(teacher_logits=None), "teacher_logits"),
+    (dict(teacher_logits=torch.randn(4, 10, device="meta")), "teacher_logits"),
+    (dict(dist_logits=torch.randn(4, 9)), "dist_logits"),
+    (dict(dist_logits=torch.randn(40)), "dist_logits"),
+    (dict(kind="medium"), "kind"),
+    (dict(kl_reduction="mean"), "kl_reduction"),
+    (dict(alpha=1.5), "alpha"),
+    (dict(tau=0.0), "tau"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(logits=torch.randn(4, 10, 1)), "logits"),
+    (dict(logits=torch.randint(0, 3, (4, 10))), "logits"),
+])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_input_names_the_argument_before_launch(kwargs, arg, backend, monkeypatch):
+    monkeypatch.setattr(kernel, "forward", lambda *a: pytest.fail("kernel launched"))
+    args = dict(logits=L, dist_logits=L, target=Y, teacher_logits=L)
+    args.update(kwargs)
+    with ops.use_backend(backend), pytest.raises(ValueError, match=arg):
+        ops.distillation_loss(**args)
+
+
+@pytest.mark.parametrize("arg", ["logits", "dist_logits", "teacher_logits", "target"])
+def test_fp64_is_refused_by_the_kernel_but_runs_on_torch(arg, monkeypatch):
+    monkeypatch.setattr(kernel, "forward", lambda *a: pytest.fail("kernel launched"))
+    args = dict(logits=L, dist_logits=L, target=torch.softmax(L, -1), teacher_logits=L, kind="soft")
+    args[arg] = args[arg].double()
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=f"{arg} dtype"):
+        ops.distillation_loss(**args)
+    with ops.use_backend("torch"):
+        assert torch.isfinite(ops.distillation_loss(**args))
+
+
+def test_kind_none_ignores_the_distillation_inputs():
+    s, _, _, y = make(3, 20, F16, "int")
+    with ops.use_backend("triton"):
+        got = ops.distillation_loss(s, None, y, kind="none", alpha=0.9, label_smoothing=0.1)
+    torch.testing.assert_close(got, F.cross_entropy(s.float(), y, label_smoothing=0.1))
+
+
+def test_auto_runs_the_kernel_on_cuda_and_torch_on_cpu():
+    from deit_fast.ops import _backend
+    assert _backend.resolve("distillation_loss", torch.device("cpu")) == "torch"
+    assert "triton" not in ops.backend_report()["distillation_loss"]["cpu"]["unavailable"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("C", [1000, 21841])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_gpu_bf16_fp16(target, kind, C, dtype):
+    s, d, t, y = make(256, C, dtype, target, device="cuda")
+    check_against_reference(s, d, t, y, kind=kind, tau=2.0 if kind == "soft" else 1.0,
+                            label_smoothing=0.1 if target == "int-smooth" else 0.0)
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_heads_bf16_fp32():
+    s, d, t, y = make(256, 1000, BF16, "soft", device="cuda", dist_dtype=F32)
+    check_against_reference(s, d, t, y, kind="soft", kl_reduction="batchmean")
