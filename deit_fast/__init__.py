@@ -1,4 +1,5 @@
 """deit_fast: DeiT and CaiT on fused Triton / CUDA kernels, timm-compatible."""
 from . import ops
+from .models import create_model, list_models, load_checkpoint
 
 __version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Loading official DeiT/CaiT and timm checkpoints into deit_fast models (same key names)."""
+import math
+from typing import Dict
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+__all__ = ["load_checkpoint", "adapt_state_dict"]
+
+
+def _weights(ckpt) -> Dict[str, Tensor]:
+    """Official files keep weights under 'model' (and EMA under 'model_ema'); Lightning-style
+    files under 'state_dict'; timm and torch.save(model.state_dict()) files are the dict itself."""
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint holds a {type(ckpt).__name__}, not a state_dict")
+    return ckpt
+
+
+def adapt_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Strip DDP's `module.` prefix and resample pos_embed (bicubic, as timm) to model's grid."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    pos, ours = sd.get("pos_embed"), getattr(model, "pos_embed", None)
+    if pos is not None and ours is not None and pos.shape != ours.shape and pos.dim() == 3:
+        # Prefix slots in pos_embed: 2 distilled DeiT, 1 DeiT, 0 CaiT (pos_embed has no cls slot).
+        prefix = ours.shape[1] - model.patch_embed.num_patches
+        side = math.isqrt(max(pos.shape[1] - prefix, 0))
+        if side > 0 and side * side == pos.shape[1] - prefix and pos.shape[2] == ours.shape[2]:
+            sd["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
+                                                     old_size=[side, side], num_prefix_tokens=prefix)
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
+    """Load an official DeiT/CaiT, timm or deit_fast checkpoint file into model, strictly.
+
+    Raises ValueError listing missing, unexpected and shape-mismatched keys."""
+    sd = adapt_state_dict(model, _weights(torch.load(path, map_location="cpu", weights_only=True)))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                        for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {path} does not fit {type(model).__name__}:"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", mismatched)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+    return model
