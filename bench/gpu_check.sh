@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU tier of verification (DESIGN.md section 6) in one command: build the CUDA extension,
+# run the `gpu` tests (bf16 included), benchmark the models and every op, and write
+# bench/results/<YYYY-MM-DD>-<gpu-slug>.{json,md}. Needs no download.
+#
+#   bash bench/gpu_check.sh [DIR]     # DIR: also copy the results there, and all logs as logs.txt
+#
+# Each part has a cap in seconds and all share a 525 s deadline, so the whole run stays under
+# 9 minutes on one H100. A part that reaches its cap is killed and reported as a timeout (the
+# benches stream their rows, so what they measured is kept); inside their caps the benches stop
+# starting new cases (--time-budget) and list the cases they did not run. Parts in order of value:
+#   1. install (sm_90 only) and `pytest -m gpu`;
+#   2. models, ours vs timm eager, short repetitions (--quick): a representative subset, every
+#      DeiT size at 224, DeiT-B at 384, CaiT XXS/S at 224 and 384, CaiT-M36 at 384;
+#   3. every bench/ops/*.py at its default GPU shapes and dtypes, ~45 s each: their cases run
+#      dtype-major, so the first dtype is covered first (torch.compile's static-shape compile per
+#      case is most of the time; layerscale covers its first dtype, fp32/bf16/fp32, at most);
+#   4. timm + torch.compile (a minute or more per model) for DeiT-S, then CaiT-XXS24 if time is left.
+# Full runs: `python -m bench.models` and `python -m bench.ops.<op>` without filters.
+set -uo pipefail  # not -e: a failing part is reported and the next one still runs
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+copy_to=${1:-}
+work=$(mktemp -d)
+steps=$work/steps.tsv
+: >"$steps"
+deadline=$((SECONDS + 525))
+export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # no download, ever
+
+budget() {  # budget CAP: CAP, or less when the shared deadline is nearer
+  local left=$((deadline - SECONDS))
+  echo $((left < $1 ? left : $1))
+}
+
+step() {  # step NAME CAP CMD...: run CMD for at most CAP seconds, log to $work/NAME.log
+  local name=$1 cap=$2 start=$SECONDS rc
+  shift 2
+  if ((cap < 30)); then
+    printf '%s\tskipped\t0\t\n' "$name" >>"$steps"
+    echo "== $name: skipped, the deadline is near"
+    return
+  fi
+  echo "== $name (at most ${cap}s)"
+  timeout --kill-after=5 "$cap" "$@" >"$work/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$work/$name.log" >>"$steps"
+  tail -n 3 "$work/$name.log"
+}
+
+# sm_90 only: half the compile time of the default 8.0;9.0. A failed CUDA build fails the step
+# (DEIT_FAST_BUILD_CUDA=1); the rest still runs from the source tree, without the cuda backend.
+cap=$(budget 150)
+step install "$cap" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" DEIT_FAST_BUILD_CUDA=1 \
+  "$PY" -m pip install --no-deps --no-build-isolation -e .
+
+cap=$(budget 100)
+step pytest_gpu "$cap" "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$work/pytest_gpu.xml"
+
+cap=$(budget 80)
+step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
+  --models deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224,deit_base_patch16_384,cait_xxs24_224,cait_s24_224,cait_xxs24_384,cait_s24_384,cait_m36_384 \
+  --out "$work/models"
+
+jsonl=("$work/models.jsonl")
+for file in bench/ops/*.py; do
+  op=$(basename "$file" .py)
+  [[ $op == __init__ ]] && continue
+  cap=$(budget 60)
+  step "bench_$op" "$cap" "$PY" -m "bench.ops.$op" --time-budget $((cap - 15)) --out "$work/$op"
+  jsonl+=("$work/$op.jsonl")
+done
+
+cap=$(budget 160)
+step bench_models_compile "$cap" "$PY" -m bench.models --quick --impls timm_compile \
+  --time-budget $((cap - 70)) --models deit_small_patch16_224,cait_xxs24_224 --out "$work/models_compile"
+jsonl+=("$work/models_compile.jsonl")
+
+"$PY" -m bench.report --steps "$steps" --junit gpu="$work/pytest_gpu.xml" "${jsonl[@]}" | tee "$work/written"
+if [[ -n $copy_to ]]; then
+  mkdir -p "$copy_to"
+  cp $(cat "$work/written") "$copy_to"/
+  for log in "$work"/*.log; do  # one file: the device tool brings back at most 8
+    printf '\n===== %s\n' "$(basename "$log")"
+    cat "$log"
+  done >"$copy_to/logs.txt"
+fi
+echo "total ${SECONDS}s; logs in $work"

@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmarks on CPU: each script runs in a subprocess in its smallest mode
+(--device cpu --quick; Triton through the interpreter) and must write a well-formed .jsonl and
+.md holding real, positive, finite numbers. Plumbing only: no timing is asserted."""
+import json
+import math
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from bench import common
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> str:
+    # No GPU in the child even on a GPU machine: the smoke mode is the CPU one. One thread: on a
+    # busy machine a second OpenMP thread spins in barriers and made these runs 10x slower.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+# Every op benchmark is smoke-tested, those written later too.
+OP_BENCHES = sorted(p.stem for p in (ROOT / "bench" / "ops").glob("*.py") if p.stem != "__init__")
+
+
+def positive(row: dict, *keys: str) -> None:
+    for key in keys:
+        assert isinstance(row.get(key), float) and math.isfinite(row[key]) and row[key] > 0, (key, row)
+
+
+def check_outputs(prefix: Path, keys=()) -> list:
+    """The .jsonl and .md of one run are well formed; every row was measured, with real numbers."""
+    header, rows, footer = common.read_jsonl(f"{prefix}.jsonl")
+    for key in ("date", "device", "torch", "triton", "timm"):
+        assert header[key], key
+    positive(header, "peak_tflops", "peak_gbps")
+    positive(header["measured"], "copy_gbps", "matmul_tflops")
+    assert footer is not None and footer["not_run"] == []
+    assert {r["baseline"] for r in rows} == {True, False}  # ours and at least one baseline
+    for r in rows:
+        assert "note" not in r, r
+        positive(r, "us", "speedup", *keys)
+    table = [line for line in Path(f"{prefix}.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == len(rows) + 2  # header, rule, one line per row
+    assert len({line.count("|") for line in table}) == 1, "ragged markdown table"
+    return rows
+
+
+def pairs(rows) -> set:
+    return {(r["impl"], r["direction"]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def op_bench(tmp_path_factory):
+    """name -> output prefix of `python -m bench.ops.<name> --device cpu --quick`, run once."""
+    done = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            done[name] = tmp_path_factory.mktemp(name) / name
+            run(f"bench.ops.{name}", "--device", "cpu", "--quick", "--out", str(done[name]))
+        return done[name]
+    return get
+
+
+@pytest.mark.parametrize("name", OP_BENCHES)
+def test_op_bench(name, op_bench):
+    check_outputs(op_bench(name))
+
+
+def test_layerscale(op_bench):
+    rows = check_outputs(op_bench("layerscale"), ("gbps", "tflops", "pct_roofline"))
+    assert pairs(rows) == {(i, d) for i in ("triton", "eager", "compile") for d in common.DIRECTIONS}
+    header, _, _ = common.read_jsonl(f"{op_bench('layerscale')}.jsonl")
+    assert header["skipped_impls"]["cuda"]  # says why: the CUDA extension cannot run CPU tensors
+
+
+def test_models(tmp_path):
+    # timm + torch.compile takes ~40 s to compile on 2 cores: the GPU run covers it.
+    run("bench.models", "--device", "cpu", "--quick", "--impls", "ours,timm",
+        "--models", "deit_tiny_patch16_224", "--out", str(tmp_path / "models"))
+    rows = check_outputs(tmp_path / "models", ("img_s", "tflops", "mfu_pct"))
+    assert pairs(rows) == {(i, d) for i in ("ours", "timm") for d in ("fwd", "fwd+bwd")}
+
+
+def test_report(op_bench, tmp_path):
+    layerscale = op_bench("layerscale")
+    junit = tmp_path / "junit.xml"
+    suite = ET.Element("testsuite", tests="2", failures="1", errors="0", skipped="0")
+    ET.SubElement(ET.SubElement(suite, "testcase", classname="tests.x", name="test_a"), "failure")
+    ET.ElementTree(suite).write(junit)
+    log = tmp_path / "install.log"
+    log.write_text("building\nnvcc failed: out of cheese\n")
+    steps = tmp_path / "steps.tsv"
+    steps.write_text(f"install\t1\t12\t{log}\nbench_models\t124\t30\t\n")
+    # A bench killed by its timeout leaves no footer, one that never started no file at all.
+    killed = tmp_path / "killed.jsonl"
+    killed.write_text("\n".join(Path(f"{layerscale}.jsonl").read_text().splitlines()[:3]))
+    out = run("bench.report", "--results-dir", str(tmp_path / "results"), "--steps", str(steps),
+              "--junit", f"gpu={junit}", f"{layerscale}.jsonl", str(killed), str(tmp_path / "missing.jsonl"))
+    json_path, md_path = out.split()
+    report = json.loads(Path(json_path).read_text())
+    assert report["tests"]["gpu"]["failed"] == ["tests.x::test_a"]
+    assert report["steps"][0]["log_tail"][-1] == "nvcc failed: out of cheese"
+    section = report["benches"]["layerscale_residual"]
+    assert section["footer"] is None and len(section["rows"]) == 18 + 2
+    md = Path(md_path).read_text()
+    assert "out of cheese" in md and "INCOMPLETE" in md and "| timeout |" in md
+
+
+def test_gpu_check_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
