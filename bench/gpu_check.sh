@@ -12,7 +12,8 @@
 #   1. install (sm_90 only) and `pytest -m gpu`;
 #   2. models, ours vs timm eager, short repetitions (--quick): a representative subset, every
 #      DeiT size at 224, DeiT-B at 384, CaiT XXS/S at 224 and 384, CaiT-M36 at 384;
-#   3. every bench/ops/*.py at its default GPU shapes and dtypes, ~45 s each: their cases run
+#   3. every bench/ops/*.py at its default GPU shapes and dtypes, 45 s each (attention and
+#      talking heads first): their cases run
 #      dtype-major, so the first dtype is covered first (torch.compile's static-shape compile per
 #      case is most of the time; layerscale covers its first dtype, fp32/bf16/fp32, at most);
 #   4. timm + torch.compile (a minute or more per model) for DeiT-S, then CaiT-XXS24 if time is left.
@@ -56,16 +57,21 @@ step install "$cap" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" DEIT_FAST_B
 cap=$(budget 100)
 step pytest_gpu "$cap" "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$work/pytest_gpu.xml"
 
-cap=$(budget 80)
+cap=$(budget 60)
 step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
   --models deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224,deit_base_patch16_384,cait_xxs24_224,cait_s24_224,cait_xxs24_384,cait_s24_384,cait_m36_384 \
   --out "$work/models"
 
 jsonl=("$work/models.jsonl")
+# The attention kernels first (the largest unknowns), then the memory-bound ops; any bench/ops
+# file not named here runs after them.
+order=(attention talking_heads class_attention layerscale_layernorm distill_loss layerscale)
 for file in bench/ops/*.py; do
   op=$(basename "$file" .py)
-  [[ $op == __init__ ]] && continue
-  cap=$(budget 60)
+  [[ $op == __init__ || " ${order[*]} " == *" $op "* ]] || order+=("$op")
+done
+for op in "${order[@]}"; do
+  cap=$(budget 45)
   step "bench_$op" "$cap" "$PY" -m "bench.ops.$op" --time-budget $((cap - 15)) --out "$work/$op"
   jsonl+=("$work/$op.jsonl")
 done

@@ -1,0 +1,140 @@
+"""Benchmark layerscale_residual_layernorm (the end of a block branch + the next LayerNorm in one
+pass) and the plain layer_norm, against timm's eager sequence, torch.compile of the reference and
+apex FusedLayerNorm where apex imports. Memory-bound: judged in GB/s against the roofline.
+
+    python -m bench.ops.layerscale_layernorm                      # DeiT/CaiT widths, training dtypes
+    python -m bench.ops.layerscale_layernorm --device cpu --quick # smoke test (Triton interpreter)
+
+Bytes: fwd reads x, y (and gamma, weight, bias) and writes out and normed; bwd reads dout, dnormed,
+out, y and writes dx, dy (row statistics and the C-sized grads are negligible). Targets (the
+residual+LayerNorm issue): fwd and bwd >= 85 % of the HBM roofline and >= 1.1x torch.compile.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import timm.layers
+
+from bench import common  # first: sets TRITON_INTERPRET on a machine without a GPU
+from bench.ops.layerscale import DTYPES, SHAPES, SMOKE_DTYPES, SMOKE_SHAPES
+from deit_fast import ops
+from deit_fast.ops import reference
+
+KEEP_PROB = 0.9
+TARGET_PCT_ROOFLINE, TARGET_VS_COMPILE = 85.0, 1.1
+
+
+def _mask(x):
+    return torch.rand(x.shape[0], device=x.device) < KEEP_PROB
+
+
+def _ours(x, y, g, w, b):
+    with ops.use_backend("triton"):
+        return ops.layerscale_residual_layernorm(x, y, g, w, b, 1e-6, _mask(x), KEEP_PROB)
+
+
+def _eager(x, y, g, w, b):
+    out = x + timm.layers.drop_path(y * g, 1 - KEEP_PROB, training=True)
+    return out, F.layer_norm(out, (out.shape[-1],), w, b, 1e-6)
+
+
+def _apex(x, y, g, w, b):
+    from apex.normalization import fused_layer_norm_affine  # optional baseline
+    out = x + timm.layers.drop_path(y * g, 1 - KEEP_PROB, training=True)
+    return out, fused_layer_norm_affine(out, w, b, (out.shape[-1],), 1e-6)
+
+
+def _compiled():
+    torch._dynamo.reset()
+    return torch.compile(lambda x, y, g, w, b: reference.layerscale_residual_layernorm(
+        x, y, g, w, b, 1e-6, _mask(x), KEEP_PROB), dynamic=False)
+
+
+IMPLS = {"triton": lambda: _ours, "eager": lambda: _eager, "apex": lambda: _apex, "compile": _compiled}
+
+
+def setup(case: common.Case, impl: str, args):
+    (B, N, C), (xd, yd, gd) = case.shape, DTYPES[case.dtype]
+    device = torch.device(args.device)
+    f = IMPLS[impl]()
+    od = torch.promote_types(torch.promote_types(xd, yd), gd)
+    numel = B * N * C
+    fwd_bytes = numel * (xd.itemsize + yd.itemsize + 2 * od.itemsize)
+    bwd_bytes = numel * (3 * od.itemsize + 2 * yd.itemsize + xd.itemsize)
+    fwd_flops, bwd_flops = 10 * numel, 16 * numel
+    sets = common.rotation(fwd_bytes + bwd_bytes, device)
+
+    def leaves(grad):
+        return [torch.randn(s, device=device, dtype=dt).requires_grad_(grad) for s, dt in
+                (((B, N, C), xd), ((B, N, C), yd), ((C,), gd), ((C,), torch.float32), ((C,), torch.float32))]
+
+    def fwd():
+        return common.Timed(common.rotating([leaves(False) for _ in range(sets)], torch.no_grad()(f)),
+                            fwd_bytes, fwd_flops)
+
+    def bwd():
+        graphs = []
+        for _ in range(sets):
+            ls = leaves(True)
+            out, normed = f(*ls)
+            graphs.append(((out, normed), (torch.randn_like(out), torch.randn_like(normed)), ls))
+        return common.Timed(common.rotating(graphs, lambda outs, douts, _: torch.autograd.backward(
+            outs, douts, retain_graph=True)), bwd_bytes, bwd_flops, grad_to_none=[t for g in graphs for t in g[2]])
+
+    def fwd_bwd():
+        sets_ = [(ls, torch.randn(B, N, C, device=device, dtype=od)) for ls in (leaves(True) for _ in range(sets))]
+
+        def step(ls, d):
+            out, normed = f(*ls)
+            torch.autograd.backward((out, normed), (d, d.to(normed.dtype)))
+        return common.Timed(common.rotating(sets_, step), fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
+                            grad_to_none=[t for ls, _ in sets_ for t in ls])
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def targets_lines(rows) -> str:
+    key = lambda r: (r["shape"], r["dtype"], r["direction"])  # noqa: E731
+    compiled = {key(r): r["us"] for r in rows if r["impl"] == "compile" and r.get("us")}
+    lines = [f"### targets (triton): >= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, "
+             f">= {TARGET_VS_COMPILE:g}x torch.compile", ""]
+    for r in rows:
+        if r["impl"] != "triton" or not r.get("us"):
+            continue
+        pct, vs = r.get("pct_roofline"), compiled.get(key(r))
+        cells = [f"{pct:.3g} % of roofline ({'ok' if pct >= TARGET_PCT_ROOFLINE else 'MISSED'})" if pct else ""]
+        if vs:
+            cells.append(f"{vs / r['us']:.2f}x compile ({'ok' if vs / r['us'] >= TARGET_VS_COMPILE else 'MISSED'})")
+        lines.append(f"- {r['shape']} {r['dtype']} {r['direction']}: {', '.join(c for c in cells if c)}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = common.parser(__doc__, list(IMPLS), warmup_ms=10, rep_ms=40)
+    p.add_argument("--dtypes", help=f"comma list out of {','.join(DTYPES)} (x/y/gamma)")
+    args = common.parse_args(p, argv)
+    device = torch.device(args.device)
+    smoke = args.quick and device.type == "cpu"
+    shapes = SMOKE_SHAPES if smoke else SHAPES
+    dtypes = (args.dtypes or (SMOKE_DTYPES if smoke else "fp32/bf16/fp32,bf16/bf16/fp32")).split(",")
+    report = ops.backend_report()["layerscale_residual_layernorm"].get(device.type, {}).get("unavailable", {})
+    try:
+        import apex.normalization  # noqa: F401
+        apex_why = None
+    except ImportError as e:
+        apex_why = f"apex does not import ({e})"
+    impls = {"triton": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
+             "apex": common.Impl(True, apex_why), "compile": common.Impl(True)}
+    cases = [common.Case("layerscale_residual_layernorm", shape, dtype) for dtype in dtypes for shape in shapes.values()]
+    notes = {"dtype": "x/y/gamma storage dtypes; out and normed take their promoted dtype; LayerNorm params fp32",
+             "eager": "timm's x + drop_path(gamma * y), then F.layer_norm; apex: the same with FusedLayerNorm",
+             "droppath": f"keep_prob {KEEP_PROB}, per-sample mask drawn on every forward"}
+    rows = common.run("layerscale_residual_layernorm", args, cases, impls, setup, {"notes": notes})
+    table = targets_lines(rows)
+    with open(f"{Path(args.out or 'out/layerscale_layernorm')}.md", "a") as f:
+        f.write("\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Benchmark talking-heads attention (CaiT): our fused Triton kernels vs timm's TalkingHeadAttn
+math (eager, which materialises B x H x N x N logits twice) and torch.compile of it.
+
+    python -m bench.ops.talking_heads                      # CaiT XXS/S/M at 224 and 384 px, bf16
+    python -m bench.ops.talking_heads --device cpu --quick # smoke test (Triton interpreter)
+
+q, k, v are strided views of one (B, N, 3, H, D) projection; the head-mixing weights are fp32
+(H, H) matrices and (H,) biases, as proj_l / proj_w under autocast. Targets (the attention issue):
+fwd+bwd >= 2.5x timm eager and >= 1.5x torch.compile of it, with peak memory O(B*H*N*D); the run
+appends the speedups to the .md, and peak_mib is in every CUDA row.
+"""
+from pathlib import Path
+
+import torch
+
+from bench import common  # first: sets TRITON_INTERPRET on a machine without a GPU
+from deit_fast import ops
+
+# (B, H, N, D): CaiT's self-attention runs on the patch tokens only, head dim 48.
+SHAPES = {"cait_xxs_224": (256, 4, 196, 48), "cait_s_224": (256, 8, 196, 48),
+          "cait_m_224": (64, 16, 196, 48), "cait_xxs_384": (64, 4, 576, 48),
+          "cait_s_384": (64, 8, 576, 48), "cait_m_384": (16, 16, 576, 48)}
+SMOKE_SHAPES = {"smoke": (1, 2, 9, 16)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TARGET_VS_EAGER, TARGET_VS_COMPILE = 2.5, 1.5
+
+
+def _ours(q, k, v, w_l, b_l, w_w, b_w):
+    with ops.use_backend("triton"):
+        return ops.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w)
+
+
+def _eager(q, k, v, w_l, b_l, w_w, b_w):
+    """timm TalkingHeadAttn: Linear layers over the head axis around the softmax."""
+    mix = lambda s, w, b: torch.nn.functional.linear(s.permute(0, 2, 3, 1), w.to(s.dtype), b.to(s.dtype)).permute(0, 3, 1, 2)  # noqa: E731
+    s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return mix(mix(s, w_l, b_l).softmax(dim=-1), w_w, b_w) @ v
+
+
+def _compiled():
+    torch._dynamo.reset()
+    return torch.compile(_eager, dynamic=False)
+
+
+IMPLS = {"triton": lambda: _ours, "eager": lambda: _eager, "compile": _compiled}
+
+
+def setup(case: common.Case, impl: str, args):
+    (B, H, N, D), dtype = case.shape, DTYPES[case.dtype]
+    device = torch.device(args.device)
+    f = IMPLS[impl]()
+    io = B * H * N * D * dtype.itemsize
+    fwd_bytes, bwd_bytes = 4 * io, 8 * io
+    # q k^T and P' v per head, plus the two H x H mixes of every (i, j)
+    fwd_flops = 4 * B * H * N * N * D + 4 * B * H * H * N * N
+    bwd_flops = int(2.5 * fwd_flops)
+    sets = common.rotation(fwd_bytes + bwd_bytes, device)
+
+    def leaves(grad):
+        mixing = [torch.randn(H, H, device=device) / H ** 0.5, torch.randn(H, device=device),
+                  torch.randn(H, H, device=device) / H ** 0.5, torch.randn(H, device=device) * 0.1]
+        return [torch.randn(B, N, 3, H, D, device=device, dtype=dtype).requires_grad_(grad)] + \
+            [m.requires_grad_(grad) for m in mixing]
+
+    def call(qkv, *mixing):
+        return f(*qkv.permute(2, 0, 3, 1, 4).unbind(0), *mixing)
+
+    def fwd():
+        return common.Timed(common.rotating([leaves(False) for _ in range(sets)], torch.no_grad()(call)),
+                            fwd_bytes, fwd_flops)
+
+    def bwd():
+        graphs = []
+        for _ in range(sets):
+            ls = leaves(True)
+            out = call(*ls)
+            graphs.append((out, torch.randn_like(out), ls))
+        return common.Timed(common.rotating(graphs, lambda out, dout, _: out.backward(dout, retain_graph=True)),
+                            bwd_bytes, bwd_flops, grad_to_none=[t for g in graphs for t in g[2]])
+
+    def fwd_bwd():
+        sets_ = [(ls, torch.randn(B, H, N, D, device=device, dtype=dtype)) for ls in (leaves(True) for _ in range(sets))]
+        return common.Timed(common.rotating(sets_, lambda ls, dout: call(*ls).backward(dout)),
+                            fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
+                            grad_to_none=[t for ls, _ in sets_ for t in ls])
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def targets_lines(rows) -> str:
+    key = lambda r: (r["shape"], r["dtype"], r["direction"])  # noqa: E731
+    base = {(key(r), r["impl"]): r["us"] for r in rows if r["impl"] != "triton" and r.get("us")}
+    lines = [f"### targets (triton): >= {TARGET_VS_EAGER:g}x timm eager, >= {TARGET_VS_COMPILE:g}x "
+             "torch.compile of it", ""]
+    for r in rows:
+        if r["impl"] != "triton" or not r.get("us"):
+            continue
+        cells = []
+        for impl, want in (("eager", TARGET_VS_EAGER), ("compile", TARGET_VS_COMPILE)):
+            if (key(r), impl) in base:
+                ratio = base[(key(r), impl)] / r["us"]
+                cells.append(f"{ratio:.2f}x {impl} ({'ok' if ratio >= want else 'MISSED'})")
+        lines.append(f"- {r['shape']} {r['dtype']} {r['direction']}: {', '.join(cells)}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = common.parser(__doc__, list(IMPLS), warmup_ms=10, rep_ms=40)
+    p.add_argument("--dtypes", help=f"comma list out of {','.join(DTYPES)}")
+    p.add_argument("--shapes", help=f"comma list out of {','.join(SHAPES)}")
+    args = common.parse_args(p, argv)
+    device = torch.device(args.device)
+    smoke = args.quick and device.type == "cpu"
+    shapes = SMOKE_SHAPES if smoke else {k: SHAPES[k] for k in (args.shapes or ",".join(SHAPES)).split(",")}
+    dtypes = (args.dtypes or ("fp32" if smoke else "bf16")).split(",")
+    report = ops.backend_report()["talking_heads_attention"].get(device.type, {}).get("unavailable", {})
+    impls = {"triton": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
+             "compile": common.Impl(True)}
+    cases = [common.Case("talking_heads_attention", shape, dtype) for dtype in dtypes for shape in shapes.values()]
+    notes = {"shapes": ", ".join(f"{k} {'x'.join(map(str, v))} (BxHxNxD)" for k, v in shapes.items()),
+             "eager": "timm TalkingHeadAttn math; compile: torch.compile of it, static shapes",
+             "flops": "4BHN^2D for the two products plus 4BH^2N^2 for the two head mixes; bwd 2.5x"}
+    rows = common.run("talking_heads_attention", args, cases, impls, setup, {"notes": notes})
+    table = targets_lines(rows)
+    with open(f"{Path(args.out or 'out/talking_heads')}.md", "a") as f:
+        f.write("\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
