@@ -369,3 +369,18 @@ def markdown(header: dict, rows: List[dict], footer: Optional[dict]) -> str:
     elif footer["not_run"]:
         lines.append(f"- not run (time budget): {', '.join(footer['not_run'])}")
     return "\n".join(lines + ["", markdown_table(rows), ""])
+
+
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
+                 "sdpa_math": "MATH", "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def sdpa_forced(backend_name: str):
+    """F.scaled_dot_product_attention with one SDPBackend forced (an attention baseline)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, backend_name)
+
+    def f(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return f

@@ -24,8 +24,7 @@ SHAPES = {"deit_tiny_224": (256, 3, 197, 64), "deit_small_224": (256, 6, 197, 64
           "d48_s_224": (256, 8, 196, 48), "d48_s_384": (64, 8, 576, 48)}
 SMOKE_SHAPES = {"smoke": (1, 2, 9, 32)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
-                 "sdpa_math": "MATH", "sdpa_cudnn": "CUDNN_ATTENTION"}
+SDPA_BACKENDS = common.SDPA_BACKENDS
 TARGETS = {64: 1.0, 48: 1.15}  # head dim -> fwd+bwd speedup over the fastest SDPA backend
 
 
@@ -37,16 +36,6 @@ def _ours(q, k, v):
 def _eager(q, k, v):
     """timm Attention with fused_attn off."""
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-
-
-def _sdpa(backend_name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    backend = getattr(SDPBackend, backend_name)
-
-    def f(q, k, v):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v)
-    return f
 
 
 def _xformers():
@@ -62,7 +51,7 @@ def _compiled():
 
 
 IMPLS = {"triton": lambda: _ours, "eager": lambda: _eager, "sdpa": lambda: F.scaled_dot_product_attention,
-         **{name: (lambda b=b: _sdpa(b)) for name, b in SDPA_BACKENDS.items()},
+         **{name: (lambda b=b: common.sdpa_forced(b)) for name, b in SDPA_BACKENDS.items()},
          "xformers": _xformers, "compile": _compiled}
 
 

@@ -26,8 +26,7 @@ SMOKE_SHAPES = {"smoke": (1, 2, 9, 32)}  # a handful of programs under the inter
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMOKE_DTYPE = "fp32"  # the interpreter has no bf16 arithmetic (DESIGN.md section 6)
 TARGET_PCT_ROOFLINE, TARGET_VS_EAGER = 80.0, 3.0
-SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
-                 "sdpa_math": "MATH", "sdpa_cudnn": "CUDNN_ATTENTION"}
+SDPA_BACKENDS = common.SDPA_BACKENDS
 
 
 def _ours(q, k, v):
@@ -41,16 +40,6 @@ def _timm_eager(q, k, v):
     return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
 
 
-def _sdpa(backend_name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    backend = getattr(SDPBackend, backend_name)
-
-    def f(q, k, v):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v)
-    return f
-
-
 def _compiled():
     torch._dynamo.reset()  # a fresh static-shape compile per case: no recompile limit
     return torch.compile(_timm_eager, dynamic=False)
@@ -58,7 +47,7 @@ def _compiled():
 
 IMPLS = {"triton": lambda: _ours, "eager": lambda: _timm_eager,
          "sdpa": lambda: F.scaled_dot_product_attention,  # timm's default (fused_attn): SDPA's pick
-         **{name: (lambda b=b: _sdpa(b)) for name, b in SDPA_BACKENDS.items()},
+         **{name: (lambda b=b: common.sdpa_forced(b)) for name, b in SDPA_BACKENDS.items()},
          "compile": _compiled}
 
 

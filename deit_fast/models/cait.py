@@ -5,7 +5,6 @@ class slot. Then depth_token_only class-attention blocks update the class token 
 state_dict keys and outputs are timm's Cait, so timm and official (module.-stripped) checkpoints
 load with strict=True.
 """
-from typing import Optional
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
@@ -14,10 +13,12 @@ from torch import Tensor, nn
 
 from deit_fast.layers import LayerNorm, LayerScaleBlock, LayerScaleBlockClassAttn
 
+from ._common import ClassifierMixin, head
+
 __all__ = ["Cait"]
 
 
-class Cait(nn.Module):
+class Cait(ClassifierMixin, nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4., qkv_bias=True, drop_rate=0.,
                  pos_drop_rate=0., proj_drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
@@ -45,7 +46,7 @@ class Cait(nn.Module):
             for _ in range(depth_token_only)])
         self.norm = LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = head(embed_dim, num_classes)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -73,23 +74,6 @@ class Cait(nn.Module):
                 return int(name.split(".")[1]) + len(self.blocks) - len(self.blocks_token_only) + 1
             return len(self.blocks) if name.startswith("norm.") else float("inf")
         return matcher
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable=True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("", "token", "avg"):
-                raise ValueError(f"global_pool {global_pool!r} is not supported")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head = head.to(self.cls_token).train(self.training)
 
     def forward_cls(self, x: Tensor) -> Tensor:
         """Class-attention stage: returns cat(cls, patches) with only cls updated."""

@@ -11,14 +11,12 @@ from torch import Tensor, nn
 
 from deit_fast.layers import Block, LayerNorm
 
+from ._common import ClassifierMixin, head
+
 __all__ = ["VisionTransformer", "VisionTransformerDistilled"]
 
 
-def _head(dim: int, num_classes: int) -> nn.Module:
-    return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-
-
-class VisionTransformer(nn.Module):
+class VisionTransformer(ClassifierMixin, nn.Module):
     """DeiT: tokens [cls, patches] + learned pos_embed over all of them, 12 pre-norm blocks."""
 
     distilled = False
@@ -51,9 +49,9 @@ class VisionTransformer(nn.Module):
         self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
         self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = _head(embed_dim, num_classes)
+        self.head = head(embed_dim, num_classes)
         if self.distilled:
-            self.head_dist = _head(embed_dim, num_classes)
+            self.head_dist = head(embed_dim, num_classes)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -76,23 +74,6 @@ class VisionTransformer(nn.Module):
     def group_matcher(self, coarse=False):  # for timm's layer-wise lr decay
         return dict(stem=r"^cls_token|pos_embed|patch_embed|dist_token",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable=True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("", "token", "avg"):
-                raise ValueError(f"global_pool {global_pool!r} is not supported")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = _head(self.embed_dim, num_classes).to(self.cls_token)
-        self.head.train(self.training)
 
     def _prefix_tokens(self, B: int):
         return [self.cls_token.expand(B, -1, -1)]
@@ -136,7 +117,7 @@ class VisionTransformerDistilled(VisionTransformer):
         if global_pool not in (None, "", "token"):
             raise ValueError("the distilled head reads the class and distillation tokens")
         super().reset_classifier(num_classes)
-        self.head_dist = _head(self.embed_dim, num_classes).to(self.cls_token)
+        self.head_dist = head(self.embed_dim, num_classes).to(self.cls_token)
         self.head_dist.train(self.training)
 
     def _prefix_tokens(self, B: int):

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from deit_fast import ops
-from deit_fast.ops import reference
 from tests.conftest import DEVICE
 from tests.ops.tolerance import assert_rule, poisoned_empty
 

@@ -1,0 +1,30 @@
+"""What DeiT and CaiT share: timm's classifier-head methods."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def head(dim: int, num_classes: int) -> nn.Module:
+    return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+
+class ClassifierMixin:
+    """get_classifier / reset_classifier / set_grad_checkpointing as timm models offer them.
+    Subclasses have embed_dim, cls_token, head, global_pool and grad_checkpointing."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("", "token", "avg"):
+                raise ValueError(f"global_pool {global_pool!r} is not supported")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = head(self.embed_dim, num_classes).to(self.cls_token).train(self.training)
