@@ -70,9 +70,29 @@ class Block(nn.Module):
         return None, None
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_fused(x, self.norm1(x), None)[0]
+
+    def forward_fused(self, x: Tensor, h: Tensor, next_norm: Optional[nn.Module]):
+        """The block on x given h = norm1(x); the MLP residual is fused with `next_norm` (the
+        next block's norm1, or the model's final norm): returns (x_out, next_norm(x_out)), or
+        (x_out, None) without a next norm."""
         g1, g2 = self._gammas()
-        x, h = residual_norm(x, self.attn(self.norm1(x)), g1, self.norm2, self.drop_path, self.training)
-        return residual(x, self.mlp(h), g2, self.drop_path, self.training)
+        x, h = residual_norm(x, self.attn(h), g1, self.norm2, self.drop_path, self.training)
+        if next_norm is None:
+            return residual(x, self.mlp(h), g2, self.drop_path, self.training), None
+        return residual_norm(x, self.mlp(h), g2, next_norm, self.drop_path, self.training)
+
+
+def run_blocks(blocks: nn.Sequential, x: Tensor, final_norm: Optional[nn.Module]):
+    """x through the blocks, each block's last residual fused with the LayerNorm that opens the
+    next one (final_norm after the last): the residual stream is read and written once per
+    sub-block. Returns (x, final_norm(x)), or (x, None) without a final norm."""
+    if len(blocks) == 0:
+        return x, final_norm(x) if final_norm is not None else None
+    h = blocks[0].norm1(x)
+    for i, block in enumerate(blocks):
+        x, h = block.forward_fused(x, h, blocks[i + 1].norm1 if i + 1 < len(blocks) else final_norm)
+    return x, h
 
 
 class LayerScaleBlock(Block):

@@ -11,7 +11,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
-from deit_fast.layers import LayerNorm, LayerScaleBlock, LayerScaleBlockClassAttn
+from deit_fast.layers import LayerNorm, LayerScaleBlock, LayerScaleBlockClassAttn, run_blocks
 
 from ._common import ClassifierMixin, head
 
@@ -87,7 +87,7 @@ class Cait(ClassifierMixin, nn.Module):
         if self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.blocks, x)
         else:
-            x = self.blocks(x)
+            x = run_blocks(self.blocks, x, None)[0]
         return self.norm(self.forward_cls(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -9,7 +9,7 @@ from timm.layers import PatchEmbed, calculate_drop_path_rates, global_pool_nlc, 
 from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
-from deit_fast.layers import Block, LayerNorm
+from deit_fast.layers import Block, LayerNorm, run_blocks
 
 from ._common import ClassifierMixin, head
 
@@ -83,10 +83,8 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         x = torch.cat(self._prefix_tokens(x.shape[0]) + [x], dim=1) + self.pos_embed
         x = self.pos_drop(x)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
+            return self.norm(checkpoint_seq(self.blocks, x))
+        return run_blocks(self.blocks, x, self.norm)[1]  # the final norm fused into the last block
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.num_prefix_tokens)
