@@ -1,11 +1,17 @@
 """`deit-fast` command line.
 
+`deit-fast train`: train (or distil) a model, DeiT's main.py flags (deit_fast/train/args.py);
+`deit-fast eval CHECKPOINT`: top-1/top-5 of a training checkpoint on its val set;
+`deit-fast demo`: teacher, DeiT and distilled DeiT on a bundled dataset, on a CPU, in minutes.
+Each has its own --help.
+
 `deit-fast throughput`: forward (eval) and forward+backward (train) images per second of a
 deit_fast model on synthetic input, beside timm's model of the same name carrying the same
 weights, with the largest output difference between the two as a correctness check.
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -60,10 +66,26 @@ def throughput(args) -> dict:
     return result
 
 
+def _trainer_command(name: str):
+    """The trainer's subcommands parse their own flags (--config files included): imported on use."""
+    from deit_fast.train import demo, run
+    return {"train": run.main, "eval": run.eval_main, "demo": demo.main}[name]
+
+
+TRAINER_COMMANDS = {"train": "train or distil a model (DeiT's main.py flags; --help lists them)",
+                    "eval": "evaluate a training checkpoint on its val set",
+                    "demo": "teacher, DeiT and distilled DeiT on a bundled dataset, CPU, minutes"}
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINER_COMMANDS:
+        return _trainer_command(argv[0])(argv[1:])
     parser = argparse.ArgumentParser(prog="deit-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in TRAINER_COMMANDS.items():  # listed in --help; dispatched above
+        sub.add_parser(name, help=text, add_help=False)
     p = sub.add_parser("throughput", help="img/s of a model vs timm on synthetic input")
     p.add_argument("--model", default="deit_tiny_patch16_224", choices=deit_fast.list_models())
     p.add_argument("--batch-size", type=int, default=8)

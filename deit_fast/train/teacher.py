@@ -1,0 +1,57 @@
+"""The distillation teacher: any timm model, frozen, in eval mode, channels-last.
+
+DeiT's teacher (RegNetY-16GF) sees exactly the student's input: the augmented, mixed batch. It
+never trains, so it runs under no_grad, in eval mode (BatchNorm uses its running statistics),
+under the same autocast as the student. Channels-last is the layout cuDNN's fast convolution
+kernels want; the official code ran it NCHW in fp16 (DESIGN.md section 5: measure both).
+"""
+import torch
+from torch import nn
+
+
+def load_teacher_weights(model: nn.Module, path: str) -> None:
+    """Strictly load `path` (a state_dict, or one under 'model' / 'state_dict', DDP prefix
+    allowed) with weights_only=True; a file that does not fit raises listing the keys."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+                        for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
+    if missing or unexpected or mismatched:
+        lines = [f"teacher checkpoint {path} does not fit {type(model).__name__} "
+                 f"(check --teacher-model, --teacher-kwargs and the number of classes):"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches (checkpoint vs model)", mismatched)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): {', '.join(keys)}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+
+
+def build_teacher(args, nb_classes: int, device: torch.device) -> nn.Module:
+    import timm
+
+    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes,
+                                **args.teacher_kwargs)
+    if args.teacher_path:
+        load_teacher_weights(teacher, args.teacher_path)
+    elif not args.synthetic:  # a random teacher only makes sense for throughput runs
+        raise ValueError("--distillation-type needs --teacher-path (the teacher's trained weights)")
+    teacher.to(device).eval().requires_grad_(False)
+    if args.channels_last_teacher:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, samples: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The teacher's logits for the batch the student sees (called inside the step's autocast)."""
+    if channels_last:
+        samples = samples.contiguous(memory_format=torch.channels_last)
+    return teacher(samples)

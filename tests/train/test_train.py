@@ -1,0 +1,106 @@
+"""Short CPU runs of `deit-fast train` / `deit-fast eval` on the bundled digits: DeiT and CaiT,
+every distillation type, the precisions, synthetic data, YAML config, safetensors export."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from deit_fast.train import evaluate_checkpoint, parse_args, train
+from deit_fast.train.checkpoint import load
+
+from .common import tiny_args
+
+MODELS = {"deit": "deit_tiny_distilled_patch16_224", "cait": "cait_xxs24_224"}
+
+
+@pytest.mark.parametrize("kind", ["none", "soft", "hard"])
+@pytest.mark.parametrize("arch", ["deit", "cait"])
+def test_train_then_eval(tmp_path, digits, teacher_path, arch, kind):
+    args = tiny_args(tmp_path, digits, MODELS[arch], "--distillation-type", kind,
+                     "--teacher-path", teacher_path, "--model-ema", "--model-ema-decay", "0.5")
+    record = train(args)
+    assert len(record["step_losses"]) == 3 and all(math.isfinite(x) for x in record["step_losses"])
+    assert record["val_images"] == 360 and 0 <= record["val_top1"] <= record["val_top5"] <= 100
+    if kind == "none":
+        assert record["train_loss_distill"] == 0
+    else:
+        assert record["train_loss_distill"] > 0
+    assert record["backends"]["distillation_loss"] == "torch"  # "auto" on CPU tensors
+    assert {"checkpoint.pth", "log.jsonl", "model.safetensors", "model_ema.safetensors"} <= set(os.listdir(tmp_path))
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert len(logged) == 1 and logged[0]["val_top1"] == record["val_top1"]
+
+    # deit-fast eval rebuilds the model from the args stored in the checkpoint.
+    stats = evaluate_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert stats["val_top1"] == pytest.approx(record["val_top1"])
+    assert stats["val_images"] == 360
+    ema = evaluate_checkpoint(str(tmp_path / "checkpoint.pth"), ema=True)
+    assert ema["val_top1"] == pytest.approx(record["val_top1_ema"])
+
+    # The safetensors export holds the final weights of the checkpoint.
+    from safetensors.torch import load_file
+    exported, ckpt = load_file(str(tmp_path / "model.safetensors")), load(str(tmp_path / "checkpoint.pth"))
+    assert exported.keys() == ckpt["model"].keys()
+    assert all(torch.equal(exported[k], ckpt["model"][k]) for k in exported)
+
+
+def test_eval_flag_and_cli(tmp_path, digits, capsys):
+    from deit_fast.cli import main
+    train(tiny_args(tmp_path, digits))
+    ckpt = str(tmp_path / "checkpoint.pth")
+    stats = train(tiny_args(tmp_path, digits, "deit_tiny_patch16_224", "--eval", "--resume", ckpt))
+    main(["eval", ckpt])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["val_top1"] == pytest.approx(stats["val_top1"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions(tmp_path, digits, teacher_path, precision):
+    """bf16 autocast (the default) and fp16 with GradScaler run on CPU too."""
+    record = train(tiny_args(tmp_path, digits, "deit_tiny_distilled_patch16_224", "--precision", precision,
+                             "--distillation-type", "hard", "--teacher-path", teacher_path,
+                             "--steps-per-epoch", "2"))
+    assert all(math.isfinite(x) for x in record["step_losses"])
+    ckpt = load(str(tmp_path / "checkpoint.pth"))
+    assert ckpt["scaler"]["scale"] > 0 if precision == "fp16" else True
+
+
+def test_synthetic_with_clip_and_random_teacher(tmp_path):
+    args = parse_args(["--model", "deit_tiny_distilled_patch16_224", "--model-kwargs",
+                       json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}),
+                       "--input-size", "32", "--synthetic", "--steps-per-epoch", "2", "--epochs", "2",
+                       "--batch-size", "4", "--precision", "fp32", "--distillation-type", "soft",
+                       "--kl-reduction", "batchmean", "--teacher-model", "resnet10t", "--teacher-kwargs",
+                       json.dumps({"channels": [8, 8, 8, 8], "stem_width": 8}), "--nb-classes", "7",
+                       "--clip-grad", "1.0", "--output_dir", str(tmp_path)])
+    record = train(args)
+    assert record["epoch"] == 1 and record["global_step"] == 4 and "val_top1" not in record
+
+
+def test_yaml_config(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: cait_xxs24_224\nlr: 5e-4\nbatch-size: 32\nrepeated_aug: false\n"
+                   "model_kwargs: {depth: 2}\ndistillation-type: soft\n")
+    args = parse_args(["--config", str(cfg), "--batch-size", "8"])
+    assert (args.model, args.lr, args.batch_size, args.repeated_aug) == ("cait_xxs24_224", 5e-4, 8, False)
+    assert args.model_kwargs == {"depth": 2} and args.distillation_type == "soft"
+    assert args.smoothing == 0.1 and args.model_ema_decay == 0.99996  # DESIGN.md section 5 defaults
+    cfg.write_text("lerning_rate: 1\n")
+    with pytest.raises(SystemExit, match="unknown keys lerning_rate"):
+        parse_args(["--config", str(cfg)])
+
+
+def test_teacher_checkpoint_that_does_not_fit(tmp_path, digits):
+    import timm
+    bad = tmp_path / "teacher.pth"
+    torch.save({"model": timm.create_model("resnet10t", num_classes=3).state_dict()}, bad)
+    with pytest.raises(ValueError, match=r"does not fit[\s\S]*missing keys|shape mismatches"):
+        train(tiny_args(tmp_path / "out", digits, "deit_tiny_distilled_patch16_224",
+                        "--distillation-type", "hard", "--teacher-path", str(bad)))
+    torch.save({"model": {"conv1.weight": torch.zeros(1)}}, bad)
+    with pytest.raises(ValueError, match="missing keys"):
+        train(tiny_args(tmp_path / "out", digits, "deit_tiny_distilled_patch16_224",
+                        "--distillation-type", "hard", "--teacher-path", str(bad)))
+
