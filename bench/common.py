@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import importlib
 import itertools
 import json
 import math
@@ -63,6 +64,11 @@ class Timed:
 class Impl:
     baseline: bool  # speedups are measured against the best baseline
     unavailable: Optional[str] = None  # why it cannot run here, or None
+
+
+class Unavailable(Exception):
+    """Raised by a setup when its impl cannot run this case here (a backend that rejects the
+    shape or dtype): the row says `unavailable: <message>` instead of an error."""
 
 
 # A setup returns, per direction, a thunk that allocates the inputs and returns what to time:
@@ -234,6 +240,37 @@ def _measure(row: dict, t: Timed, args, device, peaks: Tuple[float, float]) -> N
         row["mfu_pct"] = 100 * row.get("tflops", 0.0) / peak_tflops
 
 
+def verdict(ok: bool, interpreted: bool) -> str:
+    """A target line's verdict; timings under the Triton interpreter say nothing about a GPU."""
+    return "n/a, Triton interpreter" if interpreted else ("met" if ok else "MISSED")
+
+
+def _qualified(fn: Callable) -> str:
+    """module:name of a module-level function, the module's real name under `python -m`."""
+    module = fn.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return f"{module}:{fn.__qualname__}"
+
+
+def target_lines(header: dict, rows: List[dict], fn: Optional[Callable] = None) -> List[str]:
+    """The bench's target verdicts (markdown lines), computed from rows by fn or else by the
+    function the header names, so that bench.report recomputes them over merged files."""
+    if fn is None:
+        if not header.get("targets"):
+            return []
+        try:
+            module, name = header["targets"].split(":")
+            fn = getattr(importlib.import_module(module), name)
+        except Exception as e:
+            return [f"- targets: {header['targets']} did not import ({type(e).__name__}: {e})"]
+    try:
+        return list(fn(rows, header.get("triton_interpret") == "1"))
+    except Exception as e:
+        return [f"- targets: {header.get('targets')} failed ({type(e).__name__}: {e})"]
+
+
 def _error(e: BaseException) -> str:
     traceback.print_exc(limit=-4)  # the innermost frames say what broke
     return f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
@@ -246,8 +283,13 @@ def _free(device: torch.device) -> None:
 
 
 def run(bench: str, args, cases: Sequence[Case], impls: Dict[str, Impl], setup: Setup,
-        extra_header: Optional[dict] = None) -> List[dict]:
-    """Time every case x available impl x direction; write <out>.jsonl and <out>.md."""
+        extra_header: Optional[dict] = None,
+        targets: Optional[Callable[[List[dict], bool], List[str]]] = None) -> List[dict]:
+    """Time every case x available impl x direction; write <out>.jsonl and <out>.md.
+
+    targets(rows, interpreted) -> markdown lines: the bench's target verdicts, printed at the end,
+    kept in the footer and under the .md's table (bench.report recomputes them from merged rows).
+    """
     start = time.monotonic()
     device = torch.device(args.device)
     wanted = [i for i in args.impls.split(",") if i]
@@ -260,7 +302,7 @@ def run(bench: str, args, cases: Sequence[Case], impls: Dict[str, Impl], setup: 
               "peak_tflops": peaks[0], "peak_gbps": peaks[1], "measured": measured,
               "nominal_h100": {"tflops": H100_PEAK_TFLOPS, "gbps": H100_PEAK_GBPS},
               "skipped_impls": {i: impls[i].unavailable for i in wanted if impls[i].unavailable},
-              **(extra_header or {})}
+              **({"targets": _qualified(targets)} if targets else {}), **(extra_header or {})}
     out = Path(args.out or f"out/{bench}")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: List[dict] = []
@@ -283,7 +325,7 @@ def run(bench: str, args, cases: Sequence[Case], impls: Dict[str, Impl], setup: 
                     thunks = setup(case, impl, args)
                 except Exception as e:
                     thunks, failed = {}, _row(case, impl, "-", baseline)
-                    failed["note"] = _error(e)
+                    failed["note"] = f"unavailable: {e}" if isinstance(e, Unavailable) else _error(e)
                     emit(failed)
                 for direction, thunk in thunks.items():
                     row = _row(case, impl, direction, baseline)
@@ -296,9 +338,12 @@ def run(bench: str, args, cases: Sequence[Case], impls: Dict[str, Impl], setup: 
                 _free(device)
     add_speedups(rows)
     footer = {"type": "footer", "elapsed_s": time.monotonic() - start, "not_run": not_run}
+    lines = target_lines(header, rows, targets) if targets else []
+    if lines:
+        footer["targets"] = lines
     write_jsonl(f"{out}.jsonl", header, rows, footer)
-    Path(f"{out}.md").write_text(markdown(header, rows, footer))
-    print(f"wrote {out}.jsonl and {out}.md")
+    Path(f"{out}.md").write_text(markdown(header, rows, footer, lines))
+    print("\n".join(lines + [f"wrote {out}.jsonl and {out}.md"]))
     return rows
 
 
@@ -352,7 +397,10 @@ def markdown_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(header: dict, rows: List[dict], footer: Optional[dict]) -> str:
+def markdown(header: dict, rows: List[dict], footer: Optional[dict],
+             targets: Optional[List[str]] = None) -> str:
+    """One bench's section: what ran where, the table (one line per row), then its target
+    verdicts (targets, or recomputed from rows: see target_lines)."""
     m = header.get("measured", {})
     lines = [f"## {header['bench']}", "",
              f"- {header['date']} on {header['device']}; torch {header['torch']} (CUDA {header['cuda']}), "
@@ -368,11 +416,33 @@ def markdown(header: dict, rows: List[dict], footer: Optional[dict]) -> str:
         lines.append("- INCOMPLETE: the run ended before its footer (killed by a timeout?)")
     elif footer["not_run"]:
         lines.append(f"- not run (time budget): {', '.join(footer['not_run'])}")
-    return "\n".join(lines + ["", markdown_table(rows), ""])
+    if targets is None:
+        targets = target_lines(header, rows)
+    return "\n".join(lines + ["", markdown_table(rows), ""] + (targets + [""] if targets else []))
 
 
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
                  "sdpa_math": "MATH", "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def why_unavailable(call: Callable[[], object]) -> Optional[str]:
+    """None when call() runs; else why not: its exception, after the warnings it raised on the way
+    (a forced SDPA backend says why it refused the inputs only in warnings)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            call()
+            return None
+        except Exception as e:
+            error = f"{type(e).__name__}: {' '.join(str(e).split())}" if str(e).strip() else type(e).__name__
+    said = []
+    for w in caught:
+        text = " ".join(re.sub(r"\(Triggered internally at [^)]*\)", "", str(w.message)).split())
+        if text and text not in said:
+            said.append(text)
+    why = "; ".join(said + [error])
+    return why if len(why) <= 400 else why[:397] + "..."
 
 
 def sdpa_forced(backend_name: str):

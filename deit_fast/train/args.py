@@ -42,7 +42,8 @@ def build_parser(prog: str = "deit-fast train") -> argparse.ArgumentParser:
     g.add_argument("--nb-classes", type=int, default=None, help="default: from the dataset (1000 synthetic)")
     g.add_argument("--drop", type=float, default=0.0, help="dropout before the head")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    g.add_argument("--finetune", default="", help="start from these weights (head dropped if it does not fit)")
+    g.add_argument("--finetune", default="",
+                   help="start from these weights (heads dropped if they do not fit)")
     _flag_pair(g, "model-ema", True, "keep an EMA of the weights (timm ModelEmaV3)")
     g.add_argument("--model-ema-decay", type=float, default=0.99996)
 
@@ -83,7 +84,8 @@ def build_parser(prog: str = "deit-fast train") -> argparse.ArgumentParser:
     g.add_argument("--kl-reduction", default="numel", choices=("numel", "batchmean"),
                    help="soft KD: KL sum / (B*C) (official DeiT) or / B (timm)")
     g.add_argument("--teacher-model", default="regnety_160", help="any timm model")
-    g.add_argument("--teacher-kwargs", type=_json_dict, default={}, help="extra timm.create_model arguments, JSON")
+    g.add_argument("--teacher-kwargs", type=_json_dict, default={},
+                   help="extra timm.create_model arguments, JSON")
     g.add_argument("--teacher-path", default="", help="teacher weights (torch.load, weights_only)")
     _flag_pair(g, "channels-last-teacher", True, "run the teacher in channels-last memory format")
 

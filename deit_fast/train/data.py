@@ -83,7 +83,8 @@ def build_transform(is_train: bool, args):
             re_count=args.recount, hflip=args.hflip)
         if not resize_im:
             t.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
-        for op in getattr(next((x for x in t.transforms if isinstance(x, RandAugment)), None), "ops", []):
+        rand_augment = next((x for x in t.transforms if isinstance(x, RandAugment)), None)
+        for op in rand_augment.ops if rand_augment is not None else []:
             if op.aug_fn is auto_augment.posterize:
                 op.aug_fn = _posterize
         return t
@@ -207,7 +208,7 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def build_loaders(args, rank: int, world: int, pin_memory: bool = False):
     """(train_loader, val_loader, nb_classes). The train loader yields batches of (image, target)
-    on CPU (pinned when pin_memory: --pin-mem on a GPU run), its batch_sampler has set_epoch(epoch, start_step)."""
+    on CPU (pinned when pin_memory: --pin-mem on a GPU run); its batch_sampler has set_epoch."""
     train_set, nb_classes = build_dataset(True, args)
     val_set, _ = build_dataset(False, args)
     if args.repeated_aug:

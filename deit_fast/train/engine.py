@@ -55,6 +55,7 @@ class State:
     global_step: int = 0
     meters: dict = field(default_factory=lambda: {"loss": 0.0, "base": 0.0, "distill": 0.0, "steps": 0})
     step_losses: List[float] = field(default_factory=list)  # the loss curve of this process's run
+    last_checkpoint: str = ""  # named when a non-finite loss stops the run
 
 
 def compute_loss(model, teacher, samples, targets, args, device):
@@ -83,7 +84,7 @@ def optimizer_step(s: State, loss: torch.Tensor) -> None:
     s.optimizer.zero_grad(set_to_none=True)
 
 
-def _check_and_log(s: State, window: List[torch.Tensor], epoch: int, step: int, last_ckpt: str):
+def _check_and_log(s: State, window: List[torch.Tensor], epoch: int):
     """Reduce the window's (loss, base, distill) rows over ranks, stop on a non-finite loss,
     add them to the epoch's meters. One host sync per window."""
     rows = distributed.all_reduce_sum(torch.stack(window).float()).div_(s.dist.world).tolist()
@@ -93,7 +94,7 @@ def _check_and_log(s: State, window: List[torch.Tensor], epoch: int, step: int, 
             raise NonFiniteLossError(
                 f"loss is {loss} at epoch {epoch}, global step {first + i} (base {base}, distill "
                 f"{distill}): stopping. Nothing was saved after the last finite step"
-                + (f"; the last checkpoint is {last_ckpt}" if last_ckpt else "")
+                + (f"; the last checkpoint is {s.last_checkpoint}" if s.last_checkpoint else "")
                 + ". Try a lower --lr, --clip-grad, or --precision bf16/fp32.")
         s.meters["loss"] += loss
         s.meters["base"] += base
@@ -103,14 +104,14 @@ def _check_and_log(s: State, window: List[torch.Tensor], epoch: int, step: int, 
     return rows[-1][0]
 
 
-def train_one_epoch(s: State, loader, epoch: int, start_step: int, save: Callable[[int], str],
+def train_one_epoch(s: State, loader, epoch: int, start_step: int, save: Callable[[int], None],
                     bar=None) -> dict:
-    """Train steps start_step .. steps_per_epoch-1 of `epoch`. save(step_in_epoch) writes a
-    checkpoint and returns its path (--save-every-steps). Returns throughput figures."""
+    """Train steps start_step .. steps_per_epoch-1 of `epoch`; save(step_in_epoch) writes a
+    checkpoint (--save-every-steps). Returns throughput figures."""
     args, device = s.args, s.device
     s.model.train()
     loader.batch_sampler.set_epoch(epoch, start_step, s.steps_per_epoch)
-    window, last_ckpt, images = [], "", 0
+    window, images = [], 0
     start = time.perf_counter()
     for step, (samples, targets) in enumerate(prefetch(loader, device), start=start_step):
         # Per-step RNG streams (drop path, mixup): a function of the step alone, so a resumed
@@ -132,7 +133,7 @@ def train_one_epoch(s: State, loader, epoch: int, start_step: int, save: Callabl
                     and not last)  # the epoch-end checkpoint follows the last step anyway
         stop = args.stop_after_steps and s.global_step >= args.stop_after_steps
         if len(window) >= args.print_freq or last or save_now or stop:
-            loss_now = _check_and_log(s, window, epoch, step, last_ckpt)
+            loss_now = _check_and_log(s, window, epoch)
             window = []
             if bar is not None:
                 now = time.perf_counter()
@@ -141,7 +142,7 @@ def train_one_epoch(s: State, loader, epoch: int, start_step: int, save: Callabl
         if bar is not None:
             bar.update(1)
         if save_now:
-            last_ckpt = save(step + 1)
+            save(step + 1)
         if stop:
             raise StopTraining
         if last:

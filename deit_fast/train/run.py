@@ -11,7 +11,6 @@ import json
 import os
 import resource
 import sys
-import time
 from argparse import Namespace
 from typing import List, Optional
 
@@ -174,6 +173,7 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
             scheduler.step_update(num_updates=s.global_step)
             if resume.get("rng"):
                 checkpoint.set_rng_state(resume["rng"])
+        s.last_checkpoint = args.resume
         say(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
 
     if args.eval:
@@ -183,9 +183,9 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
         say(json.dumps(stats))
         return stats
 
-    def save(epoch: int, step_in_epoch: int) -> str:
+    def save(epoch: int, step_in_epoch: int) -> None:
         if not (ckpt_path and dist.main):
-            return ""
+            return
         checkpoint.save({
             "format": checkpoint.FORMAT, "model": raw_model.state_dict(),
             "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
@@ -194,7 +194,7 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
             "global_step": s.global_step, "meters": dict(s.meters), "max_accuracy": max_accuracy,
             "rng": checkpoint.rng_state(), "args": dict(vars(args), lr_scaled=lr),
         }, ckpt_path)
-        return ckpt_path
+        s.last_checkpoint = ckpt_path
 
     # ---- logging: JSON lines, tqdm, optional TensorBoard ----------------------------------------
     build = lambda: build_model(args, nb_classes)  # noqa: E731
@@ -280,10 +280,10 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
     if dist.main and args.output_dir and not record.get("stopped"):
         meta = {"model": args.model, "model_kwargs": json.dumps(args.model_kwargs),
                 "nb_classes": nb_classes, "input_size": args.input_size}
-        checkpoint.export_safetensors(raw_model.state_dict(), os.path.join(args.output_dir, "model.safetensors"), meta)
-        if model_ema is not None:
-            checkpoint.export_safetensors(model_ema.module.state_dict(),
-                                          os.path.join(args.output_dir, "model_ema.safetensors"), meta)
+        for name, module in (("model", raw_model), ("model_ema", model_ema and model_ema.module)):
+            if module is not None:
+                checkpoint.export_safetensors(module.state_dict(),
+                                              os.path.join(args.output_dir, f"{name}.safetensors"), meta)
     record["step_losses"] = list(s.step_losses)
     return record
 

@@ -28,7 +28,8 @@ def test_train_then_eval(tmp_path, digits, teacher_path, arch, kind):
     else:
         assert record["train_loss_distill"] > 0
     assert record["backends"]["distillation_loss"] == "torch"  # "auto" on CPU tensors
-    assert {"checkpoint.pth", "log.jsonl", "model.safetensors", "model_ema.safetensors"} <= set(os.listdir(tmp_path))
+    expected = {"checkpoint.pth", "log.jsonl", "model.safetensors", "model_ema.safetensors"}
+    assert expected <= set(os.listdir(tmp_path))
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert len(logged) == 1 and logged[0]["val_top1"] == record["val_top1"]
 
@@ -104,3 +105,16 @@ def test_teacher_checkpoint_that_does_not_fit(tmp_path, digits):
         train(tiny_args(tmp_path / "out", digits, "deit_tiny_distilled_patch16_224",
                         "--distillation-type", "hard", "--teacher-path", str(bad)))
 
+
+
+def test_randaugment_posterize_at_full_magnitude():
+    """timm's "inc" policies posterize to 0 bits at magnitude 10, which Pillow >= 12 rejects."""
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from deit_fast.train.data import build_transform
+    t = build_transform(True, parse_args(["--input-size", "16", "--aa", "rand-m10-mstd0-inc1"]))
+    rand_augment = next(x for x in t.transforms if isinstance(x, RandAugment))
+    op = next(o for o in rand_augment.ops if o.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    assert op(Image.new("RGB", (16, 16), (200, 100, 50))).getextrema() == ((0, 0),) * 3
