@@ -16,8 +16,10 @@
 #      talking heads first): their cases run
 #      dtype-major, so the first dtype is covered first (torch.compile's static-shape compile per
 #      case is most of the time; layerscale covers its first dtype, fp32/bf16/fp32, at most);
-#   4. timm + torch.compile (a minute or more per model) for DeiT-S, then CaiT-XXS24 if time is left.
-# Full runs: `python -m bench.models` and `python -m bench.ops.<op>` without filters.
+#   4. whole training steps (bench/train.py): DeiT-S and CaiT-XXS24, ours vs timm eager, without
+#      distillation and hard-distilled from RegNetY-16GF in channels-last and NCHW;
+#   5. timm + torch.compile (a minute or more per model) for DeiT-S, then CaiT-XXS24 if time is left.
+# Full runs: `python -m bench.models`, `python -m bench.train` and `python -m bench.ops.<op>`.
 set -uo pipefail  # not -e: a failing part is reported and the next one still runs
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -75,6 +77,11 @@ for op in "${order[@]}"; do
   step "bench_$op" "$cap" "$PY" -m "bench.ops.$op" --time-budget $((cap - 15)) --out "$work/$op"
   jsonl+=("$work/$op.jsonl")
 done
+
+cap=$(budget 70)
+step bench_train "$cap" "$PY" -m bench.train --quick --impls ours,timm --time-budget $((cap - 25)) \
+  --models deit_small,cait_xxs24 --settings none,hard_cl,hard_nchw --out "$work/train"
+jsonl+=("$work/train.jsonl")
 
 cap=$(budget 160)
 step bench_models_compile "$cap" "$PY" -m bench.models --quick --impls timm_compile \

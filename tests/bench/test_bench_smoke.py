@@ -91,6 +91,14 @@ def test_models(tmp_path):
     assert pairs(rows) == {(i, d) for i in ("ours", "timm") for d in ("fwd", "fwd+bwd")}
 
 
+def test_train(tmp_path):
+    # A whole training step (student, teacher, loss, backward, AdamW), distilled and not.
+    run("bench.train", "--device", "cpu", "--quick", "--impls", "ours,timm", "--out", str(tmp_path / "train"))
+    rows = check_outputs(tmp_path / "train", ("img_s", "tflops", "mfu_pct"))
+    assert {r["op"] for r in rows} == {"deit_tiny none", "deit_tiny hard_cl"}
+    assert pairs(rows) == {(i, "train step") for i in ("ours", "timm")}
+
+
 def test_report(op_bench, tmp_path):
     layerscale = op_bench("layerscale")
     junit = tmp_path / "junit.xml"
