@@ -2,7 +2,8 @@
 
 Tuned for ViT sequence lengths (N = 197/198 at 224 px, 577/578 at 384 px), not long text: key
 tiles are 32 wide, so N = 197 streams 224 keys (88 % useful) where a 64-wide tile streams 256
-(77 %). Head dims that are not a power of two (CaiT's 48) use one masked 64-wide block.
+(77 %). Head dims that are not a power of two (CaiT's 48) use one masked 64-wide block or two
+exact ones (32 + 16): SPLIT_HEAD_DIM below.
 
 Forward: one program per (query tile, batch*head); online softmax in fp32; saves only the
 log-sum-exp (lse) per query row. Backward: FlashAttention-2's recomputation, split in two kernels
@@ -23,47 +24,90 @@ DELTA = dict(BLOCK_M=32, num_warps=4)
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 
 
-def _config(cfg: dict, block_d: int) -> dict:
+# Head dims that are not a power of two: one masked block (48 -> 64, a quarter of the MMA work
+# and loads wasted) or two exact blocks (48 -> 32 + 16: twice the MMA instructions, each smaller).
+# Which is faster is a question for the GPU benchmark (bench/ops/attention.py, impl
+# triton_split); until it has answered, the masked block, the simpler code, is the default.
+SPLIT_HEAD_DIM = False
+
+
+def _blocks(D: int, split: bool):
+    """(BLOCK_D, BLOCK_D2) covering head dim D: one power-of-two block, masked past D, or with
+    `split` the largest power of two below D plus the rest where that is a power of two >= 16
+    (tl.dot's smallest K): 48 = 32 + 16, 80 = 64 + 16, 96 = 64 + 32."""
+    whole = triton.next_power_of_2(D)
+    rest = D - whole // 2
+    if split and whole != D and rest >= 16 and rest & (rest - 1) == 0:
+        return whole // 2, rest
+    return whole, 0
+
+
+def _config(cfg: dict, blocks) -> dict:
     # At a 128-wide head the dk/dv kernel needed all 255 registers with 4 warps at sm_90.
-    return dict(cfg, num_warps=8) if block_d >= 128 else dict(cfg)
+    return dict(cfg, num_warps=8) if sum(blocks) >= 128 else dict(cfg)
 
 
 @triton.jit
-def _tile(PTR, rows, sb, sh, sn, off_b, off_h, n_rows, D, BLOCK_D: tl.constexpr):
-    d = tl.arange(0, BLOCK_D)
+def _tile(PTR, rows, sb, sh, sn, off_b, off_h, n_rows, D, D0: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns [D0, D0 + BLOCK_D) of rows `rows` of one (batch, head), zero outside N x D."""
+    d = D0 + tl.arange(0, BLOCK_D)
     ptrs = PTR + off_b * sb + off_h * sh + rows.to(tl.int64)[:, None] * sn + d[None, :]
     return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (d[None, :] < D), other=0.0)
 
 
 @triton.jit
+def _store(PTR, bh, rows, N, D, value, D0: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns [D0, D0 + BLOCK_D) of a contiguous (B*H, N, D) gradient."""
+    d = D0 + tl.arange(0, BLOCK_D)
+    offs = bh.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D + d[None, :]
+    tl.store(PTR + offs, value.to(PTR.dtype.element_ty), mask=(rows[:, None] < N) & (d[None, :] < D))
+
+
+# Every matmul kernel below covers the head dim with one block of BLOCK_D columns, plus a second
+# of BLOCK_D2 columns when BLOCK_D2 > 0 (a head dim of 48 as 32 + 16: no masked-off columns).
+# `if BLOCK_D2 > 0` is resolved at compile time, so the one-block variant carries no extra code.
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
               H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D)
+    q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BLOCK_D2 > 0:
+        q2 = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D)
-        v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(cols[None, :] < N, s, float("-inf"))
+        k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, 0, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+        s = tl.where(cols[None, :] < N, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
+        v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, 0, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            v2 = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PRECISION)
         m = m_new
-    acc = acc / l[:, None]
-    d = tl.arange(0, BLOCK_D)
     rmask = rows < N
-    o_ptrs = O + off_b * sob + off_h * soh + rows.to(tl.int64)[:, None] * son + d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rmask[:, None] & (d[None, :] < D))
+    out = O + off_b * sob + off_h * soh + rows.to(tl.int64)[:, None] * son
+    d = tl.arange(0, BLOCK_D)
+    tl.store(out + d[None, :], (acc / l[:, None]).to(O.dtype.element_ty), mask=rmask[:, None] & (d[None, :] < D))
+    if BLOCK_D2 > 0:
+        d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        tl.store(out + d2[None, :], (acc2 / l[:, None]).to(O.dtype.element_ty),
+                 mask=rmask[:, None] & (d2[None, :] < D))
     # lse in log2 units (m + log2 l), the form the backward's exp2 wants
     tl.store(LSE + bh.to(tl.int64) * N + rows, m + tl.log2(l), mask=rmask)
 
@@ -74,70 +118,94 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, N, D,
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = _tile(O, rows, sob, soh, son, off_b, off_h, N, D, BLOCK_D).to(tl.float32)
-    do = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, BLOCK_D).to(tl.float32)
+    o = _tile(O, rows, sob, soh, son, off_b, off_h, N, D, 0, BLOCK_D).to(tl.float32)
+    do = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, 0, BLOCK_D).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o * do, axis=1), mask=rows < N)
 
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                    sdb, sdh, sdn, H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D)
-    v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D)
-    qk_scale = scale * 1.4426950408889634
+    k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, 0, BLOCK_D)
+    v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, 0, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if BLOCK_D2 > 0:
+        k2 = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+        v2 = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+    qk_scale = scale * 1.4426950408889634
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < N
-        q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D)
-        do = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, BLOCK_D)
+        q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
+        do = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, 0, BLOCK_D)
         lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
         # P^T (keys x queries), zero for padded queries so they add nothing to dk, dv
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        pt = tl.where(rmask[None, :], tl.exp2(st - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            q2 = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            do2 = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            st += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
+            dpt += tl.dot(v2, tl.trans(do2), input_precision=PRECISION)
+        pt = tl.where(rmask[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
         dst = pt * (dpt - delta[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    d = tl.arange(0, BLOCK_D)
-    mask = (cols[:, None] < N) & (d[None, :] < D)
-    offs = bh.to(tl.int64) * N * D + cols.to(tl.int64)[:, None] * D + d[None, :]
-    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+        if BLOCK_D2 > 0:
+            dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
+            dk2 += tl.dot(dst.to(q2.dtype), q2, input_precision=PRECISION)
+    _store(DK, bh, cols, N, D, dk * scale, 0, BLOCK_D)
+    _store(DV, bh, cols, N, D, dv, 0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        _store(DK, bh, cols, N, D, dk2 * scale, BLOCK_D, BLOCK_D2)
+        _store(DV, bh, cols, N, D, dv2, BLOCK_D, BLOCK_D2)
 
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                  sdb, sdh, sdn, H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D)
-    do = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, BLOCK_D)
+    q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
+    do = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, 0, BLOCK_D)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BLOCK_D2 > 0:
+        q2 = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+        do2 = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
     qk_scale = scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D)
-        v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(cols[None, :] < N, tl.exp2(s - lse[:, None]), 0.0)
+        k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, 0, BLOCK_D)
+        v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, 0, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            v2 = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+            dp += tl.dot(do2, tl.trans(v2), input_precision=PRECISION)
+        p = tl.where(cols[None, :] < N, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    d = tl.arange(0, BLOCK_D)
-    offs = bh.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D + d[None, :]
-    tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=rmask[:, None] & (d[None, :] < D))
+        if BLOCK_D2 > 0:
+            dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=PRECISION)
+    _store(DQ, bh, rows, N, D, dq * scale, 0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        _store(DQ, bh, rows, N, D, dq2 * scale, BLOCK_D, BLOCK_D2)
 
 
 def _strides(t):
@@ -153,36 +221,37 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward(q, k, v, scale):
-    """q, k, v: (B, H, N, D), unit last stride -> (o contiguous, lse fp32 (B, H, N) in log2 units)."""
+def forward(q, k, v, scale, split=None):
+    """q, k, v: (B, H, N, D), unit last stride -> (o contiguous, lse fp32 (B, H, N) in log2 units).
+    split: cover a non-power-of-two D with two exact blocks (default SPLIT_HEAD_DIM)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    block_d = triton.next_power_of_2(D)
-    cfg = _config(FWD, block_d)
+    blocks = _blocks(D, SPLIT_HEAD_DIM if split is None else split)
+    cfg = _config(FWD, blocks)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
     _attn_fwd[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                    H, N, D, scale, BLOCK_D=block_d, PRECISION=_precision(q.dtype), **cfg)
+                    H, N, D, scale, BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype),
+                    **cfg)
     return o, lse
 
 
-def backward(do, q, k, v, o, lse, scale):
+def backward(do, q, k, v, o, lse, scale, split=None):
     """-> (dq, dk, dv), contiguous (B, H, N, D) in the input dtype; no atomics."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
-    block_d, precision = triton.next_power_of_2(D), _precision(q.dtype)
+    blocks, precision = _blocks(D, SPLIT_HEAD_DIM if split is None else split), _precision(q.dtype)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     _attn_bwd_delta[(triton.cdiv(N, DELTA["BLOCK_M"]), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, N, D, BLOCK_D=block_d, **DELTA)
+        o, do, delta, *_strides(o), *_strides(do), H, N, D, BLOCK_D=triton.next_power_of_2(D), **DELTA)
     dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, N, D, scale)
+    consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
     _attn_bwd_dkdv[(triton.cdiv(N, BWD_KV["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *args, BLOCK_D=block_d, PRECISION=precision,
-        **_config(BWD_KV, block_d))
+        q, k, v, do, lse, delta, dk, dv, *args, **consts, **_config(BWD_KV, blocks))
     _attn_bwd_dq[(triton.cdiv(N, BWD_Q["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, *args, BLOCK_D=block_d, PRECISION=precision,
-        **_config(BWD_Q, block_d))
+        q, k, v, do, lse, delta, dq, *args, **consts, **_config(BWD_Q, blocks))
     return dq, dk, dv
 
 
@@ -195,13 +264,16 @@ def aot_configs(dtype: str):
     ptrs.update(dict.fromkeys(["LSE", "DELTA"], "*fp32"))
     kernels = [(_attn_fwd, FWD, True), (_attn_bwd_dkdv, BWD_KV, True), (_attn_bwd_dq, BWD_Q, True),
                (_attn_bwd_delta, DELTA, False)]
-    for block_d in sorted({triton.next_power_of_2(d) for d in HEAD_DIMS}):
+    variants = sorted({_blocks(d, split) for d in HEAD_DIMS for split in (False, True)})
+    for blocks in variants:
         for kernel, base, matmul in kernels:
-            cfg = _config(base, block_d) if matmul else base
+            if not matmul and blocks[1]:
+                continue  # the delta kernel always takes one masked block
+            cfg = _config(base, blocks) if matmul else base
             sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
             constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-            constexprs["BLOCK_D"] = block_d
+            constexprs["BLOCK_D"] = blocks[0]
             if matmul:
-                constexprs["PRECISION"] = "tf32"
+                constexprs.update(BLOCK_D2=blocks[1], PRECISION="tf32")
             yield dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
                        num_stages=cfg.get("num_stages", 3), aligned=tuple(strides), matmul=matmul)

@@ -47,6 +47,17 @@ def test_matches_reference(shape, dtype, monkeypatch):
     check(*qkv_views(*shape, dtype))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 7, 48), (1, 2, 197, 48), (1, 2, 40, 80), (1, 1, 33, 96)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_head_dim_matches_reference(shape, dtype, monkeypatch):
+    """Head dims 48/80/96 as two exact blocks (32 + 16 ...) instead of one masked block."""
+    from deit_fast.kernels import attention
+    monkeypatch.setattr(attention, "SPLIT_HEAD_DIM", True)
+    assert attention._blocks(shape[-1], True)[1] > 0
+    poisoned_empty(monkeypatch)
+    check(*qkv_views(*shape, dtype))
+
+
 def test_scale_and_contiguous_inputs():
     q, k, v = (t.contiguous() for t in qkv_views(2, 3, 65, 48, torch.float32))
     check(q, k, v, scale=0.37)
@@ -103,5 +114,8 @@ def test_kernel_limits_are_named_before_launch(args, arg, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(8, 3, 197, 64), (8, 6, 198, 64), (4, 8, 196, 48), (2, 12, 577, 64),
                                    (2, 16, 785, 48), (3, 4, 1, 64), (3, 4, 7, 128)], ids=str)
-def test_gpu_bf16_fp16(shape, dtype):
+@pytest.mark.parametrize("split", [False, True], ids=["masked", "split"])
+def test_gpu_bf16_fp16(shape, dtype, split, monkeypatch):
+    from deit_fast.kernels import attention
+    monkeypatch.setattr(attention, "SPLIT_HEAD_DIM", split)
     check(*qkv_views(*shape, dtype, device="cuda"))
