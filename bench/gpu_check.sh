@@ -5,17 +5,18 @@
 #
 #   bash bench/gpu_check.sh [DIR]     # DIR: also copy the results there, and all logs as logs.txt
 #
-# Each part has a cap in seconds and all share a 525 s deadline, so the whole run stays under
-# 9 minutes on one H100. A part that reaches its cap is killed and reported as a timeout (the
+# Each part has a cap in seconds and all share a 550 s deadline, so the whole run stays under
+# 10 minutes on one H100/H200. A part that reaches its cap is killed and reported as a timeout (the
 # benches stream their rows, so what they measured is kept); inside their caps the benches stop
 # starting new cases (--time-budget) and list the cases they did not run. Parts in order of value:
-#   1. install (sm_90 only) and `pytest -m gpu`;
-#   2. models, ours vs timm eager, short repetitions (--quick): a representative subset, every
+#   1. install (sm_90 only) in the background while the Triton `gpu` tests run (they need no
+#      extension; pytest-xdist spreads their compiles over the cores where it imports), then the
+#      CUDA-extension `gpu` tests (tests/ops/*_cuda.py, compute-sanitizer runs included);
+#   2. every bench/ops/*.py at its default GPU shapes and dtypes (attention first): their cases
+#      run dtype-major, so the first dtype is covered first (torch.compile's static-shape compile
+#      per case is most of the time);
+#   3. models, ours vs timm eager, short repetitions (--quick): a representative subset, every
 #      DeiT size at 224, DeiT-B at 384, CaiT XXS/S at 224 and 384, CaiT-M36 at 384;
-#   3. every bench/ops/*.py at its default GPU shapes and dtypes, 45 s each (attention and
-#      talking heads first): their cases run
-#      dtype-major, so the first dtype is covered first (torch.compile's static-shape compile per
-#      case is most of the time; layerscale covers its first dtype, fp32/bf16/fp32, at most);
 #   4. whole training steps (bench/train.py): DeiT-S and CaiT-XXS24, ours vs timm eager, without
 #      distillation and hard-distilled from RegNetY-16GF in channels-last and NCHW;
 #   5. timm + torch.compile (a minute or more per model) for DeiT-S, then CaiT-XXS24 if time is left.
@@ -27,7 +28,7 @@ copy_to=${1:-}
 work=$(mktemp -d)
 steps=$work/steps.tsv
 : >"$steps"
-deadline=$((SECONDS + 525))
+deadline=$((SECONDS + 550))
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # no download, ever
 
 budget() {  # budget CAP: CAP, or less when the shared deadline is nearer
@@ -52,33 +53,43 @@ step() {  # step NAME CAP CMD...: run CMD for at most CAP seconds, log to $work/
 
 # sm_90 only: half the compile time of the default 8.0;9.0. A failed CUDA build fails the step
 # (DEIT_FAST_BUILD_CUDA=1); the rest still runs from the source tree, without the cuda backend.
-cap=$(budget 150)
-step install "$cap" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" DEIT_FAST_BUILD_CUDA=1 \
-  "$PY" -m pip install --no-deps --no-build-isolation -e .
+step install "$(budget 170)" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 DEIT_FAST_BUILD_CUDA=1 \
+  "$PY" -m pip install --no-deps --no-build-isolation -e . &
+installing=$!
 
-cap=$(budget 100)
-step pytest_gpu "$cap" "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$work/pytest_gpu.xml"
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 6)
+pytest_gpu() {  # pytest_gpu NAME CAP ARGS...: the `gpu` tests among ARGS, junit to $work/NAME.xml
+  local name=$1 cap=$2
+  shift 2
+  step "$name" "$cap" "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprovider "${xdist[@]}" \
+    --junitxml="$work/$name.xml" "$@"
+}
+pytest_gpu pytest_gpu_triton "$(budget 160)" tests --ignore-glob='*_cuda.py'
+wait "$installing"
+pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
 
-cap=$(budget 60)
-step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
-  --models deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224,deit_base_patch16_384,cait_xxs24_224,cait_s24_224,cait_xxs24_384,cait_s24_384,cait_m36_384 \
-  --out "$work/models"
-
-jsonl=("$work/models.jsonl")
 # The attention kernels first (the largest unknowns), then the memory-bound ops; any bench/ops
 # file not named here runs after them.
+jsonl=()
 order=(attention talking_heads class_attention layerscale_layernorm distill_loss layerscale)
 for file in bench/ops/*.py; do
   op=$(basename "$file" .py)
   [[ $op == __init__ || " ${order[*]} " == *" $op "* ]] || order+=("$op")
 done
 for op in "${order[@]}"; do
-  cap=$(budget 45)
+  cap=$(budget 40)
   step "bench_$op" "$cap" "$PY" -m "bench.ops.$op" --time-budget $((cap - 15)) --out "$work/$op"
   jsonl+=("$work/$op.jsonl")
 done
 
-cap=$(budget 70)
+cap=$(budget 50)
+step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
+  --models deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224,deit_base_patch16_384,cait_xxs24_224,cait_s24_224,cait_xxs24_384,cait_s24_384,cait_m36_384 \
+  --out "$work/models"
+jsonl+=("$work/models.jsonl")
+
+cap=$(budget 60)
 step bench_train "$cap" "$PY" -m bench.train --quick --impls ours,timm --time-budget $((cap - 25)) \
   --models deit_small,cait_xxs24 --settings none,hard_cl,hard_nchw --out "$work/train"
 jsonl+=("$work/train.jsonl")
@@ -88,7 +99,7 @@ step bench_models_compile "$cap" "$PY" -m bench.models --quick --impls timm_comp
   --time-budget $((cap - 70)) --models deit_small_patch16_224,cait_xxs24_224 --out "$work/models_compile"
 jsonl+=("$work/models_compile.jsonl")
 
-"$PY" -m bench.report --steps "$steps" --junit gpu="$work/pytest_gpu.xml" "${jsonl[@]}" | tee "$work/written"
+"$PY" -m bench.report --steps "$steps" --junit gpu_triton="$work/pytest_gpu_triton.xml" --junit gpu_cuda="$work/pytest_gpu_cuda.xml" "${jsonl[@]}" | tee "$work/written"
 if [[ -n $copy_to ]]; then
   mkdir -p "$copy_to"
   cp $(cat "$work/written") "$copy_to"/

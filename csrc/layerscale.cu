@@ -1,5 +1,5 @@
 // LayerScale residual with per-sample DropPath (DESIGN.md section 3), the CUDA backend of
-// deit_fast.ops.layerscale_residual. Schemas: csrc/module.cpp.
+// deit_fast.ops.layerscale_residual. Schemas: the TORCH_LIBRARY_FRAGMENT at the end.
 //
 //   forward   out[b, n, c] = x[b, n, c] + (gamma[c] * y[b, n, c]) * scale[b]
 //   backward  dy[b, n, c]  = (dout[b, n, c] * scale[b]) * gamma[c]
@@ -357,6 +357,17 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& dout, const a
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
+  // out = x + gamma * y * scale[b] in fp32; out contiguous with x's shape.
+  // x, y: (rows, C) or (B, ..., C), fp32/fp16/bf16, any row strides; gamma: (C,) fp32 or y's
+  // dtype; scale: (B,) fp32 per-sample DropPath factors. dgamma is deterministic (no atomics),
+  // in gamma's dtype, and an empty tensor when gamma is None; dy is contiguous, y's dtype.
+  m.def("layerscale_residual_forward(Tensor x, Tensor y, Tensor? gamma, Tensor? scale, "
+        "ScalarType out_dtype) -> Tensor");
+  m.def("layerscale_residual_backward(Tensor dout, Tensor y, Tensor? gamma, Tensor? scale) "
+        "-> (Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(deit_fast_C, CUDA, m) {
   m.impl("layerscale_residual_forward", &forward_cuda);

@@ -42,8 +42,8 @@ def _mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, 
     hh = tl.arange(0, HP)
     mixed = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.float32)
     for h in range(H):
-        q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, BLOCK_D)
-        k = _tile(K, cols, skb, skh, skn, off_b, h, N, D, BLOCK_D)
+        q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, 0, BLOCK_D)
+        k = _tile(K, cols, skb, skh, skn, off_b, h, N, D, 0, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         w = tl.load(WL + hh * H + h, mask=hh < H, other=0.0).to(tl.float32)  # column h
         mixed += w[:, None, None] * s[None, :, :]
@@ -64,8 +64,8 @@ def _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H,
     hh = tl.arange(0, HP)
     dp = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.float32)
     for g in range(H):
-        do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, BLOCK_D)
-        v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, BLOCK_D)
+        do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, 0, BLOCK_D)
+        v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, 0, BLOCK_D)
         dpm = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)  # row g
         dp += w[:, None, None] * dpm[None, :, :]
@@ -106,7 +106,7 @@ def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh,
         for g in range(H):
             w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)
             pg = tl.sum(w[:, None, None] * p, axis=0) + tl.load(BW + g).to(tl.float32)
-            v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, BLOCK_D)  # zero past N
+            v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, 0, BLOCK_D)  # zero past N
             pv = tl.dot(pg.to(v.dtype), v, input_precision=PRECISION)
             acc = tl.where(hh[:, None, None] == g, acc + pv[None, :, :], acc)
     d = tl.arange(0, BLOCK_D)
@@ -149,8 +149,8 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
                                  D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows, cols, N)
         dp = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.float32)
         for g in range(H):
-            do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, BLOCK_D)
-            v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, BLOCK_D)
+            do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, 0, BLOCK_D)
+            v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, 0, BLOCK_D)
             dpm = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP'[g]
             w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)
             dp += w[:, None, None] * dpm[None, :, :]
@@ -160,8 +160,8 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
         for h in range(H):
             w = tl.load(WL + hh * H + h, mask=hh < H, other=0.0).to(tl.float32)  # column h
             dsh = tl.sum(w[:, None, None] * ds, axis=0)  # grad of S[h]
-            q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, BLOCK_D)
-            k = _tile(K, cols, skb, skh, skn, off_b, h, N, D, BLOCK_D)
+            q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, 0, BLOCK_D)
+            k = _tile(K, cols, skb, skh, skn, off_b, h, N, D, 0, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             dwl = tl.where(hh[None, :] == h, dwl + tl.sum(tl.sum(ds * s[None, :, :], 2), 1)[:, None], dwl)
             dqh = tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
@@ -200,14 +200,14 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
             for h in range(H):
                 w = tl.load(WL + hh * H + h, mask=hh < H, other=0.0).to(tl.float32)
                 dsh = tl.sum(w[:, None, None] * ds, axis=0)
-                q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, BLOCK_D)
+                q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, 0, BLOCK_D)
                 dkh = tl.dot(tl.trans(dsh).to(q.dtype), q, input_precision=PRECISION)
                 acc = tl.where(hh[:, None, None] == h, acc + dkh[None, :, :], acc)
         else:
             for g in range(H):
                 w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)
                 pg = tl.sum(w[:, None, None] * p, axis=0) + tl.load(BW + g).to(tl.float32)
-                do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, BLOCK_D)  # zero past N
+                do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, 0, BLOCK_D)  # zero past N
                 dvg = tl.dot(tl.trans(pg).to(do.dtype), do, input_precision=PRECISION)
                 acc = tl.where(hh[:, None, None] == g, acc + dvg[None, :, :], acc)
     if DK:

@@ -1,8 +1,9 @@
-"""Benchmark self-attention (DeiT, ViT): our Triton flash kernels vs SDPA with each backend
-forced, xformers where it imports, timm's eager math and torch.compile of it.
+"""Benchmark self-attention (DeiT, ViT): our Triton flash kernels and the cuda backend (the
+tensor-core forward of csrc/attention.cu, Triton's backward) vs SDPA with each backend forced,
+xformers where it imports, timm's eager math and torch.compile of it.
 
     python -m bench.ops.attention                      # DeiT/CaiT-shaped attention, bf16
-    python -m bench.ops.attention --shapes deit_small_224,d48_h8_n196 --impls triton,sdpa_flash
+    python -m bench.ops.attention --shapes deit_small_224,d48_h8_n196 --impls triton,cuda,sdpa_flash
     python -m bench.ops.attention --device cpu --quick # smoke test (Triton interpreter)
 
 q, k, v are strided views of one (B, N, 3, H, D) projection, as the models pass them; the timed
@@ -14,13 +15,19 @@ A forced SDPA backend (or xformers) that refuses a shape or dtype gets a row not
 with its reason (what SDPA warned, then its error); one that refuses every case is listed as
 skipped in the header. Targets (the attention issue), printed at the end and kept in the .md:
 triton fwd+bwd >= 1.0x the fastest forced SDPA backend at N=197/198, D=64, and >= 1.15x at D=48
-(N=196/197); fwd and bwd ratios are shown alongside.
+(N=196/197); fwd and bwd ratios are shown alongside, and the same ratios for cuda. The cuda impl
+is timed fwd and fwd+bwd only: its backward is the Triton one. triton_split is the Triton backend
+with head dim 48 as two exact blocks (32 + 16) instead of one masked 64-wide block
+(kernels/attention.py SPLIT_HEAD_DIM): the measurement that decides the default.
 """
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from bench import common  # first: sets TRITON_INTERPRET on a machine without a GPU
 from deit_fast import ops
+from deit_fast.kernels import attention as attention_kernels
 
 # (B, H, N, D): DeiT-Ti/S/B at 224 px (N = 196 patches + cls, + dist for the distilled models),
 # DeiT-B at 384 px, and CaiT's head dim 48 at 4 and 8 heads (XXS, S) over 196 patches or 197
@@ -31,7 +38,7 @@ SHAPES = {"deit_tiny_224": (256, 3, 197, 64), "deit_small_224": (256, 6, 197, 64
           "d48_h4_n196": (256, 4, 196, 48), "d48_h8_n196": (256, 8, 196, 48),
           "d48_h4_n197": (256, 4, 197, 48), "d48_h8_n197": (256, 8, 197, 48),
           "d48_h8_n576": (64, 8, 576, 48)}
-SMOKE_SHAPES = {"smoke": (1, 2, 9, 32)}
+SMOKE_SHAPES = {"smoke": (1, 2, 9, 48)}  # 48: triton_split runs too
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMOKE_DTYPE = "fp32"  # the interpreter has no bf16 arithmetic (DESIGN.md section 6)
 SDPA_BACKENDS = common.SDPA_BACKENDS
@@ -40,9 +47,11 @@ PROBED = (*SDPA_BACKENDS, "xformers")  # baselines that may refuse a shape: prob
 TARGETS = {(64, (197, 198)): 1.0, (48, (196, 197)): 1.15}
 
 
-def _ours(q, k, v):
-    with ops.use_backend("triton"):
-        return ops.attention(q, k, v)
+def _ours(backend):
+    def f(q, k, v):
+        with ops.use_backend(backend):  # the backward keeps the backend the forward ran on
+            return ops.attention(q, k, v)
+    return f
 
 
 def _eager(q, k, v):
@@ -62,7 +71,10 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
-IMPLS = {"triton": lambda: _ours, "eager": lambda: _eager, "sdpa": lambda: F.scaled_dot_product_attention,
+OURS = ("triton", "triton_split", "cuda")
+IMPLS = {"triton": lambda: _ours("triton"), "triton_split": lambda: _ours("triton"), "cuda": lambda: _ours("cuda"),
+         "eager": lambda: _eager,
+         "sdpa": lambda: F.scaled_dot_product_attention,
          **{name: (lambda b=b: common.sdpa_forced(b)) for name, b in SDPA_BACKENDS.items()},
          "xformers": _xformers, "compile": _compiled}
 
@@ -121,7 +133,26 @@ def setup(case: common.Case, impl: str, args):
         return common.Timed(common.rotating(sets_, lambda qkv, dout: call(qkv).backward(dout)),
                             fwd_bytes + bwd_bytes, fwd_flops + bwd_flops, grad_to_none=[s[0] for s in sets_])
 
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    if impl == "cuda":  # the backward is Triton's: its bwd row would repeat the triton one
+        return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+    thunks = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    if impl == "triton_split":  # graphs built and every timed call run with the split head dim
+        if attention_kernels._blocks(D, True)[1] == 0:
+            raise common.Unavailable(f"head dim {D} has no split (a power of two, or no exact second block)")
+        return {d: _split_head_dim(t) for d, t in thunks.items()}
+    return thunks
+
+
+def _split_head_dim(thunk):
+    def split(fn):
+        def call():
+            attention_kernels.SPLIT_HEAD_DIM = True
+            try:
+                return fn()
+            finally:
+                attention_kernels.SPLIT_HEAD_DIM = False
+        return call
+    return lambda: (lambda t: dataclasses.replace(t, fn=split(t.fn)))(split(thunk)())
 
 
 def _target(shape: str):
@@ -131,8 +162,8 @@ def _target(shape: str):
 
 
 def targets(rows, interpreted: bool):
-    """Per case: triton against the fastest forced SDPA backend, each direction; the verdict on
-    fwd+bwd where the shape has a target."""
+    """Per case and our impl (triton, cuda): it against the fastest forced SDPA backend, each
+    direction; the verdict on fwd+bwd where the shape has a target."""
     best, ours = {}, {}
     for r in rows:
         if not r.get("us"):
@@ -140,16 +171,17 @@ def targets(rows, interpreted: bool):
         key = (r["shape"], r["dtype"], r["direction"])
         if r["impl"] in SDPA_BACKENDS and r["us"] < best.get(key, (float("inf"),))[0]:
             best[key] = (r["us"], r["impl"])
-        elif r["impl"] == "triton":
-            ours[key] = r["us"]
-    lines = ["### targets (triton fwd+bwd vs the fastest forced SDPA backend): "
+        elif r["impl"] in OURS:
+            ours[(r["impl"], *key)] = r["us"]
+    lines = ["### targets (triton and cuda fwd+bwd vs the fastest forced SDPA backend): "
              + ", ".join(f">= {want:g}x at N={'/'.join(map(str, n))} D={d}" for (d, n), want in TARGETS.items()),
              ""]
-    for shape, dtype in dict.fromkeys((s, t) for s, t, _ in ours):
-        ratios = {d: (best[(shape, dtype, d)][0] / ours[(shape, dtype, d)], best[(shape, dtype, d)][1])
-                  for d in common.DIRECTIONS if (shape, dtype, d) in best and (shape, dtype, d) in ours}
+    for impl, shape, dtype in dict.fromkeys((i, s, t) for i, s, t, _ in ours):
+        ratios = {d: (best[(shape, dtype, d)][0] / ours[(impl, shape, dtype, d)],
+                      best[(shape, dtype, d)][1])
+                  for d in common.DIRECTIONS if (shape, dtype, d) in best and (impl, shape, dtype, d) in ours}
         if not ratios:
-            lines.append(f"- {shape} {dtype}: no forced SDPA backend ran")
+            lines.append(f"- {impl} {shape} {dtype}: no forced SDPA backend ran")
             continue
         want, fb = _target(shape), ratios.get("fwd+bwd")
         if want is None:
@@ -158,8 +190,8 @@ def targets(rows, interpreted: bool):
             tail = f"target fwd+bwd >= {want:g}x: fwd+bwd not measured"
         else:
             tail = f"target fwd+bwd >= {want:g}x: {common.verdict(fb[0] >= want, interpreted)}"
-        lines.append(f"- {shape} {dtype}: " + ", ".join(f"{d} {r:.2f}x ({impl})" for d, (r, impl) in ratios.items())
-                     + f"; {tail}")
+        lines.append(f"- {impl} {shape} {dtype}: "
+                     + ", ".join(f"{d} {r:.2f}x ({base})" for d, (r, base) in ratios.items()) + f"; {tail}")
     return lines
 
 
@@ -173,7 +205,9 @@ def main(argv=None):
     shapes = SMOKE_SHAPES if smoke else {k: SHAPES[k] for k in (args.shapes or ",".join(SHAPES)).split(",")}
     dtypes = (args.dtypes or (SMOKE_DTYPE if smoke else "bf16")).split(",")
     report = ops.backend_report()["attention"].get(device.type, {}).get("unavailable", {})
-    impls = {"triton": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
+    impls = {"triton": common.Impl(False, report.get("triton")),
+             "triton_split": common.Impl(False, report.get("triton")),
+             "cuda": common.Impl(False, report.get("cuda")), "eager": common.Impl(True),
              "sdpa": common.Impl(True), "compile": common.Impl(True)}
     wanted = args.impls.split(",")
     for name in PROBED:  # skipped outright only when it refuses every case of this run

@@ -1,5 +1,5 @@
-"""Benchmark class_attention (CaiT): our Triton kernels vs timm's eager ClassAttn math, SDPA with
-each backend forced, and torch.compile of the eager math, at CaiT's class-attention shapes.
+"""Benchmark class_attention (CaiT): our Triton and CUDA kernels vs timm's eager ClassAttn math, SDPA
+with each backend forced, and torch.compile of the eager math, at CaiT's class-attention shapes.
 
     python -m bench.ops.class_attention                      # CaiT XXS/S/M at 224 and 384 px, bf16
     python -m bench.ops.class_attention --device cpu --quick # smoke test (Triton interpreter)
@@ -26,12 +26,15 @@ SMOKE_SHAPES = {"smoke": (1, 2, 9, 32)}  # a handful of programs under the inter
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMOKE_DTYPE = "fp32"  # the interpreter has no bf16 arithmetic (DESIGN.md section 6)
 TARGET_PCT_ROOFLINE, TARGET_VS_EAGER = 80.0, 3.0
+OURS = ("triton", "cuda")
 SDPA_BACKENDS = common.SDPA_BACKENDS
 
 
-def _ours(q, k, v):
-    with ops.use_backend("triton"):  # the backward keeps the backend the forward ran on
-        return ops.class_attention(q, k, v)
+def _ours(backend):
+    def f(q, k, v):
+        with ops.use_backend(backend):  # the backward keeps the backend the forward ran on
+            return ops.class_attention(q, k, v)
+    return f
 
 
 def _timm_eager(q, k, v):
@@ -45,7 +48,8 @@ def _compiled():
     return torch.compile(_timm_eager, dynamic=False)
 
 
-IMPLS = {"triton": lambda: _ours, "eager": lambda: _timm_eager,
+IMPLS = {"triton": lambda: _ours("triton"), "cuda": lambda: _ours("cuda"),
+         "eager": lambda: _timm_eager,
          "sdpa": lambda: F.scaled_dot_product_attention,  # timm's default (fused_attn): SDPA's pick
          **{name: (lambda b=b: common.sdpa_forced(b)) for name, b in SDPA_BACKENDS.items()},
          "compile": _compiled}
@@ -118,15 +122,16 @@ def targets_lines(rows) -> str:
     list lines (the .md keeps one table, which the report and the smoke test parse)."""
     key = lambda r: (r["shape"], r["dtype"], r["direction"])
     eager = {key(r): r["us"] for r in rows if r["impl"] == "eager" and r.get("us")}
-    lines = [f"### targets (triton): >= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, "
+    lines = [f"### targets (triton, cuda): >= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, "
              f">= {TARGET_VS_EAGER:g}x timm eager", ""]
     for r in rows:
-        if r["impl"] != "triton" or not r.get("us"):
+        if r["impl"] not in OURS or not r.get("us"):
             continue
         pct, vs = r.get("pct_roofline"), (eager[key(r)] / r["us"] if key(r) in eager else None)
         cells = [f"{pct:.3g} % of roofline ({'ok' if pct >= TARGET_PCT_ROOFLINE else 'MISSED'})" if pct else "",
                  f"{vs:.2f}x timm eager ({'ok' if vs >= TARGET_VS_EAGER else 'MISSED'})" if vs else ""]
-        lines.append(f"- {r['shape']} {r['dtype']} {r['direction']}: {', '.join(c for c in cells if c)}")
+        lines.append(f"- {r['impl']} {r['shape']} {r['dtype']} {r['direction']}: "
+                     f"{', '.join(c for c in cells if c)}")
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +144,8 @@ def main(argv=None):
     shapes = SMOKE_SHAPES if smoke else SHAPES
     dtypes = (args.dtypes or (SMOKE_DTYPE if smoke else "bf16")).split(",")
     report = ops.backend_report()["class_attention"].get(device.type, {}).get("unavailable", {})
-    impls = {"triton": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
+    impls = {"triton": common.Impl(False, report.get("triton")),
+             "cuda": common.Impl(False, report.get("cuda")), "eager": common.Impl(True),
              "sdpa": common.Impl(True), "compile": common.Impl(True)}
     wanted = args.impls.split(",")
     for name in SDPA_BACKENDS:  # probed once, in the first dtype: a backend refuses the op or not

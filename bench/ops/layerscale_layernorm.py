@@ -1,6 +1,7 @@
 """Benchmark layerscale_residual_layernorm (the end of a block branch + the next LayerNorm in one
-pass) and the plain layer_norm, against timm's eager sequence, torch.compile of the reference and
-apex FusedLayerNorm where apex imports. Memory-bound: judged in GB/s against the roofline.
+pass) and the plain layer_norm, ours on the triton and cuda backends, against timm's eager
+sequence, torch.compile of the reference and apex FusedLayerNorm where apex imports. Memory-bound:
+judged in GB/s against the roofline.
 
     python -m bench.ops.layerscale_layernorm                      # DeiT/CaiT widths, training dtypes
     python -m bench.ops.layerscale_layernorm --device cpu --quick # smoke test (Triton interpreter)
@@ -28,9 +29,11 @@ def _mask(x):
     return torch.rand(x.shape[0], device=x.device) < KEEP_PROB
 
 
-def _ours(x, y, g, w, b):
-    with ops.use_backend("triton"):
-        return ops.layerscale_residual_layernorm(x, y, g, w, b, 1e-6, _mask(x), KEEP_PROB)
+def _ours(backend):
+    def f(x, y, g, w, b):
+        with ops.use_backend(backend):  # the backward keeps the backend the forward ran on
+            return ops.layerscale_residual_layernorm(x, y, g, w, b, 1e-6, _mask(x), KEEP_PROB)
+    return f
 
 
 def _eager(x, y, g, w, b):
@@ -50,7 +53,8 @@ def _compiled():
         x, y, g, w, b, 1e-6, _mask(x), KEEP_PROB), dynamic=False)
 
 
-IMPLS = {"triton": lambda: _ours, "eager": lambda: _eager, "apex": lambda: _apex, "compile": _compiled}
+IMPLS = {"triton": lambda: _ours("triton"), "cuda": lambda: _ours("cuda"), "eager": lambda: _eager,
+         "apex": lambda: _apex, "compile": _compiled}
 
 
 def setup(case: common.Case, impl: str, args):
@@ -96,16 +100,17 @@ def setup(case: common.Case, impl: str, args):
 def targets_lines(rows) -> str:
     key = lambda r: (r["shape"], r["dtype"], r["direction"])  # noqa: E731
     compiled = {key(r): r["us"] for r in rows if r["impl"] == "compile" and r.get("us")}
-    lines = [f"### targets (triton): >= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, "
+    lines = [f"### targets (triton, cuda): >= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, "
              f">= {TARGET_VS_COMPILE:g}x torch.compile", ""]
     for r in rows:
-        if r["impl"] != "triton" or not r.get("us"):
+        if r["impl"] not in ("triton", "cuda") or not r.get("us"):
             continue
         pct, vs = r.get("pct_roofline"), compiled.get(key(r))
         cells = [f"{pct:.3g} % of roofline ({'ok' if pct >= TARGET_PCT_ROOFLINE else 'MISSED'})" if pct else ""]
         if vs:
             cells.append(f"{vs / r['us']:.2f}x compile ({'ok' if vs / r['us'] >= TARGET_VS_COMPILE else 'MISSED'})")
-        lines.append(f"- {r['shape']} {r['dtype']} {r['direction']}: {', '.join(c for c in cells if c)}")
+        lines.append(f"- {r['impl']} {r['shape']} {r['dtype']} {r['direction']}: "
+                     f"{', '.join(c for c in cells if c)}")
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +128,8 @@ def main(argv=None):
         apex_why = None
     except ImportError as e:
         apex_why = f"apex does not import ({e})"
-    impls = {"triton": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
+    impls = {"triton": common.Impl(False, report.get("triton")),
+             "cuda": common.Impl(False, report.get("cuda")), "eager": common.Impl(True),
              "apex": common.Impl(True, apex_why), "compile": common.Impl(True)}
     cases = [common.Case("layerscale_residual_layernorm", shape, dtype) for dtype in dtypes for shape in shapes.values()]
     notes = {"dtype": "x/y/gamma storage dtypes; out and normed take their promoted dtype; LayerNorm params fp32",

@@ -13,16 +13,22 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 # Kernel backends per op, in "auto" preference order. Ops missing here run on torch only.
-# The order is a default until the GPU benchmark (bench/gpu_check.sh) says otherwise.
+# The order is a default until the GPU benchmark (bench/gpu_check.sh) says otherwise; ORDER_WHY
+# says, per op, what the order rests on (backend_report shows it).
 KERNELS: Dict[str, tuple] = {
-    "attention": ("triton",),
-    "class_attention": ("triton",),
+    "attention": ("triton", "cuda"),  # cuda: forward at head dim 48/64, backward on Triton
+    "class_attention": ("triton", "cuda"),
     "talking_heads_attention": ("triton",),
     "layerscale_residual": ("triton", "cuda"),
-    "layerscale_residual_layernorm": ("triton",),
-    "layer_norm": ("triton",),
-    "distillation_loss": ("triton",),
+    "layerscale_residual_layernorm": ("triton", "cuda"),
+    "layer_norm": ("triton", "cuda"),
+    "distillation_loss": ("triton", "cuda"),
 }
+
+# No GPU benchmark has compared the triton and cuda kernels yet (bench/results/ holds none): Triton
+# goes first everywhere because it is the backend tested on every tier, the interpreter included.
+UNMEASURED = "unmeasured: triton before cuda until bench/gpu_check.sh compares them on a GPU"
+ORDER_WHY: Dict[str, str] = {op: UNMEASURED for op, kernels in KERNELS.items() if len(kernels) > 1}
 
 _current = "auto"
 _availability: Dict[tuple, Optional[str]] = {}  # (backend, device type) -> why not, or None
@@ -117,11 +123,12 @@ def resolve(op: str, device: torch.device) -> str:
 
 
 def backend_report() -> Dict[str, Dict[str, dict]]:
-    """Per op and device type: the backend that runs under the current setting, and why each
-    other backend cannot run there.
+    """Per op and device type: the backend that runs under the current setting, why each other
+    backend cannot run there, and (for "auto" with several kernel backends) what the preference
+    order rests on.
 
     >>> deit_fast.ops.backend_report()["layerscale_residual"]["cuda"]
-    {'runs': 'triton', 'unavailable': {'cuda': 'deit_fast._C is not available: ...'}}
+    {'runs': 'triton', 'unavailable': {}, 'order': ('triton', 'cuda'), 'why': 'unmeasured: ...'}
     """
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report = {}
@@ -134,4 +141,6 @@ def backend_report() -> Dict[str, Dict[str, dict]]:
                 runs = f"error: {e}"
             why = {b: unavailable(op, b, dev) for b in ("triton", "cuda")}
             report[op][dev] = {"runs": runs, "unavailable": {b: w for b, w in why.items() if w}}
+            if _current == "auto" and dev != "cpu" and op in ORDER_WHY:
+                report[op][dev].update(order=KERNELS[op], why=ORDER_WHY[op])
     return report

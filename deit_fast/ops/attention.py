@@ -3,6 +3,11 @@
 The triton backend runs the flash kernels of kernels/attention.py behind the custom ops
 deit_fast::attention / deit_fast::attention_backward; the forward also returns the per-row
 log-sum-exp, which autograd saves instead of the N x N probabilities. The torch backend is SDPA.
+
+The cuda backend runs the forward on csrc/attention.cu (tensor-core mma.sync, head dim 48 without
+padding to 64) where that kernel applies: fp16/bf16, D in CUDA_HEAD_DIMS, N <= CUDA_MAX_N. Every
+other case (fp32, other head dims, longer sequences) runs the Triton forward, and the backward is
+always Triton's: the CUDA forward saves the same (o, lse) the Triton backward reads.
 """
 from typing import Optional, Tuple
 
@@ -34,8 +39,26 @@ def check_head_dim(backend: str, q: Tensor, head_dims) -> None:
                          f"{tuple(head_dims)}: use the torch backend")
 
 
+# Where the cuda backend's forward is csrc/attention.cu; elsewhere it is the Triton kernel.
+CUDA_DTYPES = (torch.float16, torch.bfloat16)  # mma.sync takes no fp32 (TF32 would lose accuracy)
+CUDA_HEAD_DIMS = (48, 64)
+CUDA_MAX_N = 1024  # the lengths it is tested and tuned at (ViTs up to 448 px)
+
+
+def uses_cuda_kernel(q: Tensor) -> bool:
+    """Whether the cuda backend runs this forward on the CUDA kernel (else on Triton's)."""
+    return q.dtype in CUDA_DTYPES and q.shape[-1] in CUDA_HEAD_DIMS and q.shape[2] <= CUDA_MAX_N
+
+
+def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
+    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale)
+
+
 @torch.library.custom_op("deit_fast::attention", mutates_args=())
 def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    if backend == "cuda" and uses_cuda_kernel(q):
+        return _cuda_forward(q, k, v, scale)
     from deit_fast.kernels import attention
     return attention.forward(q, k, v, scale)
 
@@ -49,6 +72,7 @@ def _(q, k, v, scale, backend):
 @torch.library.custom_op("deit_fast::attention_backward", mutates_args=())
 def _fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                     scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    # Triton on every backend: o and lse have the same layout whichever forward made them.
     from deit_fast.kernels import attention
     return attention.backward(do, q, k, v, o, lse, scale)
 
@@ -76,8 +100,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     """softmax(q k^T * scale) v.
 
     q: (B, H, Nq, D); k, v: (B, H, N, D); strided views (e.g. of the qkv projection) are fine.
-    scale defaults to D ** -0.5. Returns (B, H, Nq, D) in q's dtype. The triton backend takes
-    Nq == N (self-attention), fp32/fp16/bf16 and D in kernels.attention.HEAD_DIMS.
+    scale defaults to D ** -0.5. Returns (B, H, Nq, D) in q's dtype. The triton and cuda backends
+    take Nq == N (self-attention), fp32/fp16/bf16 and D in kernels.attention.HEAD_DIMS; cuda runs
+    the CUDA forward where uses_cuda_kernel(q) says so and Triton's otherwise (see the top).
     """
     check_qkv(q, k, v, scale)
     backend = _backend.resolve("attention", q.device)

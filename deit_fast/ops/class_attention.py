@@ -1,9 +1,10 @@
 """Class-attention (CaiT): one query per (batch, head) against all N tokens.
 
-The triton backend runs behind two torch.library custom ops (forward, backward), so torch.compile
-sees one opaque node per call (fake impls give it shapes and strides) and autograd saves only
-q, k, v, the output and one fp32 log-sum-exp per (b, h). The torch backend is SDPA, which
-autograd and torch.compile handle natively.
+The triton and cuda backends run behind two torch.library custom ops (forward, backward), so
+torch.compile sees one opaque node per call (fake impls give it shapes and strides) and autograd
+saves only q, k, v, the output and one fp32 log-sum-exp per (b, h). Both kernel backends take the
+same strided views without a copy, give dk and dv the same layout and keep the log-sum-exp in
+log2 units. The torch backend is SDPA, which autograd and torch.compile handle natively.
 """
 from typing import Optional, Tuple
 
@@ -18,17 +19,28 @@ HEAD_DIMS = (32, 48, 64, 80, 96, 128)  # what the kernels are compiled and teste
 
 
 def _grad_layout_fake(t: Tensor) -> Tensor:
-    """The layout kernels.class_attention._grad_layout gives dk and dv, without importing triton."""
+    """The layout both kernel backends give dk and dv (kernels.class_attention._grad_layout and
+    grad_layout in csrc/class_attention.cu), without importing triton."""
     B, H, N, D = t.shape
     if t.stride(1) < t.stride(2):
         return t.new_empty((B, N, H, D)).transpose(1, 2)
     return t.new_empty((B, H, N, D))
 
 
+def _kernels(backend: str):
+    """(forward, backward) of a kernel backend: kernels/class_attention.py or csrc/class_attention.cu."""
+    if backend == "triton":
+        from deit_fast.kernels import class_attention
+        return class_attention.forward, class_attention.backward
+    from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
+    ops = torch.ops.deit_fast_C
+    return ops.class_attention_forward, ops.class_attention_backward
+
+
 @torch.library.custom_op("deit_fast::class_attention", mutates_args=())
 def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    from deit_fast.kernels import class_attention
-    return class_attention.forward(q, k, v, scale)
+    forward, _ = _kernels(backend)
+    return forward(q, k, v, scale)
 
 
 @_fused.register_fake
@@ -40,8 +52,8 @@ def _(q, k, v, scale, backend):
 @torch.library.custom_op("deit_fast::class_attention_backward", mutates_args=())
 def _fused_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    from deit_fast.kernels import class_attention
-    return class_attention.backward(dout, q, k, v, out, lse, scale)
+    _, backward = _kernels(backend)
+    return backward(dout, q, k, v, out, lse, scale)
 
 
 @_fused_backward.register_fake

@@ -1,12 +1,13 @@
 """Token-distillation loss (DeiT): cross-entropy on the class head + hard or soft KD on the
 distillation head.
 
-On the triton backend one kernel launch reads each row of logits, dist_logits and teacher_logits
+On the kernel backends one kernel launch reads each row of logits, dist_logits and teacher_logits
 once and writes the per-row loss, its two components and the gradients w.r.t. both heads
-(kernels/distill_loss.py). The batch sum of the per-row losses is a plain torch sum (fp32, fixed
-order: deterministic), and the backward is one multiply of the saved gradients by the upstream
-gradient, row by row: no second pass over the logits. It runs behind the torch.library custom op
-deit_fast::distillation_loss (fake impl + autograd), so torch.compile(fullgraph=True) traces it.
+(triton: kernels/distill_loss.py; cuda: csrc/distill_loss.cu, the same contract). The batch sum
+of the per-row losses is a plain torch sum (fp32, fixed order: deterministic), and the backward
+is one multiply of the saved gradients by the upstream gradient, row by row: no second pass over
+the logits. It runs behind the torch.library custom op deit_fast::distillation_loss (fake impl
++ autograd), so torch.compile(fullgraph=True) traces it.
 The torch backend calls reference.py.
 """
 from typing import List, Optional, Tuple, Union
@@ -25,24 +26,34 @@ def _grad_dtype(head_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if head_dtype == torch.float16 else head_dtype
 
 
+def _forward_kernel(backend: str):
+    """The kernel backend's forward: (logits, dist_logits, target, teacher_logits, kind, alpha,
+    tau, label_smoothing, kl_reduction, grad_logits, grad_dist) -> the four outputs below."""
+    if backend == "cuda":
+        from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
+        return torch.ops.deit_fast_C.distillation_loss_forward
+    from deit_fast.kernels import distill_loss
+    return distill_loss.forward
+
+
 # Few arguments on purpose: torch.library re-reads the schema once per argument on every call
 # (utils.fill_defaults, quadratic in their number), which is CPU time at DeiT's batch, where the
 # whole loss is a few microseconds of GPU work. scalars: (alpha, tau, label_smoothing);
-# grads: whether to write d/d logits and d/d dist_logits.
+# grads: whether to write d/d logits and d/d dist_logits; backend: "triton" or "cuda".
 @torch.library.custom_op("deit_fast::distillation_loss", mutates_args=())
 def _fused(logits: Tensor, dist_logits: Optional[Tensor], target: Tensor,
            teacher_logits: Optional[Tensor], kind: str, kl_reduction: str, scalars: List[float],
-           grads: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+           grads: List[bool], backend: str = "triton") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (row_loss (B,) fp32, components (B, 2) fp32, saved dlogits, saved ddist); a saved grad
-    is empty when not asked for. Triton is the one kernel backend. See kernels/distill_loss."""
-    from deit_fast.kernels import distill_loss
+    is empty when not asked for. See kernels/distill_loss (csrc/distill_loss.cu is its twin)."""
     alpha, tau, label_smoothing = scalars
-    return distill_loss.forward(logits, dist_logits, target, teacher_logits, kind, alpha, tau,
-                                label_smoothing, kl_reduction, grads[0], grads[1])
+    return _forward_kernel(backend)(logits, dist_logits, target, teacher_logits, kind, alpha, tau,
+                                    label_smoothing, kl_reduction, grads[0], grads[1])
 
 
 @_fused.register_fake
-def _(logits, dist_logits, target, teacher_logits, kind, kl_reduction, scalars, grads):
+def _(logits, dist_logits, target, teacher_logits, kind, kl_reduction, scalars, grads,
+      backend="triton"):
     B = logits.shape[0]
     ds = (logits.new_empty(logits.shape, dtype=_grad_dtype(logits.dtype)) if grads[0]
           else logits.new_empty(0))
@@ -82,7 +93,7 @@ def _backward(ctx, drow, _dcomp, _dds, _ddd):
         if need[1] and dd.numel():
             ddist = _rescale(dd, scale, ctx.dtypes[1])
     # target and teacher_logits get no grad (the teacher is frozen; the target is data).
-    return dlogits, ddist, None, None, None, None, None, None
+    return dlogits, ddist, None, None, None, None, None, None, None
 
 
 _fused.register_autograd(_backward, setup_context=_setup_context)
@@ -161,8 +172,8 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     return_components=True returns (loss, base, distill): the two terms before the alpha mix,
     detached (for logging; distill is 0 for kind "none"), from the same pass on the kernel path.
 
-    Gradients flow to logits and dist_logits only; target and teacher_logits get none. The triton
-    backend computes them in the forward: they are saved in the head's dtype (fp32 for fp16
+    Gradients flow to logits and dist_logits only; target and teacher_logits get none. The kernel
+    backends compute them in the forward: they are saved in the head's dtype (fp32 for fp16
     heads, whose range the 1/B-scaled grads underflow) and the backward only rescales them.
     """
     check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
@@ -184,7 +195,8 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     row, comp, _, _ = _fused(logits, dist_logits, target, teacher_logits, kind, kl_reduction,
                              [float(alpha), float(tau), float(label_smoothing)],
                              [grad and logits.requires_grad,
-                              grad and dist_logits is not None and dist_logits.requires_grad])
+                              grad and dist_logits is not None and dist_logits.requires_grad],
+                             backend)
     loss = row.sum()
     if return_components:
         base, distill = comp.sum(0).unbind()

@@ -118,23 +118,53 @@ def check_norm(weight: Tensor, bias: Tensor, eps: float, channels: int) -> None:
         raise ValueError(f"eps must be positive, got {eps}")
 
 
+CUDA_LN_MAX_C = 8192  # kMaxC in csrc/layerscale_layernorm.cu
+
+
 def check_norm_width(backend: str, channels: int) -> None:
-    from deit_fast.kernels.layerscale import LN_MAX_C
-    if channels > LN_MAX_C:
+    if backend == "cuda":
+        limit = CUDA_LN_MAX_C
+    else:
+        from deit_fast.kernels.layerscale import LN_MAX_C as limit
+    if channels > limit:
         raise ValueError(f"x has C={channels} channels; the {backend} LayerNorm kernels hold a row "
-                         f"in registers and take C <= {LN_MAX_C}: use the torch backend")
+                         f"in registers and take C <= {limit}: use the torch backend")
 
 
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)  # custom ops cannot return None
 
 
+def _ln_kernels(backend: str):
+    """(forward, backward) of the residual + LayerNorm kernels, with the Triton functions'
+    signatures (y None: a plain LayerNorm, see kernels/layerscale.py)."""
+    if backend == "triton":
+        from deit_fast.kernels import layerscale
+        return layerscale.residual_layernorm_forward, layerscale.residual_layernorm_backward
+    from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
+    ops = torch.ops.deit_fast_C
+
+    def forward(x, y, gamma, scale, weight, bias, eps, out_dtype):
+        if y is None:
+            return (None,) + tuple(ops.layer_norm_forward(x, weight, bias, eps))
+        return ops.layerscale_residual_layernorm_forward(x, y, gamma, scale, weight, bias, eps, out_dtype)
+
+    def backward(dout, dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype):
+        dnormed = dnormed.to(out.dtype)  # the extension takes grads in the outputs' dtype
+        if y is None:
+            dx, dweight, dbias = ops.layer_norm_backward(dnormed, out, weight, mean, rstd)
+            return dx, None, None, dweight, dbias
+        dx, dy, dgamma, dweight, dbias = ops.layerscale_residual_layernorm_backward(
+            dout.to(out.dtype), dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype)
+        return dx, dy, (dgamma if gamma is not None else None), dweight, dbias
+    return forward, backward
+
+
 @torch.library.custom_op("deit_fast::layerscale_residual_layernorm", mutates_args=())
 def _fused_ln(x: Tensor, y: Tensor, gamma: Optional[Tensor], scale: Optional[Tensor], weight: Tensor,
               bias: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    from deit_fast.kernels import layerscale
-    return layerscale.residual_layernorm_forward(x, y, gamma, scale, weight, bias, eps,
-                                                 _result_dtype(x, y, gamma))
+    forward, _ = _ln_kernels(backend)
+    return forward(x, y, gamma, scale, weight, bias, eps, _result_dtype(x, y, gamma))
 
 
 @_fused_ln.register_fake
@@ -148,9 +178,9 @@ def _(x, y, gamma, scale, weight, bias, eps, backend):
 def _fused_ln_backward(dout: Tensor, dnormed: Tensor, out: Tensor, y: Tensor, gamma: Optional[Tensor],
                        scale: Optional[Tensor], weight: Tensor, mean: Tensor, rstd: Tensor,
                        x_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from deit_fast.kernels import layerscale
-    dx, dy, dgamma, dweight, dbias = layerscale.residual_layernorm_backward(
-        dout, dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype)
+    _, backward = _ln_kernels(backend)
+    dx, dy, dgamma, dweight, dbias = backward(dout, dnormed, out, y, gamma, scale, weight, mean, rstd,
+                                              x_dtype)
     return dx, dy, _empty_if_none(dgamma, y), dweight, dbias
 
 
@@ -202,9 +232,8 @@ def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor],
 
 @torch.library.custom_op("deit_fast::layer_norm", mutates_args=())
 def _ln(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    from deit_fast.kernels import layerscale
-    _, normed, mean, rstd = layerscale.residual_layernorm_forward(x, None, None, None, weight, bias,
-                                                                  eps, x.dtype)
+    forward, _ = _ln_kernels(backend)
+    _, normed, mean, rstd = forward(x, None, None, None, weight, bias, eps, x.dtype)
     return normed, mean, rstd
 
 
@@ -218,9 +247,8 @@ def _(x, weight, bias, eps, backend):
 @torch.library.custom_op("deit_fast::layer_norm_backward", mutates_args=())
 def _ln_backward(dnormed: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    from deit_fast.kernels import layerscale
-    dx, _, _, dweight, dbias = layerscale.residual_layernorm_backward(
-        None, dnormed, x, None, None, None, weight, mean, rstd, x.dtype)
+    _, backward = _ln_kernels(backend)
+    dx, _, _, dweight, dbias = backward(None, dnormed, x, None, None, None, weight, mean, rstd, x.dtype)
     return dx, dweight, dbias
 
 

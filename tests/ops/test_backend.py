@@ -40,3 +40,13 @@ def test_report_covers_every_op_and_gives_reasons():
     assert cpu["runs"] == "torch"
     assert "cuda" in cpu["unavailable"] and "triton" not in cpu["unavailable"]
     assert report["layerscale_residual"]["cpu"]["unavailable"]["cuda"].startswith("the CUDA extension")
+
+
+def test_report_says_what_the_auto_order_rests_on(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # report a CUDA device too
+    monkeypatch.setitem(_backend._availability, ("cuda", "cuda"), "no CUDA device")
+    monkeypatch.setitem(_backend._availability, ("triton", "cuda"), None)
+    cuda = ops.backend_report()["class_attention"]["cuda"]
+    assert cuda["runs"] == "triton" and cuda["order"] == ("triton", "cuda")
+    assert cuda["why"].startswith("unmeasured")
+    assert "why" not in ops.backend_report()["talking_heads_attention"]["cuda"]  # one kernel backend

@@ -3,20 +3,15 @@ against the fp64 reference with FlashAttention's tolerance rule in fp32/fp16/bf1
 x/y dtypes, odd and ViT widths, strided and misaligned views (vector and scalar paths), with and
 without gamma and DropPath, bitwise-deterministic dgamma, agreement with the Triton backend, the
 custom-op checks, int64 offsets, and a compute-sanitizer memcheck/racecheck run."""
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from deit_fast import ops
+from tests.ops.sanitizer import TOOLS, run_sanitizer
 from tests.ops.tolerance import assert_rule, poisoned_empty
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[2]
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 SHAPES = [(2, 7, 33), (3, 65, 192), (2, 197, 288), (2, 197, 384), (1, 198, 768), (2, 50, 1024),
           (7, 1024), (1, 1, 1), (4, 9, 2056)]
@@ -254,25 +249,6 @@ print("sanitizer script done")
 """
 
 
-def _compute_sanitizer():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    for c in (os.path.join(home, "bin", "compute-sanitizer"), shutil.which("compute-sanitizer")):
-        if c and os.access(c, os.X_OK):
-            return c
-    pytest.skip("compute-sanitizer not found")
-
-
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+@pytest.mark.parametrize("tool", TOOLS)
 def test_compute_sanitizer(tool):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    # One allocation per tensor, so that reading past one is caught, not hidden in a cached block.
-    env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
-    # Only our kernels (substring of every kernel name in csrc/layerscale.cu): torch's are not
-    # under test.
-    cmd = [_compute_sanitizer(), "--tool", tool, "--error-exitcode", "1",
-           "--kernel-name", "kns=layerscale", sys.executable, "-c", SANITIZER_SCRIPT]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "sanitizer script done" in out, out[-6000:]
-    assert "ERROR SUMMARY: 0 errors" in out or "RACECHECK SUMMARY: 0 hazards" in out, out[-6000:]
+    run_sanitizer(tool, "layerscale", SANITIZER_SCRIPT)

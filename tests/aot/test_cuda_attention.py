@@ -1,0 +1,115 @@
+"""Tier 2 for csrc/attention.cu (DESIGN.md section 6), no GPU needed: the flash-attention forward
+is in the built deit_fast._C for sm_80 and sm_90 without register spills, and its op checks its
+inputs and reports output shapes through the Meta kernel (the same checks as the CUDA one)."""
+import importlib
+import re
+
+import pytest
+import torch
+
+# The extension's fixtures: so_path skips when deit_fast._C was not built (test_cuda_extension.py
+# decides whether that is a failure); resource_usage parses cuobjdump's per-kernel report.
+from tests.aot.test_cuda_extension import ARCHS, _run, cuobjdump, resource_usage, so_path  # noqa: F401
+
+pytestmark = pytest.mark.aot
+F16, BF16 = torch.float16, torch.bfloat16
+KERNEL = "20attention_fwd_kernel"  # as mangled (length-prefixed): not class_attention_fwd_kernel
+
+
+@pytest.fixture(scope="module")
+def ops(so_path):  # noqa: F811
+    import deit_fast._C  # noqa: F401  (registers torch.ops.deit_fast_C)
+    return torch.ops.deit_fast_C
+
+
+def meta(shape, dtype=F16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def qkv_views(B, H, N, D, dtype=F16):
+    """q, k, v as the models pass them: strided views of one (B, N, 3, H, D) projection."""
+    return meta((B, N, 3, H, D), dtype).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def test_holds_sm80_and_sm90_cubins(so_path, cuobjdump):  # noqa: F811
+    listing = _run(cuobjdump, "--list-elf", str(so_path))
+    archs = set(re.findall(r"ELF file\s+\d+:\s+attention\.(sm_\w+)\.cubin", listing))
+    assert ARCHS <= archs, listing
+
+
+def test_no_register_spills(resource_usage):  # noqa: F811
+    for arch in ARCHS:
+        kernels = {k: u for k, u in resource_usage[arch].items() if KERNEL in k}
+        # fp16 and bf16 at head dims 48 and 64
+        assert len(kernels) == 4, sorted(resource_usage[arch])
+        spilled = {k: u for k, u in kernels.items() if u["SPILL"] or u["LOCAL"] or u["STACK"]}
+        assert not spilled, f"{arch}: {spilled}"
+        # __launch_bounds__(128, 4): four CTAs per SM need <= 128 registers per thread
+        assert all(u["REG"] <= 128 for u in kernels.values()), kernels
+
+
+def test_schema(ops):
+    assert str(ops.attention_forward.default._schema) == (
+        "deit_fast_C::attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
+
+
+def test_cpu_tensors_raise_instead_of_crashing(ops):
+    q = torch.randn(1, 2, 7, 48, dtype=F16)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        ops.attention_forward(q, q, q, 0.2)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 48), (2, 3, 7, 64), (2, 4, 197, 48), (3, 8, 198, 64),
+                                   (1, 1, 1024, 48), (1, 2, 1025, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_output_metadata_and_opcheck(ops, shape, dtype):
+    q, k, v = qkv_views(*shape, dtype)
+    o, lse = ops.attention_forward(q, k, v, 0.125)
+    assert o.shape == shape and o.dtype == dtype and o.is_contiguous()
+    assert lse.shape == shape[:3] and lse.dtype == torch.float32 and lse.is_contiguous()
+    torch.library.opcheck(ops.attention_forward.default, (q, k, v, 0.125))
+    c = meta(shape, dtype)
+    torch.library.opcheck(ops.attention_forward.default, (c, c, c, 1.0))
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 7, 48), (2, 0, 7, 64), (2, 3, 0, 48)], ids=str)
+def test_empty_shapes(ops, shape):
+    q = meta(shape)
+    o, lse = ops.attention_forward(q, q, q, 0.5)
+    assert o.shape == shape and lse.shape == shape[:3]
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q=meta((2, 7, 48))), "q must be"),
+    (dict(k=meta((1, 2, 8, 48))), "k must have"),
+    (dict(k=meta((1, 3, 7, 48))), "k must have"),
+    (dict(v=meta((1, 2, 7, 64))), "v must have"),
+    (dict(q=meta((1, 2, 7, 48), torch.float32), k=meta((1, 2, 7, 48), torch.float32),
+          v=meta((1, 2, 7, 48), torch.float32)), "q dtype"),
+    (dict(k=meta((1, 2, 7, 48), BF16)), "k dtype"),
+    (dict(v=meta((1, 2, 7, 48), torch.float32)), "v dtype"),
+    (dict(q=meta((1, 2, 7, 32)), k=meta((1, 2, 7, 32)), v=meta((1, 2, 7, 32))), "head dim"),
+    (dict(q=meta((1, 2, 7, 128)), k=meta((1, 2, 7, 128)), v=meta((1, 2, 7, 128))), "head dim"),
+    (dict(scale=0.0), "scale must"),
+    (dict(scale=-1.0), "scale must"),
+    (dict(scale=float("nan")), "scale must"),
+    (dict(scale=float("inf")), "scale must"),
+    (dict(k=torch.empty(1, 2, 7, 48, dtype=F16)), "k is on cpu"),
+])
+def test_bad_input_names_the_argument(ops, change, match):
+    args = dict(q=meta((1, 2, 7, 48)), k=meta((1, 2, 7, 48)), v=meta((1, 2, 7, 48)), scale=0.2)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        ops.attention_forward(*args.values())
+
+
+def test_the_op_module_routes_only_what_the_kernel_takes():
+    """The cuda backend sends the CUDA forward exactly the inputs its checks accept."""
+    attention = importlib.import_module("deit_fast.ops.attention")  # the module, not ops.attention
+    for dtype in (F16, BF16):
+        for D in (48, 64):
+            assert attention.uses_cuda_kernel(meta((2, 3, 1024, D), dtype))
+        assert not attention.uses_cuda_kernel(meta((2, 3, 1025, 64), dtype))
+        for D in (16, 32, 80, 96, 128):
+            assert not attention.uses_cuda_kernel(meta((2, 3, 197, D), dtype))
+    assert not attention.uses_cuda_kernel(meta((2, 3, 197, 64), torch.float32))

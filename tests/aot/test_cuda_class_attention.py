@@ -1,0 +1,151 @@
+"""Tier 2 for csrc/class_attention.cu (DESIGN.md section 6), no GPU needed: the built extension
+registers the class-attention schemas, its Meta kernels (which run the same input checks as the
+CUDA ones) give the right output shapes, dtypes and dk/dv layouts and pass opcheck, bad input
+raises an error naming the argument, and CPU tensors are refused instead of crashing. The cubins'
+register use is checked for every kernel by test_cuda_extension.test_no_register_spills; here,
+that the class-attention kernels are among them."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.aot.test_cuda_extension import cuobjdump, resource_usage  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.aot
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+HEAD_DIMS = (32, 48, 64, 80, 96, 128)
+
+
+def _why_not_built():
+    try:
+        from deit_fast._build_info import CUDA_EXTENSION_WHY
+    except ImportError:
+        return "deit_fast/_build_info.py is missing: install with `pip install --no-build-isolation -e .`"
+    return CUDA_EXTENSION_WHY
+
+
+@pytest.fixture(scope="module")
+def so_path() -> Path:
+    why = _why_not_built()
+    if why is not None:  # test_cuda_extension.test_extension_is_built decides whether that fails
+        pytest.skip(f"deit_fast._C was not built: {why}")
+    spec = importlib.util.find_spec("deit_fast._C")
+    assert spec is not None and spec.origin, "_build_info says built, but deit_fast._C is not found"
+    return Path(spec.origin)
+
+
+@pytest.fixture(scope="module")
+def ops(so_path):
+    import deit_fast._C  # noqa: F401  (registers torch.ops.deit_fast_C)
+    assert hasattr(torch.ops.deit_fast_C, "class_attention_forward"), (
+        f"{so_path} has no class_attention ops: it predates csrc/class_attention.cu, rebuild it "
+        "(pip install --no-build-isolation -e .)")
+    return torch.ops.deit_fast_C
+
+
+def meta(shape, dtype=F32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_kernels_are_built_for_both_archs(ops, resource_usage):  # noqa: F811
+    for arch in ("sm_80", "sm_90"):
+        names = [k for k in resource_usage[arch] if "class_attn" in k]
+        for kind in ("fwd_kernel", "bwd_kernel", "fwd_combine_kernel", "dq_combine_kernel"):
+            assert any(f"class_attn_{kind}" in k for k in names), (arch, kind, names[:5])
+        # 3 dtypes x 6 head dims x (vector, element-wise) x (split, whole), per direction
+        assert sum("class_attn_fwd_kernel" in k for k in names) == 72, arch
+        assert sum("class_attn_bwd_kernel" in k for k in names) == 72, arch
+
+
+def test_schemas(ops):
+    assert str(ops.class_attention_forward.default._schema) == (
+        "deit_fast_C::class_attention_forward(Tensor q, Tensor k, Tensor v, float scale) "
+        "-> (Tensor, Tensor)")
+    assert str(ops.class_attention_backward.default._schema) == (
+        "deit_fast_C::class_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, "
+        "Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)")
+
+
+def test_cpu_tensors_raise_instead_of_crashing(ops):
+    q, k = torch.randn(2, 3, 1, 48), torch.randn(2, 3, 7, 48)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        ops.class_attention_forward(q, k, k, 0.1)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        ops.class_attention_backward(q, q, k, k, q, torch.zeros(2, 3), 0.1)
+
+
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("B,H,N", [(2, 3, 7), (1, 1, 1), (4, 8, 577), (0, 2, 5)], ids=str)
+def test_output_metadata_and_opcheck(ops, B, H, N, D, dtype):
+    q, k, v = meta((B, H, 1, D), dtype), meta((B, H, N, D), dtype), meta((B, H, N, D), dtype)
+    out, lse = ops.class_attention_forward(q, k, v, D ** -0.5)
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((B, H, 1, D), dtype, (B, H), F32)
+    assert out.is_contiguous() and lse.is_contiguous()
+    dq, dk, dv = ops.class_attention_backward(meta((B, H, 1, D), dtype), q, k, v, out, lse, 0.5)
+    assert (dq.shape, dk.shape, dv.shape) == ((B, H, 1, D), (B, H, N, D), (B, H, N, D))
+    assert dq.dtype == dk.dtype == dv.dtype == dtype
+    assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    torch.library.opcheck(ops.class_attention_forward.default, (q, k, v, 0.3))
+    torch.library.opcheck(ops.class_attention_backward.default, (out, q, k, v, out, lse, 0.3))
+
+
+def test_projection_views_give_token_major_grads(ops):
+    """q a transposed (B, 1, H, D); k, v head-split views of one (B, N, 2, H, D) projection: dk
+    and dv come back (B, N, H, D) in memory, as the Triton backend and the custom op's fake give."""
+    from deit_fast.ops.class_attention import _grad_layout_fake
+    B, H, N, D = 2, 4, 197, 48
+    q = meta((B, 1, H, D), BF16).transpose(1, 2)
+    kv = meta((B, N, 2, H, D), BF16).permute(2, 0, 3, 1, 4)
+    out, lse = ops.class_attention_forward(q, kv[0], kv[1], 0.1)
+    assert out.is_contiguous() and out.shape == (B, H, 1, D)
+    dq, dk, dv = ops.class_attention_backward(out, q, kv[0], kv[1], out, lse, 0.1)
+    fake = _grad_layout_fake(kv[0])
+    assert dk.stride() == dv.stride() == fake.stride() == (N * H * D, D, H * D, 1)
+    assert dq.is_contiguous()
+    torch.library.opcheck(ops.class_attention_backward.default, (out, q, kv[0], kv[1], out, lse, 0.1))
+
+
+Q, K = meta((2, 3, 1, 48), BF16), meta((2, 3, 7, 48), BF16)
+
+
+@pytest.mark.parametrize("change,arg", [
+    (dict(q=meta((2, 3, 48), BF16)), "q must be"),
+    (dict(q=meta((2, 3, 2, 48), BF16)), "q must be"),
+    (dict(q=meta((2, 3, 1, 48), torch.float64), k=meta((2, 3, 7, 48), torch.float64),
+          v=meta((2, 3, 7, 48), torch.float64)), "q dtype"),
+    (dict(q=meta((2, 3, 1, 16), BF16), k=meta((2, 3, 7, 16), BF16), v=meta((2, 3, 7, 16), BF16)),
+     "head dim D"),
+    (dict(k=meta((2, 4, 7, 48), BF16)), "k must be"),
+    (dict(k=meta((2, 3, 7, 32), BF16)), "k must be"),
+    (dict(k=meta((2, 3, 0, 48), BF16), v=meta((2, 3, 0, 48), BF16)), "k must hold at least one key"),
+    (dict(k=meta((2, 3, 7, 48), F16)), "k dtype"),
+    (dict(v=meta((2, 3, 6, 48), BF16)), "v must have shape"),
+    (dict(v=meta((2, 3, 7, 48), F32)), "v dtype"),
+    (dict(scale=0.0), "scale"),
+    (dict(scale=float("nan")), "scale"),
+])
+def test_bad_input_names_the_argument(ops, change, arg):
+    args = dict(q=Q, k=K, v=K, scale=0.1)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=arg):
+        ops.class_attention_forward(*args.values())
+    with pytest.raises(RuntimeError, match=arg):
+        ops.class_attention_backward(args["q"], args["q"], args["k"], args["v"], args["q"],
+                                     meta((2, 3)), args["scale"])
+
+
+@pytest.mark.parametrize("change,arg", [
+    (dict(dout=meta((2, 3, 1, 32), BF16)), "dout must have shape"),
+    (dict(dout=meta((2, 3, 1, 48), F32)), "dout dtype"),
+    (dict(out=meta((2, 3, 2, 48), BF16)), "out must have shape"),
+    (dict(out=meta((2, 3, 1, 48), F16)), "out dtype"),
+    (dict(lse=meta((2, 4))), "lse must have shape"),
+    (dict(lse=meta((2, 3), BF16)), "lse dtype"),
+])
+def test_bad_backward_input_names_the_argument(ops, change, arg):
+    args = dict(dout=Q, q=Q, k=K, v=K, out=Q, lse=meta((2, 3)), scale=0.1)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=arg):
+        ops.class_attention_backward(*args.values())

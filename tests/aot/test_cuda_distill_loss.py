@@ -1,0 +1,197 @@
+"""Tier 2 for csrc/distill_loss.cu (DESIGN.md section 6), no GPU needed: the built extension
+holds the distillation-loss kernels for sm_80 and sm_90 without spills or stack frames,
+registers the op's schema, checks its inputs (through the Meta kernel, which runs the same checks
+as the CUDA one), gives the outputs the Triton kernel gives (shapes, dtypes) and refuses CPU
+tensors with an error instead of crashing."""
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.aot
+ARCHS = {"sm_80", "sm_90"}
+F32, F16, BF16, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int64
+KERNELS = ("distill_loss_rows_kernel", "distill_loss_stream_kernel")
+
+
+def _why_not_built():
+    try:
+        from deit_fast._build_info import CUDA_EXTENSION_WHY
+    except ImportError:
+        return "deit_fast/_build_info.py is missing: install with `pip install --no-build-isolation -e .`"
+    return CUDA_EXTENSION_WHY
+
+
+@pytest.fixture(scope="module")
+def so_path() -> Path:
+    why = _why_not_built()
+    if why is not None:  # tests/aot/test_cuda_extension.py decides whether that is a failure
+        pytest.skip(f"deit_fast._C was not built: {why}")
+    spec = importlib.util.find_spec("deit_fast._C")
+    assert spec is not None and spec.origin, "_build_info says built, but deit_fast._C is not found"
+    return Path(spec.origin)
+
+
+@pytest.fixture(scope="module")
+def ops(so_path):
+    import deit_fast._C  # noqa: F401  (registers torch.ops.deit_fast_C)
+    return torch.ops.deit_fast_C
+
+
+def _cuobjdump():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidates = [os.path.join(home, "bin", "cuobjdump"), shutil.which("cuobjdump")]
+    try:
+        import triton
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                       "cuobjdump"))
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    pytest.skip("no cuobjdump (CUDA toolkit or triton) to inspect the cubins with")
+
+
+def test_kernels_for_both_archs_without_spills(so_path):
+    """Every instantiation (3 dtypes x 3 kinds x vector/scalar x 2 kernels) on sm_80 and sm_90:
+    no local memory, no stack frame, at most the 128 registers of a 512-thread block."""
+    proc = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(so_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    usage, arch, kernel = defaultdict(dict), None, None
+    for line in proc.stdout.splitlines():
+        if m := re.match(r"\s*arch = (sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+?):?\s*$", line):
+            kernel = m.group(1) if any(k in m.group(1) for k in KERNELS) else None
+        elif kernel is not None and "REG:" in line:
+            usage[arch][kernel] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+    for a in ARCHS:
+        kernels = usage[a]
+        for k in KERNELS:
+            assert sum(k in name for name in kernels) == 18, (a, k, sorted(kernels))
+        bad = {k: u for k, u in kernels.items() if u.get("STACK") or u.get("LOCAL") or u["REG"] > 128}
+        assert not bad, f"{a}: {bad}"
+
+
+def test_schema(ops):
+    assert str(ops.distillation_loss_forward.default._schema) == (
+        "deit_fast_C::distillation_loss_forward(Tensor logits, Tensor? dist_logits, Tensor target, "
+        "Tensor? teacher_logits, str kind, float alpha, float tau, float label_smoothing, "
+        "str kl_reduction, bool grad_logits, bool grad_dist) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def test_the_op_picks_the_extension_for_the_cuda_backend(so_path):
+    from deit_fast.ops import distill_loss
+    assert distill_loss._forward_kernel("cuda") is torch.ops.deit_fast_C.distillation_loss_forward
+
+
+def meta(shape, dtype=F32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def args(B=4, C=37, dtype=F32, dist_dtype=None, target="int", kind="hard", grads=(True, True)):
+    heads = kind != "none"
+    y = meta((B,), I64) if target == "int" else meta((B, C), target)
+    return [meta((B, C), dtype), meta((B, C), dist_dtype or dtype) if heads else None, y,
+            meta((B, C), dtype) if heads else None, kind, 0.5, 2.0, 0.1, "numel", *grads]
+
+
+@pytest.mark.parametrize("B,C", [(1, 10), (3, 37), (256, 1000), (3, 4096), (2, 4097), (3, 21841)],
+                         ids=str)
+@pytest.mark.parametrize("kind", ["none", "hard", "soft"])
+@pytest.mark.parametrize("dtype,dist_dtype,target", [(F32, F32, "int"), (F16, F16, F32),
+                                                     (BF16, BF16, "int"), (BF16, F32, BF16)], ids=str)
+def test_output_metadata_and_opcheck(ops, B, C, kind, dtype, dist_dtype, target):
+    a = args(B, C, dtype, dist_dtype, target, kind)
+    row, comp, ds, dd = ops.distillation_loss_forward(*a)
+    assert (row.shape, row.dtype) == ((B,), F32) and (comp.shape, comp.dtype) == ((B, 2), F32)
+    grad_dtype = lambda t: F32 if t == F16 else t  # the op's _grad_dtype
+    assert (ds.shape, ds.dtype) == ((B, C), grad_dtype(dtype)) and ds.is_contiguous()
+    if kind == "none":
+        assert (dd.shape, dd.dtype) == ((0,), dtype)
+    else:
+        assert (dd.shape, dd.dtype) == ((B, C), grad_dtype(dist_dtype)) and dd.is_contiguous()
+    torch.library.opcheck(ops.distillation_loss_forward.default, a)
+
+
+@pytest.mark.parametrize("grads", [(False, False), (True, False), (False, True)], ids=str)
+def test_grads_not_asked_for_are_empty(ops, grads):
+    _, _, ds, dd = ops.distillation_loss_forward(*args(dtype=BF16, grads=grads))
+    assert ds.shape == ((4, 37) if grads[0] else (0,))
+    assert dd.shape == ((4, 37) if grads[1] else (0,))
+    assert ds.dtype == dd.dtype == BF16
+
+
+def test_matches_the_fake_impl_of_the_op(ops):
+    """The custom op's fake impl (what torch.compile sees) and the extension's Meta kernel agree."""
+    from deit_fast.ops import distill_loss  # noqa: F401  (registers deit_fast::distillation_loss)
+    a = args(3, 37, F16, F32, "int", "soft")
+    fake = torch.ops.deit_fast.distillation_loss(*a[:4], "soft", "numel", [0.5, 2.0, 0.1],
+                                                 [True, True], "cuda")  # meta: the fake impl
+    ours = ops.distillation_loss_forward(*a)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in ours]
+
+
+def test_strided_and_transposed_heads(ops):
+    s = meta((3, 80))[:, 5:42]
+    t = meta((37, 3)).t()
+    row, comp, ds, dd = ops.distillation_loss_forward(s, s, meta((3,), I64), t, "soft", 0.5, 1.0,
+                                                      0.0, "batchmean", True, True)
+    assert ds.shape == dd.shape == (3, 37) and ds.is_contiguous() and dd.is_contiguous()
+
+
+def test_kind_none_ignores_the_other_heads(ops):
+    out = ops.distillation_loss_forward(meta((2, 10)), meta((5,)), meta((2,), I64), None, "none",
+                                        0.5, 1.0, 0.0, "numel", True, True)
+    assert out[3].shape == (0,)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(kind="medium"), "kind must be"),
+    (dict(kl_reduction="mean"), "kl_reduction must be"),
+    (dict(logits=meta((4, 37, 1))), "logits must be"),
+    (dict(logits=meta((4, 37), torch.float64)), "logits dtype"),
+    (dict(dist_logits=None), "dist_logits is required"),
+    (dict(teacher_logits=None), "teacher_logits is required"),
+    (dict(dist_logits=meta((4, 36))), "dist_logits must have"),
+    (dict(teacher_logits=meta((3, 37))), "teacher_logits must have"),
+    (dict(dist_logits=meta((4, 37), torch.int32)), "dist_logits dtype"),
+    (dict(teacher_logits=meta((4, 37), torch.float64)), "teacher_logits dtype"),
+    (dict(target=meta((4,), torch.int32)), "target must be int64"),
+    (dict(target=meta((5,), I64)), "target must have shape"),
+    (dict(target=meta((4, 36))), "target must have"),
+    (dict(target=meta((4, 37), torch.float64)), "target dtype"),
+    (dict(alpha=1.5), "alpha"),
+    (dict(alpha=float("nan")), "alpha"),
+    (dict(tau=0.0), "tau"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(label_smoothing=-0.1), "label_smoothing"),
+])
+def test_bad_input_names_the_argument(ops, change, match):
+    a = dict(logits=meta((4, 37)), dist_logits=meta((4, 37)), target=meta((4,), I64),
+             teacher_logits=meta((4, 37)), kind="hard", alpha=0.5, tau=1.0, label_smoothing=0.0,
+             kl_reduction="numel", grad_logits=True, grad_dist=True)
+    a.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        ops.distillation_loss_forward(*a.values())
+
+
+def test_inputs_on_two_devices_raise(ops):
+    with pytest.raises(RuntimeError, match="teacher_logits is on cpu"):
+        ops.distillation_loss_forward(meta((2, 10)), meta((2, 10)), meta((2,), I64),
+                                      torch.randn(2, 10), "hard", 0.5, 1.0, 0.0, "numel", True, True)
+
+
+def test_cpu_tensors_raise_instead_of_crashing(ops):
+    s = torch.randn(2, 10)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        ops.distillation_loss_forward(s, s, torch.tensor([1, 2]), s, "hard", 0.5, 1.0, 0.0, "numel",
+                                      True, True)

@@ -1,0 +1,262 @@
+"""attention on the `cuda` backend, on a GPU only: the forward is csrc/attention.cu (fp16/bf16, head
+dim 48/64, N <= 1024), the backward the Triton kernels on its o and lse. Against the fp64 reference
+with FlashAttention's tolerance rule (out and dq/dk/dv, so the lse layout is checked by the
+backward too), lse against fp64 directly, agreement with the Triton forward, ViT's odd lengths,
+qkv-projection views and views the kernel must copy, bitwise determinism, the fallbacks to the
+Triton forward, the custom-op checks, and a compute-sanitizer memcheck/racecheck run."""
+import importlib
+import math
+
+import pytest
+import torch
+
+from deit_fast import ops
+from deit_fast.kernels import attention as triton_kernels
+from deit_fast.ops import reference
+from tests.ops.sanitizer import TOOLS, run_sanitizer
+from tests.ops.tolerance import assert_rule, poisoned_empty
+
+pytestmark = pytest.mark.gpu
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+op_module = importlib.import_module("deit_fast.ops.attention")  # ops.attention is the function
+
+LENGTHS = [1, 7, 197, 198, 577, 1024]  # 197/198: DeiT at 224 px (cls, +dist); 577: 384 px
+HEADS = [(1, 1), (3, 4), (1, 8)]  # (B, H)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_available():
+    why = ops._backend.unavailable("attention", "cuda", "cuda")
+    if why is not None:
+        pytest.fail(f"the cuda backend cannot run here: {why} (bench/gpu_check.sh builds it)")
+
+
+@pytest.fixture
+def cuda_forward_only(monkeypatch):
+    """The test fails if the Triton forward runs where the CUDA kernel should."""
+    monkeypatch.setattr(triton_kernels, "forward", lambda *a: pytest.fail("the Triton forward ran"))
+
+
+@pytest.fixture
+def triton_forward_only(monkeypatch):
+    """The test fails if the CUDA kernel runs where the Triton forward should."""
+    monkeypatch.setattr(op_module, "_cuda_forward", lambda *a: pytest.fail("the CUDA forward ran"))
+
+
+def qkv_views(B, H, N, D, dtype):
+    """q, k, v as the models pass them: strided views of one (B, N, 3, H, D) projection."""
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.float64)
+    return qkv.to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def run(fn, q, k, v, do, scale=None):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, scale)
+    return (out,) + torch.autograd.grad(out, leaves, do.to(out.dtype))
+
+
+def on(backend):
+    def f(q, k, v, scale):
+        with ops.use_backend(backend):
+            return ops.attention(q, k, v, scale)
+    return f
+
+
+def reference_lse(q, k, scale=None):
+    """log2 sum_j exp2(q . k_j * scale * log2 e), the kernels' lse, in fp64."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.double() @ k.double().transpose(-2, -1)) * scale
+    return torch.logsumexp(s, dim=-1) / math.log(2)
+
+
+def check_against_reference(q, k, v, scale=None):
+    do = torch.randn(q.shape, device="cuda", dtype=torch.float64)
+    ours = run(on("cuda"), q, k, v, do, scale)
+    same = run(reference.attention, q, k, v, do, scale)  # the plain PyTorch math, same dtype
+    ref = run(reference.attention, q.double(), k.double(), v.double(), do, scale)
+    assert ours[0].is_contiguous()
+    for name, a, r, s in zip(("out", "dq", "dk", "dv"), ours, ref, same):
+        assert a.dtype == q.dtype and a.shape == q.shape, name
+        assert_rule(name, a, r, s)
+
+
+def cuda_op(q, k, v, scale):
+    import deit_fast._C  # noqa: F401
+    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale)
+
+
+@pytest.mark.parametrize("BH", HEADS, ids=str)
+@pytest.mark.parametrize("N", LENGTHS)
+@pytest.mark.parametrize("D", [48, 64])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_matches_reference(BH, N, D, dtype, cuda_forward_only, monkeypatch):
+    poisoned_empty(monkeypatch)  # Python-side allocations; the kernel's outputs are checked by the rule
+    check_against_reference(*qkv_views(*BH, N, D, dtype))
+
+
+@pytest.mark.parametrize("N", LENGTHS)
+@pytest.mark.parametrize("D", [48, 64])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_lse_and_output_match_fp64_and_triton(N, D, dtype):
+    q, k, v = qkv_views(3, 4, N, D, dtype)
+    scale = D ** -0.5
+    o, lse = cuda_op(q, k, v, scale)
+    assert o.dtype == dtype and o.shape == q.shape and o.is_contiguous()
+    assert lse.dtype == F32 and lse.shape == q.shape[:3] and lse.is_contiguous()
+    ref = reference_lse(q, k)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-4)
+    t_o, t_lse = triton_kernels.forward(q, k, v, scale)
+    torch.testing.assert_close(lse, t_lse, rtol=1e-5, atol=1e-4)
+    # Both round p to the input dtype before p v, at different tile boundaries: a few ulps apart.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(o, t_o, rtol=4 * eps, atol=4 * eps)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_scale_and_contiguous_inputs(dtype, cuda_forward_only):
+    q, k, v = (t.contiguous() for t in qkv_views(2, 3, 65, 48, dtype))
+    check_against_reference(q, k, v, scale=0.37)
+
+
+def test_large_logits_stay_finite(cuda_forward_only):
+    q, k, v = qkv_views(1, 2, 197, 64, F16)
+    check_against_reference(q * 8, k * 8, v)
+
+
+def _misaligned(shape, dtype):
+    """A view whose base is one element past a 16-byte boundary: the kernel must copy it."""
+    n = math.prod(shape)
+    return torch.randn(n + 1, device="cuda", dtype=dtype)[1:].view(shape)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_views_the_kernel_copies(dtype, cuda_forward_only):
+    """Layouts cp.async cannot read in place (misaligned base, non-unit last stride, a row stride
+    that is not a multiple of 8 elements, a huge row stride): copied first, same results."""
+    B, H, N, D = 2, 3, 70, 48
+    misaligned = _misaligned((B, H, N, D), dtype)
+    every_other = torch.randn(B, H, N, 2 * D, device="cuda", dtype=dtype)[..., ::2]
+    odd_rows = torch.randn(B, H, N, D + 3, device="cuda", dtype=dtype)[..., :D]
+    for q, k, v in [(misaligned, every_other, odd_rows), (odd_rows, misaligned, every_other)]:
+        assert not q.is_contiguous()
+        check_against_reference(q, k, v)
+    # Row stride 2**24 elements (past the kernel's 32-bit in-tile offsets): two rows, 64 MiB.
+    wide = torch.randn(1, 1, 2, 2**24, device="cuda", dtype=dtype)[..., :64]
+    check_against_reference(wide, wide * 0.5, -wide)
+
+
+def test_q_k_v_from_different_layouts(cuda_forward_only):
+    B, H, N, D = 2, 4, 197, 64
+    q = qkv_views(B, H, N, D, BF16)[0]
+    k = torch.randn(B, N, H, D, device="cuda", dtype=BF16).transpose(1, 2)
+    v = torch.randn(B, H, N, D, device="cuda", dtype=BF16)
+    check_against_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_forward_and_grads_are_bitwise_deterministic(dtype, cuda_forward_only):
+    q, k, v = qkv_views(2, 6, 577, 48, dtype)
+    do = torch.randn(q.shape, device="cuda", dtype=torch.float64)
+    first = run(on("cuda"), q, k, v, do)
+    direct = cuda_op(q, k, v, 0.2)
+    for _ in range(3):
+        again = run(on("cuda"), q, k, v, do)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        assert all(torch.equal(a, b) for a, b in zip(direct, cuda_op(q, k, v, 0.2)))
+
+
+@pytest.mark.parametrize("dtype,N,D", [(F32, 197, 64), (F32, 7, 48), (F16, 197, 32), (BF16, 65, 128),
+                                       (F16, 1025, 48), (BF16, 1100, 64)], ids=str)
+def test_other_cases_fall_back_to_the_triton_forward(dtype, N, D, triton_forward_only):
+    assert not op_module.uses_cuda_kernel(torch.empty(1, 1, N, D, dtype=dtype, device="meta"))
+    check_against_reference(*qkv_views(1, 2, N, D, dtype))
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 7, 48), (2, 0, 7, 64), (2, 3, 0, 48)], ids=str)
+def test_empty_tensors(shape):
+    q = torch.randn(shape, device="cuda", dtype=F16)
+    o, lse = cuda_op(q, q, q, 0.5)
+    torch.cuda.synchronize()
+    assert o.shape == shape and lse.shape == shape[:3]
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v = (t.detach().clone().requires_grad_() for t in qkv_views(1, 2, 7, 48, F16))
+    torch.library.opcheck(torch.ops.deit_fast.attention.default, (q, k, v, 0.2, "cuda"))
+
+
+def test_extension_op_on_cuda_passes_opcheck():
+    for dtype, D in [(F16, 48), (BF16, 64)]:
+        q, k, v = qkv_views(2, 3, 33, D, dtype)
+        torch.library.opcheck(torch.ops.deit_fast_C.attention_forward.default, (q, k, v, 0.2))
+
+
+def test_inputs_on_two_devices_raise():
+    q, k, v = qkv_views(1, 2, 7, 48, F16)
+    with pytest.raises(RuntimeError, match="v is on cpu"):
+        cuda_op(q, k, v.cpu(), 0.2)
+
+
+def test_runs_on_the_current_stream():
+    q, k, v = qkv_views(4, 6, 197, 64, BF16)
+    expected = cuda_op(q, k, v, 0.125)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = cuda_op(q, k, v, 0.125)
+    torch.cuda.current_stream().wait_stream(side)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = qkv_views(2, 4, 197, 48, BF16)
+
+    def step(q, k, v):
+        return ops.attention(q, k, v).float().square().sum()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with ops.use_backend("cuda"):
+        a = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        compiled(*a).backward()
+        e = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        step(*e).backward()
+    for x, y in zip(a, e):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.slow
+def test_int64_batch_offsets_past_2_to_the_31():
+    """A batch stride of 2**31 elements: the (batch, head) base offsets must not wrap."""
+    if torch.cuda.mem_get_info()[0] < 16 * 2**30:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    B, H, N, D = 2, 2, 70, 64
+    buf = torch.zeros(2**31 + H * N * D, device="cuda", dtype=BF16)
+    q = buf.as_strided((B, H, N, D), (2**31, N * D, D, 1))
+    q.copy_(torch.randn(B, H, N, D, device="cuda", dtype=BF16))
+    o, lse = cuda_op(q, q, q, 0.125)
+    o_ref, lse_ref = cuda_op(q.contiguous(), q.contiguous(), q.contiguous(), 0.125)
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+
+
+SANITIZER_SCRIPT = """
+import torch
+from deit_fast import ops
+for (B, H, N, D), dt, misaligned in [((1, 2, 7, 48), torch.bfloat16, False),
+                                     ((2, 1, 197, 64), torch.float16, False),
+                                     ((1, 1, 1, 64), torch.bfloat16, False),
+                                     ((1, 3, 130, 48), torch.float16, True)]:
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dt)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if misaligned:
+        q = torch.randn(q.numel() + 1, device="cuda", dtype=dt)[1:].view(q.shape)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with ops.use_backend("cuda"):
+        out = ops.attention(*leaves)
+    out.float().square().sum().backward()
+torch.cuda.synchronize()
+print("sanitizer script done")
+"""
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_compute_sanitizer(tool):
+    run_sanitizer(tool, "attention_fwd_kernel", SANITIZER_SCRIPT)
