@@ -682,14 +682,27 @@ void launch(const Args<T>& a, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const int64_t budget = std::max<int64_t>(0, optin - static_cast<int64_t>(attr.sharedSizeBytes));
   const int64_t all = (a.C + 7) / 8 * 8;  // whole 16-byte vectors per region
-  const int64_t stash_cols =
-      all * per_col <= budget ? all : budget / per_col / kTileCols * kTileCols;
-  const size_t bytes = static_cast<size_t>(stash_cols * per_col);
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
+  auto stash_for = [&](int64_t limit) {   // columns that fit in `limit` bytes of shared memory
+    const int64_t budget = std::max<int64_t>(0, limit - static_cast<int64_t>(attr.sharedSizeBytes));
+    return all * per_col <= budget ? all : budget / per_col / kTileCols * kTileCols;
+  };
+  int64_t stash_cols = stash_for(optin);
+  size_t bytes = static_cast<size_t>(stash_cols * per_col);
+  constexpr int64_t kDefaultLimit = 48 * 1024;  // dynamic shared memory without the opt-in
+  // The opt-in can be refused, or the launch with it (compute-sanitizer keeps some shared memory
+  // for itself: seen on an H200 at C = 21841 fp32, 2026-11-26). The stash is only a cache of the
+  // row (the kernel re-reads what it does not hold), so then run with the default limit instead.
+  if (bytes > kDefaultLimit) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes)) == cudaSuccess) {
+      kernel<<<static_cast<unsigned>(a.B), kMaxThreads, bytes, stream>>>(
+          a, static_cast<int>(stash_cols));
+      if (cudaPeekAtLastError() == cudaSuccess) return;
+    }
+    (void)cudaGetLastError();  // both errors are reported at once and are not sticky: clear
+    stash_cols = stash_for(kDefaultLimit);
+    bytes = static_cast<size_t>(stash_cols * per_col);
   }
   kernel<<<static_cast<unsigned>(a.B), kMaxThreads, bytes, stream>>>(
       a, static_cast<int>(stash_cols));

@@ -96,6 +96,15 @@ def _backward(ctx, do, _dlse):
 _fused.register_autograd(_backward, setup_context=_setup_context)
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    """The torch backend: SDPA, with CUDA inputs whose base is off a 16-byte boundary copied
+    first. torch 2.11's mem-efficient kernel picks its aligned variant from strides alone and
+    faults on such a base in fp32 (pytorch/pytorch#183484; seen on an H200, 2026-11-26)."""
+    if q.is_cuda and not torch.compiler.is_compiling():  # fake tensors have no data_ptr
+        q, k, v = (t.clone() if t.data_ptr() % 16 else t for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v.
 
@@ -107,7 +116,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     check_qkv(q, k, v, scale)
     backend = _backend.resolve("attention", q.device)
     if backend == "torch":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return sdpa(q, k, v, scale)
     from deit_fast.kernels.attention import HEAD_DIMS
     _checks.kernel_dtypes(backend, q=q)
     check_head_dim(backend, q, HEAD_DIMS)

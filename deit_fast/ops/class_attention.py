@@ -4,16 +4,15 @@ The triton and cuda backends run behind two torch.library custom ops (forward, b
 torch.compile sees one opaque node per call (fake impls give it shapes and strides) and autograd
 saves only q, k, v, the output and one fp32 log-sum-exp per (b, h). Both kernel backends take the
 same strided views without a copy, give dk and dv the same layout and keep the log-sum-exp in
-log2 units. The torch backend is SDPA, which autograd and torch.compile handle natively.
+log2 units. The torch backend is SDPA (attention.sdpa), which autograd and torch.compile handle natively.
 """
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks
-from .attention import check_qkv
+from .attention import check_qkv, sdpa
 
 HEAD_DIMS = (32, 48, 64, 80, 96, 128)  # what the kernels are compiled and tested for
 
@@ -98,7 +97,7 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
         raise ValueError(f"q must hold one query per head, shape (B, H, 1, D), got {tuple(q.shape)}")
     backend = _backend.resolve("class_attention", q.device)
     if backend == "torch":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return sdpa(q, k, v, scale)
     check_kernel(backend, q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _fused(q, k, v, scale, backend)[0]

@@ -69,7 +69,17 @@ def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor],
                                   keep_prob: float = 1.0):
     """(out, layer_norm(out)): a block's residual output and the next LayerNorm."""
     out = layerscale_residual(x, y, gamma, keep_mask, keep_prob)
-    return out, F.layer_norm(out, (out.shape[-1],), weight, bias, eps)
+    return out, layer_norm(out, weight, bias, eps)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim, in x's dtype. Half activations with fp32 parameters (the
+    op contract) are normalised in fp32: CUDA's layer_norm refuses mixed dtypes (CPU's accepts
+    them and computes in fp32 all the same)."""
+    if weight.dtype == x.dtype and bias.dtype == x.dtype:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    dt = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), bias.dtype)
+    return F.layer_norm(x.to(dt), (x.shape[-1],), weight.to(dt), bias.to(dt), eps).to(x.dtype)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:

@@ -138,7 +138,7 @@ def test_views_the_kernel_copies(dtype, cuda_forward_only):
     every_other = torch.randn(B, H, N, 2 * D, device="cuda", dtype=dtype)[..., ::2]
     odd_rows = torch.randn(B, H, N, D + 3, device="cuda", dtype=dtype)[..., :D]
     for q, k, v in [(misaligned, every_other, odd_rows), (odd_rows, misaligned, every_other)]:
-        assert not q.is_contiguous()
+        assert q.data_ptr() % 16 or not q.is_contiguous()  # not a layout cp.async reads in place
         check_against_reference(q, k, v)
     # Row stride 2**24 elements (past the kernel's 32-bit in-tile offsets): two rows, 64 MiB.
     wide = torch.randn(1, 1, 2, 2**24, device="cuda", dtype=dtype)[..., :64]

@@ -301,8 +301,8 @@ def test_int64_offsets_past_2_to_the_31():
         s, None, y, None, "none", 0.5, 1.0, 0.0, "numel", True, False)
     lse0 = torch.tensor(float(C), dtype=torch.float64).log()
     lse1 = torch.tensor(C - 1 + torch.e ** 4, dtype=torch.float64).log()
-    torch.testing.assert_close(row[0].double() * B, lse0, rtol=1e-5, atol=0)
-    torch.testing.assert_close(row[-1].double() * B, lse1 - 4.0, rtol=1e-5, atol=0)
+    torch.testing.assert_close(row[0].double().cpu() * B, lse0, rtol=1e-5, atol=0)
+    torch.testing.assert_close(row[-1].double().cpu() * B, lse1 - 4.0, rtol=1e-5, atol=0)
     assert ds[-1, 5].float() < 0 and ds[-1, 6].float() > 0 and ds[0, 5].float() < 0
 
 
