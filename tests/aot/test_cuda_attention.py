@@ -2,24 +2,18 @@
 is in the built deit_fast._C for sm_80 and sm_90 without register spills, and its op checks its
 inputs and reports output shapes through the Meta kernel (the same checks as the CUDA one)."""
 import importlib
-import re
 
 import pytest
 import torch
 
-# The extension's fixtures: so_path skips when deit_fast._C was not built (test_cuda_extension.py
-# decides whether that is a failure); resource_usage parses cuobjdump's per-kernel report.
-from tests.aot.test_cuda_extension import ARCHS, _run, cuobjdump, resource_usage, so_path  # noqa: F401
+# so_path, cuobjdump, resource_usage and ops are tests/aot/conftest.py's: so_path skips when
+# deit_fast._C was not built (test_cuda_extension.py decides whether that is a failure);
+# resource_usage parses cuobjdump's per-kernel report.
+from tests.aot.extension import ARCHS, archs_per_source, assert_no_spills, cubin_listing, named
 
 pytestmark = pytest.mark.aot
 F16, BF16 = torch.float16, torch.bfloat16
 KERNEL = "20attention_fwd_kernel"  # as mangled (length-prefixed): not class_attention_fwd_kernel
-
-
-@pytest.fixture(scope="module")
-def ops(so_path):  # noqa: F811
-    import deit_fast._C  # noqa: F401  (registers torch.ops.deit_fast_C)
-    return torch.ops.deit_fast_C
 
 
 def meta(shape, dtype=F16):
@@ -31,21 +25,18 @@ def qkv_views(B, H, N, D, dtype=F16):
     return meta((B, N, 3, H, D), dtype).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def test_holds_sm80_and_sm90_cubins(so_path, cuobjdump):  # noqa: F811
-    listing = _run(cuobjdump, "--list-elf", str(so_path))
-    archs = set(re.findall(r"ELF file\s+\d+:\s+attention\.(sm_\w+)\.cubin", listing))
-    assert ARCHS <= archs, listing
+def test_holds_sm80_and_sm90_cubins(so_path, cuobjdump):
+    listing = cubin_listing(so_path, cuobjdump)
+    assert ARCHS <= archs_per_source(listing)["attention"], listing
 
 
-def test_no_register_spills(resource_usage):  # noqa: F811
+def test_no_register_spills(resource_usage):
     for arch in ARCHS:
-        kernels = {k: u for k, u in resource_usage[arch].items() if KERNEL in k}
+        kernels = named(resource_usage[arch], KERNEL)
         # fp16 and bf16 at head dims 48 and 64
         assert len(kernels) == 4, sorted(resource_usage[arch])
-        spilled = {k: u for k, u in kernels.items() if u["SPILL"] or u["LOCAL"] or u["STACK"]}
-        assert not spilled, f"{arch}: {spilled}"
         # __launch_bounds__(128, 4): four CTAs per SM need <= 128 registers per thread
-        assert all(u["REG"] <= 128 for u in kernels.values()), kernels
+        assert_no_spills(kernels, 128, arch)
 
 
 def test_schema(ops):

@@ -4,52 +4,32 @@ CUDA ones) give the right output shapes, dtypes and dk/dv layouts and pass opche
 raises an error naming the argument, and CPU tensors are refused instead of crashing. The cubins'
 register use is checked for every kernel by test_cuda_extension.test_no_register_spills; here,
 that the class-attention kernels are among them."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.aot.test_cuda_extension import cuobjdump, resource_usage  # noqa: F401  (fixtures)
+from tests.aot.extension import ARCHS
 
 pytestmark = pytest.mark.aot
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 
 
-def _why_not_built():
-    try:
-        from deit_fast._build_info import CUDA_EXTENSION_WHY
-    except ImportError:
-        return "deit_fast/_build_info.py is missing: install with `pip install --no-build-isolation -e .`"
-    return CUDA_EXTENSION_WHY
-
-
 @pytest.fixture(scope="module")
-def so_path() -> Path:
-    why = _why_not_built()
-    if why is not None:  # test_cuda_extension.test_extension_is_built decides whether that fails
-        pytest.skip(f"deit_fast._C was not built: {why}")
-    spec = importlib.util.find_spec("deit_fast._C")
-    assert spec is not None and spec.origin, "_build_info says built, but deit_fast._C is not found"
-    return Path(spec.origin)
-
-
-@pytest.fixture(scope="module")
-def ops(so_path):
-    import deit_fast._C  # noqa: F401  (registers torch.ops.deit_fast_C)
-    assert hasattr(torch.ops.deit_fast_C, "class_attention_forward"), (
+def ops(ops, so_path):
+    """tests/aot/conftest.py's ops (its so_path skips when deit_fast._C was not built:
+    test_cuda_extension.test_extension_is_built decides whether that fails), with class attention."""
+    assert hasattr(ops, "class_attention_forward"), (
         f"{so_path} has no class_attention ops: it predates csrc/class_attention.cu, rebuild it "
         "(pip install --no-build-isolation -e .)")
-    return torch.ops.deit_fast_C
+    return ops
 
 
 def meta(shape, dtype=F32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def test_kernels_are_built_for_both_archs(ops, resource_usage):  # noqa: F811
-    for arch in ("sm_80", "sm_90"):
+def test_kernels_are_built_for_both_archs(ops, resource_usage):
+    for arch in ARCHS:
         names = [k for k in resource_usage[arch] if "class_attn" in k]
         for kind in ("fwd_kernel", "bwd_kernel", "fwd_combine_kernel", "dq_combine_kernel"):
             assert any(f"class_attn_{kind}" in k for k in names), (arch, kind, names[:5])

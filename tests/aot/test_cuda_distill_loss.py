@@ -3,82 +3,26 @@ holds the distillation-loss kernels for sm_80 and sm_90 without spills or stack 
 registers the op's schema, checks its inputs (through the Meta kernel, which runs the same checks
 as the CUDA one), gives the outputs the Triton kernel gives (shapes, dtypes) and refuses CPU
 tensors with an error instead of crashing."""
-import importlib.util
-import os
-import re
-import shutil
-import subprocess
-from collections import defaultdict
-from pathlib import Path
-
 import pytest
 import torch
 
+# so_path, resource_usage and ops are tests/aot/conftest.py's: so_path skips when deit_fast._C was
+# not built (tests/aot/test_cuda_extension.py decides whether that is a failure).
+from tests.aot.extension import ARCHS, assert_no_spills, named
+
 pytestmark = pytest.mark.aot
-ARCHS = {"sm_80", "sm_90"}
 F32, F16, BF16, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int64
 KERNELS = ("distill_loss_rows_kernel", "distill_loss_stream_kernel")
 
 
-def _why_not_built():
-    try:
-        from deit_fast._build_info import CUDA_EXTENSION_WHY
-    except ImportError:
-        return "deit_fast/_build_info.py is missing: install with `pip install --no-build-isolation -e .`"
-    return CUDA_EXTENSION_WHY
-
-
-@pytest.fixture(scope="module")
-def so_path() -> Path:
-    why = _why_not_built()
-    if why is not None:  # tests/aot/test_cuda_extension.py decides whether that is a failure
-        pytest.skip(f"deit_fast._C was not built: {why}")
-    spec = importlib.util.find_spec("deit_fast._C")
-    assert spec is not None and spec.origin, "_build_info says built, but deit_fast._C is not found"
-    return Path(spec.origin)
-
-
-@pytest.fixture(scope="module")
-def ops(so_path):
-    import deit_fast._C  # noqa: F401  (registers torch.ops.deit_fast_C)
-    return torch.ops.deit_fast_C
-
-
-def _cuobjdump():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    candidates = [os.path.join(home, "bin", "cuobjdump"), shutil.which("cuobjdump")]
-    try:
-        import triton
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                       "cuobjdump"))
-    except ImportError:
-        pass
-    for c in candidates:
-        if c and os.access(c, os.X_OK):
-            return c
-    pytest.skip("no cuobjdump (CUDA toolkit or triton) to inspect the cubins with")
-
-
-def test_kernels_for_both_archs_without_spills(so_path):
+def test_kernels_for_both_archs_without_spills(resource_usage):
     """Every instantiation (3 dtypes x 3 kinds x vector/scalar x 2 kernels) on sm_80 and sm_90:
     no local memory, no stack frame, at most the 128 registers of a 512-thread block."""
-    proc = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(so_path)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    usage, arch, kernel = defaultdict(dict), None, None
-    for line in proc.stdout.splitlines():
-        if m := re.match(r"\s*arch = (sm_\w+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function (\S+?):?\s*$", line):
-            kernel = m.group(1) if any(k in m.group(1) for k in KERNELS) else None
-        elif kernel is not None and "REG:" in line:
-            usage[arch][kernel] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
     for a in ARCHS:
-        kernels = usage[a]
+        kernels = named(resource_usage[a], *KERNELS)
         for k in KERNELS:
             assert sum(k in name for name in kernels) == 18, (a, k, sorted(kernels))
-        bad = {k: u for k, u in kernels.items() if u.get("STACK") or u.get("LOCAL") or u["REG"] > 128}
-        assert not bad, f"{a}: {bad}"
+        assert_no_spills(kernels, 128, a)
 
 
 def test_schema(ops):

@@ -4,22 +4,16 @@ register spills, registers its op schemas, checks its inputs (through the Meta k
 the same checks as the CUDA ones) and refuses CPU tensors with an error instead of crashing."""
 import importlib.util
 import os
-import re
-import shutil
-import subprocess
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.aot.extension import (ARCHS, archs_per_source, assert_no_spills, cubin_listing, cuda_home,
+                                 why_not_built)
+
 pytestmark = pytest.mark.aot
-ARCHS = {"sm_80", "sm_90"}
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-def _cuda_home() -> str:
-    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
 
 
 def _must_be_built():
@@ -27,75 +21,16 @@ def _must_be_built():
     mode = os.environ.get("DEIT_FAST_BUILD_CUDA", "")
     if mode == "1":
         return "DEIT_FAST_BUILD_CUDA=1"
-    nvcc = os.path.join(_cuda_home(), "bin", "nvcc")
+    nvcc = os.path.join(cuda_home(), "bin", "nvcc")
     if mode != "0" and torch.version.cuda and os.access(nvcc, os.X_OK):
         return f"torch has CUDA {torch.version.cuda} and {nvcc} exists, so setup.py builds it"
     return None
 
 
-def _why_not_built():
-    try:
-        from deit_fast._build_info import CUDA_EXTENSION_WHY
-    except ImportError:
-        return "deit_fast/_build_info.py is missing: install with `pip install --no-build-isolation -e .`"
-    return CUDA_EXTENSION_WHY
-
-
-@pytest.fixture(scope="module")
-def so_path() -> Path:
-    why = _why_not_built()
-    if why is not None:  # test_extension_is_built decides whether that is a failure
-        pytest.skip(f"deit_fast._C was not built: {why}")
-    spec = importlib.util.find_spec("deit_fast._C")
-    assert spec is not None and spec.origin, "_build_info says built, but deit_fast._C is not found"
-    path = Path(spec.origin)
-    assert path.is_file() and path.name.startswith("_C") and path.suffix == ".so", path
-    return path
-
-
-@pytest.fixture(scope="module")
-def cuobjdump() -> str:
-    """The CUDA toolkit's cuobjdump, else the one shipped inside triton."""
-    candidates = [os.path.join(_cuda_home(), "bin", "cuobjdump"), shutil.which("cuobjdump")]
-    try:
-        import triton
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                       "cuobjdump"))
-    except ImportError:
-        pass
-    for c in candidates:
-        if c and os.access(c, os.X_OK):
-            return c
-    pytest.skip("no cuobjdump (CUDA toolkit or triton) to inspect the cubins with")
-
-
-def _run(*cmd) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def resource_usage(so_path, cuobjdump):
-    """{arch: {kernel (mangled): {"REG": n, "STACK": n, "LOCAL": n, ...}}} from cuobjdump, with any
-    'N bytes spill stores/loads' it reports added as SPILL."""
-    text = _run(cuobjdump, "--dump-resource-usage", str(so_path))
-    usage, arch, kernel = defaultdict(dict), None, None
-    for line in text.splitlines():
-        if m := re.match(r"\s*arch = (sm_\w+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function (\S+?):?\s*$", line):
-            kernel = m.group(1)
-            usage[arch][kernel] = {"SPILL": 0}
-        elif kernel is not None and "REG:" in line:
-            usage[arch][kernel].update({k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)})
-        elif kernel is not None and (spills := re.findall(r"(\d+) bytes spill (?:stores|loads)", line)):
-            usage[arch][kernel]["SPILL"] += sum(map(int, spills))
-    return usage
-
-
+# The fixtures so_path, cuobjdump, resource_usage and ops are tests/aot/conftest.py's. so_path
+# skips when deit_fast._C was not built: test_extension_is_built decides whether that is a failure.
 def test_extension_is_built():
-    why = _why_not_built()
+    why = why_not_built()
     if why is not None:
         must = _must_be_built()
         if must:
@@ -106,10 +41,8 @@ def test_extension_is_built():
 
 
 def test_holds_sm80_and_sm90_cubins_for_every_source(so_path, cuobjdump):
-    listing = _run(cuobjdump, "--list-elf", str(so_path))
-    per_source = defaultdict(set)  # "ELF file 1: layerscale.sm_80.cubin"
-    for stem, arch in re.findall(r"ELF file\s+\d+:\s+(\S+?)\.(sm_\w+)\.cubin", listing):
-        per_source[stem].add(arch)
+    listing = cubin_listing(so_path, cuobjdump)
+    per_source = archs_per_source(listing)
     assert "layerscale" in per_source, listing
     missing = {stem: sorted(ARCHS - archs) for stem, archs in per_source.items() if not ARCHS <= archs}
     assert not missing, f"sources without a cubin for some arch: {missing}\n{listing}"
@@ -121,20 +54,10 @@ def test_no_register_spills(resource_usage):
         kernels = resource_usage[arch]
         assert any("layerscale_fwd_kernel" in k for k in kernels), sorted(kernels)
         assert any("layerscale_bwd_kernel" in k for k in kernels), sorted(kernels)
-        # Spilled registers live in local memory (LOCAL) and stack frames (STACK).
-        spilled = {k: u for k, u in kernels.items()
-                   if u["SPILL"] or u["LOCAL"] or u["STACK"]}
-        assert not spilled, f"{arch}: {len(spilled)} kernels spill or use local memory: {spilled}"
-        assert all(u["REG"] <= 255 for u in kernels.values())
+        assert_no_spills(kernels, 255, arch)
 
 
-# ---- the registered ops --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ops(so_path):
-    import deit_fast._C  # noqa: F401  (registers torch.ops.deit_fast_C)
-    return torch.ops.deit_fast_C
-
+# ---- the registered ops (the ops fixture: tests/aot/conftest.py) ----------------------------
 
 def test_schemas(ops):
     assert str(ops.layerscale_residual_forward.default._schema) == (

@@ -2,54 +2,31 @@
 GPU needed: their kernels are in the build for sm_80 and sm_90 without spills, the op schemas are
 registered, the Meta kernels (which run the CUDA kernels' input checks) give the right output
 metadata and pass opcheck, bad input raises naming the argument, and CPU tensors are refused."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-# cuobjdump / resource_usage (cubin register and spill report) are shared with the extension's
-# own tier-2 test; resource_usage takes this module's so_path.
-from tests.aot.test_cuda_extension import cuobjdump, resource_usage  # noqa: F401  (fixtures)
+# so_path, cuobjdump, resource_usage (cuobjdump's register and spill report of the cubins) and ops
+# are tests/aot/conftest.py's, shared with the extension's own tier-2 test: so_path skips when
+# deit_fast._C was not built (tests/aot/test_cuda_extension.py decides whether that is a failure).
+from tests.aot.extension import ARCHS, assert_no_spills, named
 
 pytestmark = pytest.mark.aot
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 EPS = 1e-6
 
 
-@pytest.fixture(scope="module")
-def so_path() -> Path:
-    try:
-        from deit_fast._build_info import CUDA_EXTENSION_WHY as why
-    except ImportError:
-        why = "deit_fast/_build_info.py is missing: install with `pip install --no-build-isolation -e .`"
-    if why is not None:  # tests/aot/test_cuda_extension.py decides whether that is a failure
-        pytest.skip(f"deit_fast._C was not built: {why}")
-    spec = importlib.util.find_spec("deit_fast._C")
-    assert spec is not None and spec.origin, "_build_info says built, but deit_fast._C is not found"
-    return Path(spec.origin)
-
-
-@pytest.fixture(scope="module")
-def ops(so_path):
-    import deit_fast._C  # noqa: F401  (registers torch.ops.deit_fast_C)
-    return torch.ops.deit_fast_C
-
-
 def meta(shape, dtype=F32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def test_kernels_are_built_without_spills(resource_usage):  # noqa: F811
-    for arch in ("sm_80", "sm_90"):
+def test_kernels_are_built_without_spills(resource_usage):
+    for arch in ARCHS:
         kernels = resource_usage[arch]
         for name in ("lsln_fwd_kernel", "lsln_bwd_kernel", "lsln_colsum_kernel"):
-            ours = {k: u for k, u in kernels.items() if name in k}
+            ours = named(kernels, name)
             assert ours, f"{arch}: no {name} among {len(kernels)} kernels: deit_fast._C predates it?"
-            bad = {k: u for k, u in ours.items() if u["SPILL"] or u["LOCAL"] or u["STACK"]}
-            assert not bad, f"{arch}: {name} spills or uses local memory: {bad}"
             # The backward keeps 48 column sums per thread in registers under a 512-thread bound.
-            assert all(u["REG"] <= (128 if name == "lsln_bwd_kernel" else 255) for u in ours.values())
+            assert_no_spills(ours, 128 if name == "lsln_bwd_kernel" else 255, f"{arch}: {name}")
 
 
 def test_schemas(ops):

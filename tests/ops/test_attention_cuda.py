@@ -14,6 +14,7 @@ from deit_fast import ops
 from deit_fast.kernels import attention as triton_kernels
 from deit_fast.ops import reference
 from tests.ops.sanitizer import TOOLS, run_sanitizer
+from tests.ops.streams import on_a_side_stream
 from tests.ops.tolerance import assert_rule, poisoned_empty
 
 pytestmark = pytest.mark.gpu
@@ -200,11 +201,7 @@ def test_inputs_on_two_devices_raise():
 def test_runs_on_the_current_stream():
     q, k, v = qkv_views(4, 6, 197, 64, BF16)
     expected = cuda_op(q, k, v, 0.125)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        got = cuda_op(q, k, v, 0.125)
-    torch.cuda.current_stream().wait_stream(side)
+    got = on_a_side_stream(lambda: cuda_op(q, k, v, 0.125))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 

@@ -116,14 +116,19 @@ def test_backward_is_bitwise_deterministic(dtype):
         assert torch.equal(a, b)
 
 
-def test_custom_ops_pass_opcheck():
-    q, k, v = make(2, 3, 7, 32, F32)
+def check_custom_ops_pass_opcheck(q, k, v, backend):
+    """opcheck of deit_fast::class_attention and its backward op on `backend` (also
+    test_class_attention_cuda.py's, on "cuda")."""
     torch.library.opcheck(torch.ops.deit_fast.class_attention.default,
-                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.25, "triton"))
-    out, lse = torch.ops.deit_fast.class_attention(q.detach(), k.detach(), v.detach(), 0.25, "triton")
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.25, backend))
+    out, lse = torch.ops.deit_fast.class_attention(q.detach(), k.detach(), v.detach(), 0.25, backend)
     torch.library.opcheck(torch.ops.deit_fast.class_attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25,
-                           "triton"))
+                           backend))
+
+
+def test_custom_ops_pass_opcheck():
+    check_custom_ops_pass_opcheck(*make(2, 3, 7, 32, F32), "triton")
 
 
 def test_torch_compile_fullgraph_matches_eager():

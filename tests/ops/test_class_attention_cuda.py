@@ -11,6 +11,9 @@ import torch
 
 from deit_fast import ops
 from tests.ops.sanitizer import TOOLS, run_sanitizer
+from tests.ops.streams import on_a_side_stream
+# run: output and (dq, dk, dv) of the public op on a backend, inputs as given
+from tests.ops.test_class_attention import check_custom_ops_pass_opcheck, run
 from tests.ops.tolerance import assert_rule
 
 pytestmark = pytest.mark.gpu
@@ -30,14 +33,6 @@ def make(B, H, N, D, dtype):
     return (torch.randn(B, H, 1, D, device="cuda", dtype=dtype),
             torch.randn(B, H, N, D, device="cuda", dtype=dtype),
             torch.randn(B, H, N, D, device="cuda", dtype=dtype))
-
-
-def run(backend, q, k, v, dout, scale=None):
-    """Output and (dq, dk, dv) of the public op on `backend`, inputs as given."""
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with ops.use_backend(backend):
-        out = ops.class_attention(*leaves, scale=scale)
-    return out, torch.autograd.grad(out, leaves, dout.to(out.dtype))
 
 
 def check_against_reference(q, k, v, scale=None):
@@ -168,13 +163,7 @@ def test_empty_batch():
 
 
 def test_custom_ops_pass_opcheck():
-    q, k, v = make(2, 3, 7, 48, F32)
-    torch.library.opcheck(torch.ops.deit_fast.class_attention.default,
-                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.25, "cuda"))
-    out, lse = torch.ops.deit_fast.class_attention(q.detach(), k.detach(), v.detach(), 0.25, "cuda")
-    torch.library.opcheck(torch.ops.deit_fast.class_attention_backward.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25,
-                           "cuda"))
+    check_custom_ops_pass_opcheck(*make(2, 3, 7, 48, F32), "cuda")
 
 
 def test_extension_ops_on_cuda_pass_opcheck():
@@ -199,11 +188,7 @@ def test_runs_on_the_current_stream():
     q, k, v = make(64, 8, 197, 48, BF16)
     dout = torch.ones(q.shape, device="cuda")
     expected = run("cuda", q, k, v, dout)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        got = run("cuda", q, k, v, dout)
-    torch.cuda.current_stream().wait_stream(side)
+    got = on_a_side_stream(lambda: run("cuda", q, k, v, dout))
     assert torch.equal(got[0], expected[0])
     for a, b in zip(got[1], expected[1]):
         assert torch.equal(a, b)

@@ -40,8 +40,10 @@ def run(backend, s, d, t, target, **kw):
     return out, grads
 
 
-def check_against_reference(s, d, t, target, **kw):
-    ours, ours_g = run("triton", s, d, t, target, **kw)
+def check_against_reference(s, d, t, target, backend="triton", **kw):
+    """The op on `backend` (also test_distill_loss_cuda.py's, on "cuda") against the fp64 reference
+    under the tolerance rule: loss, components and both head grads."""
+    ours, ours_g = run(backend, s, d, t, target, **kw)
     same, same_g = run("torch", s, d, t, target, **kw)
     up = lambda x: x.double() if x.is_floating_point() else x
     ref, ref_g = run("torch", up(s), up(d), up(t), up(target), **kw)
@@ -217,14 +219,16 @@ def test_custom_op_passes_opcheck(kind, target):
                            [True, kind != "none"]))
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    s, d, t, q = make(3, 40, F32, "soft")
+def check_compiled_matches_eager(backend, device=DEVICE):
+    """torch.compile(fullgraph) of the op on `backend` gives eager's loss, components and grads
+    (also test_distill_loss_cuda.py's, on "cuda")."""
+    s, d, t, q = make(3, 40, F32, "soft", device=device)
 
     def step(s, d):
         loss, base, distill = ops.distillation_loss(s, d, q, t, "soft", 0.5, 2.0, return_components=True)
         return loss * 2.0, base, distill
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    with ops.use_backend("triton"):
+    with ops.use_backend(backend):
         leaves = [x.clone().requires_grad_() for x in (s, d)]
         got = compiled(*leaves)
         got[0].backward()
@@ -233,6 +237,10 @@ def test_torch_compile_fullgraph_matches_eager():
         want[0].backward()
     for a, b in zip(got + tuple(x.grad for x in leaves), want + tuple(x.grad for x in eager)):
         torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    check_compiled_matches_eager("triton")
 
 
 def test_torch_compile_fullgraph_with_class_targets():

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from deit_fast import ops
+from tests.ops import test_distill_loss
 from tests.ops.test_distill_loss import KINDS, TARGETS, make, run
 from tests.ops.sanitizer import TOOLS, run_sanitizer
-from tests.ops.tolerance import assert_rule, poisoned_empty
+from tests.ops.streams import on_a_side_stream
+from tests.ops.tolerance import poisoned_empty
 
 pytestmark = pytest.mark.gpu
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -33,19 +35,8 @@ def smoothing(target):
 
 
 def check_against_reference(s, d, t, target, **kw):
-    ours, ours_g = run("cuda", s, d, t, target, **kw)
-    same, same_g = run("torch", s, d, t, target, **kw)
-    up = lambda x: x.double() if x.is_floating_point() else x
-    ref, ref_g = run("torch", up(s), up(d), up(t), up(target), **kw)
-    assert ours[0].dtype == F32 and ours[0].shape == ()
-    for name, a, r, m in zip(("loss", "base", "distill"), ours, ref, same):
-        assert_rule(name, a, r, m)
-    for name, a, r, m, x in zip(("dlogits", "ddist"), ours_g, ref_g, same_g, (s, d)):
-        if r is None:  # kind "none": dist_logits is not used
-            assert a is None and m is None
-            continue
-        assert a.dtype == x.dtype and a.shape == x.shape
-        assert_rule(name, a, r, m)
+    """test_distill_loss's check against the fp64 reference, on the cuda backend."""
+    test_distill_loss.check_against_reference(s, d, t, target, backend="cuda", **kw)
 
 
 def case_params():
@@ -251,21 +242,7 @@ def test_extension_op_on_cuda_passes_opcheck():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    s, d, t, q = make(3, 40, F32, "soft", device="cuda")
-
-    def step(s, d):
-        loss, base, distill = ops.distillation_loss(s, d, q, t, "soft", 0.5, 2.0, return_components=True)
-        return loss * 2.0, base, distill
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    with ops.use_backend("cuda"):
-        leaves = [x.clone().requires_grad_() for x in (s, d)]
-        got = compiled(*leaves)
-        got[0].backward()
-        eager = [x.clone().requires_grad_() for x in (s, d)]
-        want = step(*eager)
-        want[0].backward()
-    for a, b in zip(got + tuple(x.grad for x in leaves), want + tuple(x.grad for x in eager)):
-        torch.testing.assert_close(a, b)
+    test_distill_loss.check_compiled_matches_eager("cuda", device="cuda")
 
 
 def test_inputs_on_two_devices_raise():
@@ -279,11 +256,7 @@ def test_inputs_on_two_devices_raise():
 def test_runs_on_the_current_stream():
     s, d, t, q = make(256, 21841, BF16, "soft", device="cuda")
     expected = run("cuda", s, d, t, q, kind="hard")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        got = run("cuda", s, d, t, q, kind="hard")
-    torch.cuda.current_stream().wait_stream(side)
+    got = on_a_side_stream(lambda: run("cuda", s, d, t, q, kind="hard"))
     for a, b in zip(expected[0] + expected[1], got[0] + got[1]):
         assert torch.equal(a, b)
 

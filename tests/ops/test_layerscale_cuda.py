@@ -9,6 +9,7 @@ import torch
 
 from deit_fast import ops
 from tests.ops.sanitizer import TOOLS, run_sanitizer
+from tests.ops.streams import on_a_side_stream
 from tests.ops.tolerance import assert_rule, poisoned_empty
 
 pytestmark = pytest.mark.gpu
@@ -181,11 +182,7 @@ def test_inputs_on_two_devices_raise():
 def test_runs_on_the_current_stream():
     x, y, g, mask = make((4, 197, 384), (BF16, BF16, F32))
     expected = run("cuda", x, y, g, mask, 0.7, torch.ones(x.shape, device="cuda"))[0]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = run("cuda", x, y, g, mask, 0.7, torch.ones(x.shape, device="cuda"))[0]
-    torch.cuda.current_stream().wait_stream(side)
+    out = on_a_side_stream(lambda: run("cuda", x, y, g, mask, 0.7, torch.ones(x.shape, device="cuda"))[0])
     assert torch.equal(out, expected)
 
 

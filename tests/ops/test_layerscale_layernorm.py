@@ -12,10 +12,11 @@ from tests.ops.tolerance import assert_rule, poisoned_empty
 SHAPES = [(1, 1, 8), (2, 7, 33), (3, 65, 192), (2, 197, 288), (1, 198, 768), (5, 1024), (1, 3, 5000)]
 
 
-def run(backend, x, y, g, w, b, mask, keep_prob, d_out, d_norm):
+def run(backend, x, y, g, w, b, mask, keep_prob, d_out, d_norm, eps=1e-6):
+    """(out, normed) and the grads of (x, y[, gamma], weight, bias) of the public op on `backend`."""
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, y, g, w, b)]
     with ops.use_backend(backend):
-        out, normed = ops.layerscale_residual_layernorm(*leaves, 1e-6, mask, keep_prob)
+        out, normed = ops.layerscale_residual_layernorm(*leaves, eps, mask, keep_prob)
     grads = torch.autograd.grad((out, normed), [t for t in leaves if t is not None],
                                 (d_out.to(out.dtype), d_norm.to(normed.dtype)))
     return (out, normed), grads
@@ -59,6 +60,21 @@ def test_strided_inputs():
     check(x, y, torch.randn(C, device=DEVICE), torch.rand(B, device=DEVICE) > 0.5)
 
 
+def check_layer_norm(backend, x, w, b, dn):
+    """layer_norm on `backend` (also test_layerscale_layernorm_cuda.py's, on "cuda") against the
+    fp64 reference under the tolerance rule: normed and the grads of (x, weight, bias) for `dn`."""
+    def go(on, *ts):
+        leaves = [t.detach().requires_grad_() for t in ts]
+        with ops.use_backend(on):
+            y = ops.layer_norm(*leaves, 1e-6)
+        return (y,) + torch.autograd.grad(y, leaves, dn.to(y.dtype))
+    ours, same = go(backend, x, w, b), go("torch", x, w, b)
+    ref = go("torch", x.double(), w.double(), b.double())
+    for name, a, r, s in zip(("normed", "dx", "dweight", "dbias"), ours, ref, same):
+        assert a.dtype == s.dtype, name
+        assert_rule(name, a, r, s, ulps=16)
+
+
 @pytest.mark.parametrize("shape", [(2, 7, 33), (3, 197, 192), (4, 768)], ids=str)
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_plain_layer_norm(shape, dtype, monkeypatch):
@@ -67,17 +83,7 @@ def test_plain_layer_norm(shape, dtype, monkeypatch):
     x = torch.randn(shape, device=DEVICE, dtype=dtype) * 3 + 1
     w, b = torch.randn(C, device=DEVICE), torch.randn(C, device=DEVICE)
     dn = torch.randn(shape, device=DEVICE, dtype=torch.float64)
-
-    def go(backend, *ts):
-        leaves = [t.detach().requires_grad_() for t in ts]
-        with ops.use_backend(backend):
-            y = ops.layer_norm(*leaves, 1e-6)
-        return (y,) + torch.autograd.grad(y, leaves, dn.to(y.dtype))
-    ours, same = go("triton", x, w, b), go("torch", x, w, b)
-    ref = go("torch", x.double(), w.double(), b.double())
-    for name, a, r, s in zip(("normed", "dx", "dweight", "dbias"), ours, ref, same):
-        assert a.dtype == s.dtype, name
-        assert_rule(name, a, r, s, ulps=16)
+    check_layer_norm("triton", x, w, b, dn)
 
 
 def test_column_grads_are_bitwise_deterministic():

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from deit_fast import ops
 from tests.ops.sanitizer import TOOLS, run_sanitizer
+from tests.ops.streams import on_a_side_stream
+from tests.ops.test_layerscale_layernorm import check_layer_norm, run
 from tests.ops.tolerance import assert_rule, poisoned_empty
 
 pytestmark = pytest.mark.gpu
@@ -48,16 +50,6 @@ def make(shape, dtypes, gamma=True, drop=True):
     w = torch.randn(C, device="cuda") * 0.5 + 1
     b = torch.randn(C, device="cuda")
     return x, y, g, w, b, mask
-
-
-def run(backend, x, y, g, w, b, mask, keep_prob, d_out, d_norm, eps=1e-6):
-    """(out, normed) and the grads of (x, y[, gamma], weight, bias) of the public op."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, y, g, w, b)]
-    with ops.use_backend(backend):
-        out, normed = ops.layerscale_residual_layernorm(*leaves, eps, mask, keep_prob)
-    grads = torch.autograd.grad((out, normed), [t for t in leaves if t is not None],
-                                (d_out.to(out.dtype), d_norm.to(normed.dtype)))
-    return (out, normed), grads
 
 
 def check(x, y, g, w, b, mask, keep_prob=0.6, eps=1e-6):
@@ -139,17 +131,7 @@ def test_plain_layer_norm(shape, dtype, param_dtype, monkeypatch):
     w = torch.randn(C, device="cuda", dtype=param_dtype)
     b = torch.randn(C, device="cuda", dtype=param_dtype)
     dn = torch.randn(shape, device="cuda", dtype=torch.float64)
-
-    def go(backend, *ts):
-        leaves = [t.detach().requires_grad_() for t in ts]
-        with ops.use_backend(backend):
-            y = ops.layer_norm(*leaves, 1e-6)
-        return (y,) + torch.autograd.grad(y, leaves, dn.to(y.dtype))
-    ours, same = go("cuda", x, w, b), go("torch", x, w, b)
-    ref = go("torch", x.double(), w.double(), b.double())
-    for name, a, r, s in zip(("normed", "dx", "dweight", "dbias"), ours, ref, same):
-        assert a.dtype == s.dtype, name
-        assert_rule(name, a, r, s, ulps=16)
+    check_layer_norm("cuda", x, w, b, dn)
 
 
 def test_plain_layer_norm_of_a_strided_view():
@@ -277,11 +259,7 @@ def test_runs_on_the_current_stream():
     x, y, g, w, b, mask = make((4, 197, 384), (BF16, BF16, F32))
     ones = torch.ones(x.shape, device="cuda")
     expected = run("cuda", x, y, g, w, b, mask, 0.7, ones, ones)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        got = run("cuda", x, y, g, w, b, mask, 0.7, ones, ones)
-    torch.cuda.current_stream().wait_stream(side)
+    got = on_a_side_stream(lambda: run("cuda", x, y, g, w, b, mask, 0.7, ones, ones))
     for a, e in zip(got[0] + got[1], expected[0] + expected[1]):
         assert torch.equal(a, e)
 
