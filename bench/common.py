@@ -119,9 +119,11 @@ def _version(module: str) -> str:
 
 def environment(device: torch.device) -> dict:
     """What every result file starts with: when, on what, with which software."""
+    # DEIT_FAST_COMMIT first: a copy of the tree (the GPU machine's) can carry a stale .git.
+    commit = os.environ.get("DEIT_FAST_COMMIT", "")
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        commit = commit or subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                                          text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -4,6 +4,7 @@
 # bench/results/<YYYY-MM-DD>-<gpu-slug>.{json,md}. Needs no download.
 #
 #   bash bench/gpu_check.sh [DIR]     # DIR: also copy the results there, and all logs as logs.txt
+#   DEIT_FAST_COMMIT=$(git rev-parse --short HEAD) ...  # name the commit when the copy's .git is stale
 #
 # Each part has a cap in seconds and all share a 550 s deadline, so the whole run stays under
 # 10 minutes on one H100/H200. A part that reaches its cap is killed and reported as a timeout (the
@@ -11,7 +12,8 @@
 # starting new cases (--time-budget) and list the cases they did not run. Parts in order of value:
 #   1. install (sm_90 only) in the background while the Triton `gpu` tests run (they need no
 #      extension; pytest-xdist spreads their compiles over the cores where it imports), then the
-#      CUDA-extension `gpu` tests (tests/ops/*_cuda.py, compute-sanitizer runs included);
+#      CUDA-extension `gpu` tests (tests/ops/*_cuda.py, compute-sanitizer runs included), then
+#      the host overhead per op call (bench/overhead.py, in the logs only);
 #   2. every bench/ops/*.py at its default GPU shapes and dtypes (attention first): their cases
 #      run dtype-major, so the first dtype is covered first (torch.compile's static-shape compile
 #      per case is most of the time);
@@ -68,6 +70,9 @@ pytest_gpu() {  # pytest_gpu NAME CAP ARGS...: the `gpu` tests among ARGS, junit
 pytest_gpu pytest_gpu_triton "$(budget 160)" tests --ignore-glob='*_cuda.py'
 wait "$installing"
 pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
+
+# Host time per op call at tiny shapes, per backend: the table is in this step's log.
+step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --out "$work/overhead"
 
 # The attention kernels first (the largest unknowns), then the memory-bound ops; any bench/ops
 # file not named here runs after them.

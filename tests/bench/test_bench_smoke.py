@@ -99,6 +99,20 @@ def test_train(tmp_path):
     assert pairs(rows) == {(i, "train step") for i in ("ours", "timm")}
 
 
+def test_overhead(tmp_path):
+    # Host time per call of the public ops, per backend that can run here and per direction.
+    out = run("bench.overhead", "--device", "cpu", "--calls", "1", "--ops", "layerscale_residual,layer_norm",
+              "--out", str(tmp_path / "overhead"))
+    assert "| layerscale_residual | cuda | unavailable:" in out
+    lines = (tmp_path / "overhead.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["header"]["device"]
+    rows = [json.loads(line) for line in lines[1:]]
+    assert {(r["op"], r["backend"]) for r in rows} == {(op, b) for op in ("layerscale_residual", "layer_norm")
+                                                       for b in ("torch", "triton")}
+    for r in rows:
+        positive(r, "fwd", "fwd(grad)", "fwd+bwd")
+
+
 def test_report(op_bench, tmp_path):
     layerscale = op_bench("layerscale")
     junit = tmp_path / "junit.xml"

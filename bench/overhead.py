@@ -1,0 +1,118 @@
+"""Host overhead per op call: wall time of the public deit_fast.ops calls at tiny shapes.
+
+At these shapes the kernels take a few microseconds, so a loop of calls without a sync is bound by
+the host: Python checks, backend resolution, the custom-op and autograd machinery, and the kernel
+launches. On the H200 (2026-11-26) our ops' fwd+bwd took 200-400 us more than their fwd plus
+their bwd while SDPA's did not; this bench says where that time goes, per backend and direction.
+
+    python -m bench.overhead                 # every op, every backend that can run here
+    python -m bench.overhead --calls 200 --out out/overhead
+
+fwd: under no_grad; fwd(grad): inputs that require grad, no backward; fwd+bwd: forward, then
+backward of the output against a fixed grad. Prints one markdown table; --out also writes .jsonl.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+from bench import common  # first: turns the interpreter on when there is no GPU
+from deit_fast import ops
+from deit_fast.ops import _backend
+
+
+def _inputs(device, dtype) -> Dict[str, Callable[[bool], tuple]]:
+    """Per op: grad -> (call, inputs): call(*inputs) returns the output to differentiate."""
+    def t(*shape, grad=False, dt=dtype):
+        return torch.randn(*shape, device=device, dtype=dt).requires_grad_(grad)
+
+    w = lambda: torch.ones(64, device=device)  # noqa: E731  (LayerNorm params, fp32)
+    return {
+        "attention": lambda g: (ops.attention, (t(1, 2, 16, 64, grad=g), t(1, 2, 16, 64, grad=g),
+                                                t(1, 2, 16, 64, grad=g))),
+        "class_attention": lambda g: (ops.class_attention, (t(1, 2, 1, 48, grad=g),
+                                                            t(1, 2, 16, 48, grad=g), t(1, 2, 16, 48, grad=g))),
+        "talking_heads_attention": lambda g: (ops.talking_heads_attention, (
+            t(1, 4, 16, 48, grad=g), t(1, 4, 16, 48, grad=g), t(1, 4, 16, 48, grad=g),
+            t(4, 4, grad=g, dt=torch.float32), t(4, grad=g, dt=torch.float32),
+            t(4, 4, grad=g, dt=torch.float32), t(4, grad=g, dt=torch.float32))),
+        "layerscale_residual": lambda g: (ops.layerscale_residual, (
+            t(2, 16, 64, grad=g), t(2, 16, 64, grad=g), t(64, grad=g, dt=torch.float32))),
+        "layerscale_residual_layernorm": lambda g: (
+            lambda *a: ops.layerscale_residual_layernorm(*a)[1],
+            (t(2, 16, 64, grad=g), t(2, 16, 64, grad=g), t(64, grad=g, dt=torch.float32),
+             w().requires_grad_(g), w().requires_grad_(g))),
+        "layer_norm": lambda g: (ops.layer_norm, (t(2, 16, 64, grad=g), w().requires_grad_(g),
+                                                  w().requires_grad_(g))),
+        "distillation_loss": lambda g: (
+            lambda s, d, y, te: ops.distillation_loss(s, d, y, te, "soft", 0.5, 2.0),
+            (t(8, 10, grad=g), t(8, 10, grad=g), torch.randint(0, 10, (8,), device=device), t(8, 10))),
+    }
+
+
+def _per_call_us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    for _ in range(3):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure(op: str, make: Callable[[bool], tuple], backend: str, calls: int, device) -> Dict[str, float]:
+    call, args = make(False)
+    with torch.no_grad(), ops.use_backend(backend):
+        fwd = _per_call_us(lambda: call(*args), calls, device)
+    call, args = make(True)
+    leaves = [a for a in args if a.requires_grad]
+    dout = torch.ones_like(call(*args))
+
+    def fwd_bwd():
+        torch.autograd.grad(call(*args), leaves, dout)
+    with ops.use_backend(backend):
+        fwd_grad = _per_call_us(lambda: call(*args), calls, device)
+        both = _per_call_us(fwd_bwd, calls, device)
+    return {"fwd": fwd, "fwd(grad)": fwd_grad, "fwd+bwd": both}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--calls", type=int, default=200, help="calls per measurement (after 3 warm-ups)")
+    p.add_argument("--ops", help="comma list (default: all)")
+    p.add_argument("--out", help="also write <out>.jsonl")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter: no bf16
+    makers = _inputs(device, dtype)
+    names = args.ops.split(",") if args.ops else list(makers)
+    rows = []
+    print(f"host overhead per call, us ({common.device_name(device)}, {dtype}, {args.calls} calls)\n")
+    print("| op | backend | fwd | fwd(grad) | fwd+bwd |\n|---|---|---|---|---|")
+    for op in names:
+        for backend in ("torch",) + _backend.KERNELS[op]:
+            why = _backend.unavailable(op, backend, device.type)
+            if why is not None:
+                print(f"| {op} | {backend} | unavailable: {why} | | |")
+                continue
+            us = measure(op, makers[op], backend, args.calls, device)
+            rows.append({"op": op, "backend": backend, **us})
+            print(f"| {op} | {backend} | {us['fwd']:.1f} | {us['fwd(grad)']:.1f} | {us['fwd+bwd']:.1f} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{args.out}.jsonl", "w") as f:
+            f.write(json.dumps({"header": common.environment(device)}) + "\n")
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
