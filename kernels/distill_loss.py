@@ -188,7 +188,10 @@ def _distill_loss_fwd(S, D, T, Y, Q, ROW, COMP, DS, DD, C, s_stride, d_stride, t
         base = acc_base
     else:
         s_y = tl.load(S + s_off + y, mask=y_ok, other=float("nan")).to(tl.float32)
-        base = (1.0 - smoothing) * (lz_s - (s_y - m_s)) + smoothing * (acc_base / C)
+        base = (1.0 - smoothing) * (lz_s - (s_y - m_s))
+        # acc_base is +inf when a logit is -inf (a masked class): 0 * inf would make the loss NaN
+        # where F.cross_entropy without smoothing is finite.
+        base += tl.where(smoothing != 0.0, smoothing * (acc_base / C), 0.0)
     base = base * base_scale
     total = w_base * base
     distill = 0.0
