@@ -427,6 +427,20 @@ SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_A
                  "sdpa_math": "MATH", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
 
+def with_flag(module, name: str, thunk: Callable[[], Timed]) -> Callable[[], Timed]:
+    """A setup thunk whose setup (graphs built for bwd) and every timed call run with the kernel
+    module's switch `name` on (SPLIT_HEAD_DIM, TENSOR_CORE_MIXING): a variant under measurement."""
+    def flagged(fn):
+        def call():
+            setattr(module, name, True)
+            try:
+                return fn()
+            finally:
+                setattr(module, name, False)
+        return call
+    return lambda: (lambda t: dataclasses.replace(t, fn=flagged(t.fn)))(flagged(thunk)())
+
+
 def why_unavailable(call: Callable[[], object]) -> Optional[str]:
     """None when call() runs; else why not: its exception, after the warnings it raised on the way
     (a forced SDPA backend says why it refused the inputs only in warnings)."""

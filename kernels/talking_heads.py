@@ -218,25 +218,223 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
     tl.store(DKV + offs, acc.to(DKV.dtype.element_ty), mask=mask)
 
 
-def forward(q, k, v, w_l, w_w, b_w, scale):
-    """q, k, v: (B, H, N, D) -> (out contiguous, lse fp32 (B, H, N) in log2 units)."""
+# ---- the same, with the head mixing on tensor cores ------------------------------------------
+# Above, each head's product is its own 2D dot and the H x H mixing is a broadcast multiply-add
+# (CUDA cores, O(H^2) per (i, j), plus a where-scatter per head into [HP, ...] accumulators): at
+# 8 heads the backward took 7.2 ms at 256x8x196x48 on an H200, slower than timm eager (4.1 ms).
+# Here every [HP, rows, D] tile holds all heads (one strided load), the per-head products are
+# batched 3D dots, and each mixing is one [HP, HP] x [HP, M*N] dot; HP = 16 (the smallest dot
+# dimension), the padded heads being zero weights. Switchable (TENSOR_CORE_MIXING) until the GPU
+# bench decides: at 4 heads three quarters of each batched product is padding.
+TENSOR_CORE_MIXING = False
+
+
+def _tiles_tc():
+    """(HP, BLOCK_M, BLOCK_N, num_warps) of the tensor-core kernels, for any H <= 16."""
+    return 16, 16, 16, 4
+
+
+@triton.jit
+def _heads(PTR, rows, sb, sh, sn, off_b, H, n_rows, D, HP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[HP, rows, BLOCK_D] tile of every head of one batch, zero past H, n_rows and D."""
+    hh = tl.arange(0, HP)
+    d = tl.arange(0, BLOCK_D)
+    ptrs = (PTR + off_b * sb + hh.to(tl.int64)[:, None, None] * sh
+            + rows.to(tl.int64)[None, :, None] * sn + d[None, None, :])
+    mask = (hh[:, None, None] < H) & (rows[None, :, None] < n_rows) & (d[None, None, :] < D)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _weights(W, H, HP: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """The [HP, HP] fp32 mixing matrix W (or W^T), zero past H."""
+    g = tl.arange(0, HP)[:, None]
+    h = tl.arange(0, HP)[None, :]
+    ptrs = W + h * H + g if TRANSPOSE else W + g * H + h
+    return tl.load(ptrs, mask=(g < H) & (h < H), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mix(w, x, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """out[g] = sum_h w[g, h] x[h] for x [HP, M, N]: one product over the head axis."""
+    flat = tl.dot(w, tl.reshape(x, [HP, M * N]), input_precision=PRECISION)
+    return tl.reshape(flat, [HP, M, N])
+
+
+@triton.jit
+def _contract(a, b, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """[HP, HP] sum over (i, j) of a[g] * b[h]: the grad of a mixing matrix."""
+    return tl.dot(tl.reshape(a, [HP, M * N]), tl.trans(tl.reshape(b, [HP, M * N])),
+                  input_precision=PRECISION)
+
+
+@triton.jit
+def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """(q k^T, sum_h w_l[g, h] q_h k_h^T), both [HP, M, N] and unscaled (mixing is linear: the
+    caller applies scale or scale * log2(e))."""
+    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION)
+    return s, _mix(wl, s, HP, M, N, PRECISION)
+
+
+@triton.jit
+def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+               sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    off_b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    hh = tl.arange(0, HP)
+    wl = _weights(WL, H, HP, False)
+    ww = _weights(WW, H, HP, False)
+    bw = tl.load(BW + hh, mask=hh < H, other=0.0).to(tl.float32)
+    m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([HP, BLOCK_M], tl.float32)
+    for start in range(0, N, BLOCK_N):  # pass 1: row statistics of the mixed logits
+        cols = start + tl.arange(0, BLOCK_N)
+        q = _heads(Q, rows, sqb, sqh, sqn, off_b, H, N, D, HP, BLOCK_D)
+        k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
+        mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale
+        mixed = tl.where(cols[None, None, :] < N, mixed, float("-inf"))
+        m_new = tl.maximum(m, tl.max(mixed, axis=2))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(mixed - m_new[:, :, None]), axis=2)
+        m = m_new
+    lse = m + tl.log2(l)
+    acc = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_N):  # pass 2: mixed probabilities times V
+        cols = start + tl.arange(0, BLOCK_N)
+        q = _heads(Q, rows, sqb, sqh, sqn, off_b, H, N, D, HP, BLOCK_D)
+        k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
+        mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale
+        p = _probs(mixed, lse, rows, cols, N)
+        pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]  # P'
+        v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)  # zero past N
+        acc += tl.dot(pm.to(v.dtype), v, input_precision=PRECISION)
+    d = tl.arange(0, BLOCK_D)
+    o_ptrs = (O + off_b * sob + hh.to(tl.int64)[:, None, None] * soh
+              + rows.to(tl.int64)[None, :, None] * son + d[None, None, :])
+    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask)
+    tl.store(LSE + (off_b * H + hh)[:, None] * N + rows[None, :], lse,
+             mask=(hh[:, None] < H) & (rows[None, :] < N))
+
+
+@triton.jit
+def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, skh, skn,
+                  svb, svh, svn, sdb, sdh, sdn, H, N, D, qk_scale, scale, programs,
+                  HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # PART: (programs_total, 3, HP, HP) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
+    off_b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    hh = tl.arange(0, HP)
+    wl = _weights(WL, H, HP, False)
+    wl_t = _weights(WL, H, HP, True)
+    ww_t = _weights(WW, H, HP, True)
+    lse = _load_rows(LSE, off_b, rows, H, N, HP)
+    q = _heads(Q, rows, sqb, sqh, sqn, off_b, H, N, D, HP, BLOCK_D)
+    do = _heads(DO, rows, sdb, sdh, sdn, off_b, H, N, D, HP, BLOCK_D)
+    delta = tl.zeros([HP, BLOCK_M], tl.float32)
+    for start in range(0, N, BLOCK_N):  # pass 1: delta = rowsum(dP * P) per head
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
+        v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)
+        p = _probs(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale, lse, rows, cols, N)
+        dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)  # dP'
+        delta += tl.sum(_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) * p, axis=2)
+    tl.store(DELTA + (off_b * H + hh)[:, None] * N + rows[None, :], delta,
+             mask=(hh[:, None] < H) & (rows[None, :] < N))
+    dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
+    dwl = tl.zeros([HP, HP], tl.float32)
+    dww = tl.zeros([HP, HP], tl.float32)
+    dbw = tl.zeros([HP], tl.float32)
+    for start in range(0, N, BLOCK_N):  # pass 2: dq and the head-mixing weight grads
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
+        v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)
+        s, mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)
+        p = _probs(mixed * qk_scale, lse, rows, cols, N)
+        dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
+        dww += _contract(dpm, p, HP, BLOCK_M, BLOCK_N, PRECISION)
+        dbw += tl.sum(tl.sum(dpm, 2), 1)
+        ds = p * (_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) - delta[:, :, None])
+        dwl += _contract(ds, s * scale, HP, BLOCK_M, BLOCK_N, PRECISION)
+        dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)  # grad of S[h]
+        dq += tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
+    d = tl.arange(0, BLOCK_D)
+    offs = ((off_b * H + hh)[:, None, None] * N + rows[None, :, None]) * D + d[None, None, :]
+    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
+    tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    sq = hh[:, None] * HP + hh[None, :]
+    base = PART + pid.to(tl.int64) * 3 * HP * HP
+    tl.store(base + sq, dwl)
+    tl.store(base + HP * HP + sq, dww)
+    tl.store(base + 2 * HP * HP + hh, dbw)
+
+
+@triton.jit
+def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, skh, skn,
+                    svb, svh, svn, sdb, sdh, sdn, H, N, D, qk_scale, scale, HP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr, DK: tl.constexpr):
+    """One key tile, all heads, looping over the queries: dk when DK else dv."""
+    off_b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hh = tl.arange(0, HP)
+    wl = _weights(WL, H, HP, False)
+    k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
+    if DK:
+        wl_t = _weights(WL, H, HP, True)
+        ww_t = _weights(WW, H, HP, True)
+        v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)
+    else:
+        ww = _weights(WW, H, HP, False)
+        bw = tl.load(BW + hh, mask=hh < H, other=0.0).to(tl.float32)
+    acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _heads(Q, rows, sqb, sqh, sqn, off_b, H, N, D, HP, BLOCK_D)
+        do = _heads(DO, rows, sdb, sdh, sdn, off_b, H, N, D, HP, BLOCK_D)  # zero past N
+        lse = _load_rows(LSE, off_b, rows, H, N, HP)
+        p = _probs(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale, lse, rows, cols, N)
+        if DK:
+            dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
+            dp = _mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION)
+            ds = p * (dp - _load_rows(DELTA, off_b, rows, H, N, HP)[:, :, None])
+            dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)
+            acc += tl.dot(tl.permute(dsh, (0, 2, 1)).to(q.dtype), q, input_precision=PRECISION)
+        else:
+            pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]
+            acc += tl.dot(tl.permute(pm, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)
+    if DK:
+        acc = acc * scale
+    d = tl.arange(0, BLOCK_D)
+    offs = ((off_b * H + hh)[:, None, None] * N + cols[None, :, None]) * D + d[None, None, :]
+    mask = (hh[:, None, None] < H) & (cols[None, :, None] < N) & (d[None, None, :] < D)
+    tl.store(DKV + offs, acc.to(DKV.dtype.element_ty), mask=mask)
+
+
+def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
+    """q, k, v: (B, H, N, D) -> (out contiguous, lse fp32 (B, H, N) in log2 units).
+    tc: mix the heads on tensor cores (default TENSOR_CORE_MIXING)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
-    hp, block_m, block_n, warps = _tiles(H)
+    tc = TENSOR_CORE_MIXING if tc is None else tc
+    hp, block_m, block_n, warps = _tiles_tc() if tc else _tiles(H)
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    _th_fwd[(triton.cdiv(N, block_m), B)](
+    (_th_fwd_tc if tc else _th_fwd)[(triton.cdiv(N, block_m), B)](
         q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, N, D, scale * LOG2E, HP=hp, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype), num_warps=warps)
     return o, lse
 
 
-def backward(do, q, k, v, w_l, w_w, b_w, lse, scale):
+def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None):
     """-> (dq, dk, dv, dw_l, dw_w, db_w); db_l is zero (see the module docstring)."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
-    hp, block_m, block_n, warps = _tiles(H)
+    tc = TENSOR_CORE_MIXING if tc is None else tc
+    hp, block_m, block_n, warps = _tiles_tc() if tc else _tiles(H)
     meta = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
                 PRECISION=_precision(q.dtype), num_warps=warps)
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, N, D, scale * LOG2E, scale)
@@ -244,10 +442,11 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale):
     dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     q_tiles = triton.cdiv(N, block_m)
     part = torch.empty((q_tiles * B, 3, hp, hp), dtype=torch.float32, device=q.device)
-    _th_bwd_dq[(q_tiles, B)](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, q_tiles, **meta)
+    dq_kernel, dkdv_kernel = (_th_bwd_dq_tc, _th_bwd_dkdv_tc) if tc else (_th_bwd_dq, _th_bwd_dkdv)
+    dq_kernel[(q_tiles, B)](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, q_tiles, **meta)
     for out, is_dk in ((dk, True), (dv, False)):
-        _th_bwd_dkdv[(triton.cdiv(N, block_n), B)](q, k, v, do, w_l, w_w, b_w, lse, delta, out,
-                                                   *args, DK=is_dk, **meta)
+        dkdv_kernel[(triton.cdiv(N, block_n), B)](q, k, v, do, w_l, w_w, b_w, lse, delta, out,
+                                                  *args, DK=is_dk, **meta)
     sums = part.sum(0)  # fixed-order sum over programs: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
         (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))
@@ -255,19 +454,22 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale):
 
 
 def aot_configs(dtype: str):
-    """Every shipped variant (head counts 4, 8, 16 of CaiT; head-dim tiles 32 and 64) for the
-    sm_90 AOT test. The products are per-head 2D dots of 16-32 rows: mma.sync, not wgmma."""
+    """Every shipped variant (head counts 4, 8, 16 of CaiT, and the tensor-core mixing kernels,
+    which take any H <= 16; head-dim tiles 32 and 64) for the sm_90 AOT test. The products are
+    dots of 16-32 rows: mma.sync, not wgmma."""
     strides = [f"s{t}{a}" for t in "qkvod" for a in "bhn"]
     ints = dict.fromkeys(["H", "N", "D", "programs"] + strides, "i32")
     ints.update(qk_scale="fp32", scale="fp32")
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["WL", "WW", "BW", "LSE", "DELTA", "PART"], "*fp32"))
-    for heads in (4, 8, 16):
-        hp, block_m, block_n, warps = _tiles(heads)
+    plain = (_th_fwd, _th_bwd_dq, _th_bwd_dkdv)
+    for kernels, tiles in [(plain, _tiles(heads)) for heads in (4, 8, 16)] + [
+            ((_th_fwd_tc, _th_bwd_dq_tc, _th_bwd_dkdv_tc), _tiles_tc())]:
+        hp, block_m, block_n, warps = tiles
+        fwd, dq, dkdv = kernels
         for block_d in (32, 64):
             base = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION="tf32")
-            for kernel, extra in ((_th_fwd, {}), (_th_bwd_dq, {}), (_th_bwd_dkdv, {"DK": True}),
-                                  (_th_bwd_dkdv, {"DK": False})):
+            for kernel, extra in ((fwd, {}), (dq, {}), (dkdv, {"DK": True}), (dkdv, {"DK": False})):
                 sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
                 yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
                            num_warps=warps, aligned=tuple(strides), matmul=False)

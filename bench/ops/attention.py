@@ -20,7 +20,6 @@ is timed fwd and fwd+bwd only: its backward is the Triton one. triton_split is t
 with head dim 48 as two exact blocks (32 + 16) instead of one masked 64-wide block
 (kernels/attention.py SPLIT_HEAD_DIM): the measurement that decides the default.
 """
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -139,20 +138,8 @@ def setup(case: common.Case, impl: str, args):
     if impl == "triton_split":  # graphs built and every timed call run with the split head dim
         if attention_kernels._blocks(D, True)[1] == 0:
             raise common.Unavailable(f"head dim {D} has no split (a power of two, or no exact second block)")
-        return {d: _split_head_dim(t) for d, t in thunks.items()}
+        return {d: common.with_flag(attention_kernels, "SPLIT_HEAD_DIM", t) for d, t in thunks.items()}
     return thunks
-
-
-def _split_head_dim(thunk):
-    def split(fn):
-        def call():
-            attention_kernels.SPLIT_HEAD_DIM = True
-            try:
-                return fn()
-            finally:
-                attention_kernels.SPLIT_HEAD_DIM = False
-        return call
-    return lambda: (lambda t: dataclasses.replace(t, fn=split(t.fn)))(split(thunk)())
 
 
 def _target(shape: str):

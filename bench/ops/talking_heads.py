@@ -7,16 +7,21 @@ math (eager, which materialises B x H x N x N logits twice) and torch.compile of
 q, k, v are strided views of one (B, N, 3, H, D) projection; the head-mixing weights are fp32
 (H, H) matrices and (H,) biases, as proj_l / proj_w under autocast. Targets (the attention issue):
 fwd+bwd >= 2.5x timm eager and >= 1.5x torch.compile of it, with peak memory O(B*H*N*D); the run
-appends the speedups to the .md, and peak_mib is in every CUDA row.
+appends the speedups to the .md, and peak_mib is in every CUDA row. triton_tc is the triton
+backend with the head mixing on tensor cores (kernels.talking_heads.TENSOR_CORE_MIXING), the
+variant this bench decides on.
 """
 
 import torch
 
 from bench import common  # first: sets TRITON_INTERPRET on a machine without a GPU
 from deit_fast import ops
+from deit_fast.kernels import talking_heads as th_kernels
 
 # (B, H, N, D): CaiT's self-attention runs on the patch tokens only, head dim 48.
-SHAPES = {"cait_xxs_224": (256, 4, 196, 48), "cait_s_224": (256, 8, 196, 48),
+# CaiT-S first: 8 heads is where the two mixing strategies differ most (gpu_check's time cap
+# reaches the first shapes only).
+SHAPES = {"cait_s_224": (256, 8, 196, 48), "cait_xxs_224": (256, 4, 196, 48),
           "cait_m_224": (64, 16, 196, 48), "cait_xxs_384": (64, 4, 576, 48),
           "cait_s_384": (64, 8, 576, 48), "cait_m_384": (16, 16, 576, 48)}
 SMOKE_SHAPES = {"smoke": (1, 2, 9, 16)}
@@ -41,7 +46,8 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
-IMPLS = {"triton": lambda: _ours, "eager": lambda: _eager, "compile": _compiled}
+OURS = ("triton", "triton_tc")
+IMPLS = {"triton": lambda: _ours, "triton_tc": lambda: _ours, "eager": lambda: _eager, "compile": _compiled}
 
 
 def setup(case: common.Case, impl: str, args):
@@ -83,18 +89,21 @@ def setup(case: common.Case, impl: str, args):
                             fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
                             grad_to_none=[t for ls, _ in sets_ for t in ls])
 
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    thunks = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    if impl == "triton_tc":  # the head mixing on tensor cores (kernels.talking_heads)
+        return {d: common.with_flag(th_kernels, "TENSOR_CORE_MIXING", t) for d, t in thunks.items()}
+    return thunks
 
 
 def targets(rows, interpreted: bool):
     """Per case and direction: triton against timm eager and torch.compile of it, each with its
     target, and the peak memory beside eager's (the B x H x N x N tensors it must not allocate)."""
     key = lambda r: (r["shape"], r["dtype"], r["direction"])  # noqa: E731
-    base = {(key(r), r["impl"]): r for r in rows if r["impl"] != "triton" and r.get("us")}
-    lines = [f"### targets (triton): >= {TARGET_VS_EAGER:g}x timm eager, >= {TARGET_VS_COMPILE:g}x "
+    base = {(key(r), r["impl"]): r for r in rows if r["impl"] not in OURS and r.get("us")}
+    lines = [f"### targets (triton, triton_tc): >= {TARGET_VS_EAGER:g}x timm eager, >= {TARGET_VS_COMPILE:g}x "
              "torch.compile of it (fwd+bwd), peak memory O(B*H*N*D)", ""]
     for r in rows:
-        if r["impl"] != "triton" or not r.get("us"):
+        if r["impl"] not in OURS or not r.get("us"):
             continue
         cells = []
         for impl, want in (("eager", TARGET_VS_EAGER), ("compile", TARGET_VS_COMPILE)):
@@ -105,7 +114,8 @@ def targets(rows, interpreted: bool):
         eager = base.get((key(r), "eager"), {})
         if r.get("peak_mib") is not None and eager.get("peak_mib"):
             cells.append(f"peak {r['peak_mib']:.0f} MiB vs eager {eager['peak_mib']:.0f} MiB")
-        lines.append(f"- {r['shape']} {r['dtype']} {r['direction']}: {', '.join(cells) or 'no baseline ran'}")
+        lines.append(f"- {r['impl']} {r['shape']} {r['dtype']} {r['direction']}: "
+                     f"{', '.join(cells) or 'no baseline ran'}")
     return lines
 
 
@@ -119,7 +129,8 @@ def main(argv=None):
     shapes = SMOKE_SHAPES if smoke else {k: SHAPES[k] for k in (args.shapes or ",".join(SHAPES)).split(",")}
     dtypes = (args.dtypes or ("fp32" if smoke else "bf16")).split(",")
     report = ops.backend_report()["talking_heads_attention"].get(device.type, {}).get("unavailable", {})
-    impls = {"triton": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
+    impls = {"triton": common.Impl(False, report.get("triton")),
+             "triton_tc": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
              "compile": common.Impl(True)}
     cases = [common.Case("talking_heads_attention", shape, dtype) for dtype in dtypes for shape in shapes.values()]
     notes = {"shapes": ", ".join(f"{k} {'x'.join(map(str, v))} (BxHxNxD)" for k, v in shapes.items()),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deit_fast import ops
+from deit_fast.kernels import talking_heads as kernels
 from deit_fast.ops import reference
 from tests.conftest import DEVICE
 from tests.ops.test_attention import qkv_views
@@ -44,14 +45,22 @@ def check(q, k, v, w):
             assert_rule(name, a, r, s, ulps=16)
 
 
+# Both kernel families: head mixing on CUDA cores (the default) and on tensor cores.
+MIXING = pytest.mark.parametrize("tc", [False, True], ids=["mix_cuda_cores", "mix_tensor_cores"])
+
+
+@MIXING
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_reference(shape, dtype, monkeypatch):
+def test_matches_reference(shape, dtype, tc, monkeypatch):
     poisoned_empty(monkeypatch)
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
     check(*qkv_views(*shape, dtype), mixing(shape[1]))
 
 
-def test_grads_are_bitwise_deterministic():
+@MIXING
+def test_grads_are_bitwise_deterministic(tc, monkeypatch):
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
     q, k, v = qkv_views(2, 4, 40, 48, torch.float16)
     w = mixing(4)
     do = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
@@ -91,8 +100,10 @@ def test_kernel_limits_are_named_before_launch(H, D, arg, monkeypatch):
 
 
 @pytest.mark.gpu
+@MIXING
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(8, 4, 196, 48), (4, 8, 196, 48), (2, 16, 576, 48), (2, 8, 784, 48),
                                    (3, 4, 1, 48), (2, 3, 7, 32)], ids=str)
-def test_gpu_bf16_fp16(shape, dtype):
+def test_gpu_bf16_fp16(shape, dtype, tc, monkeypatch):
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
     check(*qkv_views(*shape, dtype, device="cuda"), mixing(shape[1], device="cuda"))
