@@ -82,9 +82,16 @@ for file in bench/ops/*.py; do
   op=$(basename "$file" .py)
   [[ $op == __init__ || " ${order[*]} " == *" $op "* ]] || order+=("$op")
 done
+# Within the caps, only the baselines the targets name (the fastest forced SDPA backend for
+# attention; timm eager and cudnn for class-attention), and the shapes with targets first.
+declare -A extra=(
+  [attention]="--impls triton,triton_split,cuda,sdpa_cudnn,sdpa_flash,sdpa_efficient --shapes d48_h8_n197,d48_h4_n196,deit_small_224,deit_base_224,deit_tiny_224,deit_small_distilled_224,d48_h8_n576,deit_base_384"
+  [class_attention]="--impls triton,cuda,eager,sdpa_cudnn"
+)
 for op in "${order[@]}"; do
   cap=$(budget 40)
-  step "bench_$op" "$cap" "$PY" -m "bench.ops.$op" --time-budget $((cap - 15)) --out "$work/$op"
+  # shellcheck disable=SC2086  # extra holds several words on purpose
+  step "bench_$op" "$cap" "$PY" -m "bench.ops.$op" --time-budget $((cap - 15)) ${extra[$op]:-} --out "$work/$op"
   jsonl+=("$work/$op.jsonl")
 done
 
