@@ -100,7 +100,7 @@ _fused.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
-          kl_reduction) -> None:
+          kl_reduction, check_target: bool = True) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kl_reduction not in KL_REDUCTIONS:
@@ -124,7 +124,7 @@ def check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_s
         # Reading the range costs a device sync (one: both ends in one copy), and torch.compile
         # cannot trace the data-dependent branch: compiled code skips it, and the kernel then
         # turns an out-of-range class into a nan loss without reading outside the row.
-        if target.numel() and not torch.compiler.is_compiling():
+        if check_target and target.numel() and not torch.compiler.is_compiling():
             lo, hi = torch.stack(torch.aminmax(target)).tolist()
             if lo < 0 or hi >= classes:
                 raise ValueError(f"target holds class indices outside [0, {classes}): "
@@ -157,8 +157,8 @@ def _reference_with_components(logits, dist_logits, target, teacher_logits, kind
 def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Tensor,
                       teacher_logits: Optional[Tensor] = None, kind: str = "hard",
                       alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0,
-                      kl_reduction: str = "numel", return_components: bool = False
-                      ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+                      kl_reduction: str = "numel", return_components: bool = False,
+                      check_target: bool = True) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
     """(1 - alpha) * CE(logits, target) + alpha * KD(dist_logits, teacher_logits); an fp32 scalar
     (fp64 when the torch backend is given fp64 inputs).
 
@@ -172,12 +172,17 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     return_components=True returns (loss, base, distill): the two terms before the alpha mix,
     detached (for logging; distill is 0 for kind "none"), from the same pass on the kernel path.
 
+    check_target=False skips the range check of int64 targets, which reads them back from the
+    device: a host sync on every call, which stalls a training loop's run-ahead. An out-of-range
+    class then gives a nan loss, without a read outside the row. The trainer passes False: its
+    labels come from the dataset its model was sized for.
+
     Gradients flow to logits and dist_logits only; target and teacher_logits get none. The kernel
     backends compute them in the forward: they are saved in the head's dtype (fp32 for fp16
     heads, whose range the 1/B-scaled grads underflow) and the backward only rescales them.
     """
     check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
-          kl_reduction)
+          kl_reduction, check_target)
     backend = _backend.resolve("distillation_loss", logits.device)
     if backend == "torch" or logits.numel() == 0:  # an empty batch: the reference's nan, no launch
         if return_components:

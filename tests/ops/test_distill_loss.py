@@ -261,6 +261,20 @@ def test_out_of_range_class_in_the_kernel_is_nan_not_a_stray_read():
     assert torch.isfinite(ds).all()
 
 
+def test_check_target_false_skips_the_range_check():
+    """check_target=False (the trainer's: no host sync per step): a bad class is not reported but
+    makes that row's loss nan; the default raises, naming the argument."""
+    s, d, t, _ = make(3, 40, F32, "int")
+    y = torch.tensor([1, 40, 2], device=DEVICE)
+    with ops.use_backend("triton"):
+        with pytest.raises(ValueError, match="target"):
+            ops.distillation_loss(s, d, y, t, "hard")
+        assert torch.isnan(ops.distillation_loss(s, d, y, t, "hard", check_target=False))
+        y[1] = 3
+        torch.testing.assert_close(ops.distillation_loss(s, d, y, t, "hard", check_target=False),
+                                   ops.distillation_loss(s, d, y, t, "hard"))
+
+
 L, Y = torch.randn(4, 10), torch.tensor([0, 3, 9, 1])
 
 
