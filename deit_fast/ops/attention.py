@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks
+from ._dispatch import backward_call, custom_op, dispatch, register_autograd
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
@@ -55,7 +56,7 @@ def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor
     return torch.ops.deit_fast_C.attention_forward(q, k, v, scale)
 
 
-@torch.library.custom_op("deit_fast::attention", mutates_args=())
+@custom_op("deit_fast::attention")
 def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     if backend == "cuda" and uses_cuda_kernel(q):
         return _cuda_forward(q, k, v, scale)
@@ -69,7 +70,7 @@ def _(q, k, v, scale, backend):
     return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("deit_fast::attention_backward", mutates_args=())
+@custom_op("deit_fast::attention_backward")
 def _fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                     scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     # Triton on every backend: o and lse have the same layout whichever forward made them.
@@ -90,10 +91,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    return (*_fused_backward(do, q, k, v, o, lse, ctx.scale, ctx.backend), None, None)
+    return (*backward_call(ctx, _fused_backward)(do, q, k, v, o, lse, ctx.scale, ctx.backend), None, None)
 
 
-_fused.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_fused, _backward, _setup_context)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
@@ -124,4 +125,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
         raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
                          "self-attention kernel takes Nq == N: use the torch backend")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _fused(q, k, v, scale, backend)[0]
+    return dispatch(_fused, q, k, v, scale, backend)[0]

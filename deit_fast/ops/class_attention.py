@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import _backend, _checks
 from .attention import check_qkv, sdpa
+from ._dispatch import backward_call, custom_op, dispatch, register_autograd
 
 HEAD_DIMS = (32, 48, 64, 80, 96, 128)  # what the kernels are compiled and tested for
 
@@ -36,7 +37,7 @@ def _kernels(backend: str):
     return ops.class_attention_forward, ops.class_attention_backward
 
 
-@torch.library.custom_op("deit_fast::class_attention", mutates_args=())
+@custom_op("deit_fast::class_attention")
 def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     forward, _ = _kernels(backend)
     return forward(q, k, v, scale)
@@ -48,7 +49,7 @@ def _(q, k, v, scale, backend):
     return q.new_empty((B, H, 1, D)), q.new_empty((B, H), dtype=torch.float32)
 
 
-@torch.library.custom_op("deit_fast::class_attention_backward", mutates_args=())
+@custom_op("deit_fast::class_attention_backward")
 def _fused_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     _, backward = _kernels(backend)
@@ -69,11 +70,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _fused_backward(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
+    dq, dk, dv = backward_call(ctx, _fused_backward)(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
 
-_fused.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_fused, _backward, _setup_context)
 
 
 def check_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -100,4 +101,4 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
         return sdpa(q, k, v, scale)
     check_kernel(backend, q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _fused(q, k, v, scale, backend)[0]
+    return dispatch(_fused, q, k, v, scale, backend)[0]

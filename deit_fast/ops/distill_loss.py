@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks, reference
+from ._dispatch import custom_op, dispatch, register_autograd
 
 KINDS = ("none", "hard", "soft")
 KL_REDUCTIONS = ("numel", "batchmean")
@@ -40,7 +41,7 @@ def _forward_kernel(backend: str):
 # (utils.fill_defaults, quadratic in their number), which is CPU time at DeiT's batch, where the
 # whole loss is a few microseconds of GPU work. scalars: (alpha, tau, label_smoothing);
 # grads: whether to write d/d logits and d/d dist_logits; backend: "triton" or "cuda".
-@torch.library.custom_op("deit_fast::distillation_loss", mutates_args=())
+@custom_op("deit_fast::distillation_loss")
 def _fused(logits: Tensor, dist_logits: Optional[Tensor], target: Tensor,
            teacher_logits: Optional[Tensor], kind: str, kl_reduction: str, scalars: List[float],
            grads: List[bool], backend: str = "triton") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -96,7 +97,7 @@ def _backward(ctx, drow, _dcomp, _dds, _ddd):
     return dlogits, ddist, None, None, None, None, None, None, None
 
 
-_fused.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_fused, _backward, _setup_context)
 
 
 def check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
@@ -197,7 +198,7 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     if kind == "none":
         dist_logits = teacher_logits = None
     grad = torch.is_grad_enabled()
-    row, comp, _, _ = _fused(logits, dist_logits, target, teacher_logits, kind, kl_reduction,
+    row, comp, _, _ = dispatch(_fused, logits, dist_logits, target, teacher_logits, kind, kl_reduction,
                              [float(alpha), float(tau), float(label_smoothing)],
                              [grad and logits.requires_grad,
                               grad and dist_logits is not None and dist_logits.requires_grad],

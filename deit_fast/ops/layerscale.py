@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks, reference
+from ._dispatch import backward_call, custom_op, dispatch, register_autograd
 
 
 def _result_dtype(x: Tensor, y: Tensor, gamma: Optional[Tensor]) -> torch.dtype:
@@ -33,7 +34,7 @@ def _kernels(backend: str):
             backward)
 
 
-@torch.library.custom_op("deit_fast::layerscale_residual", mutates_args=())
+@custom_op("deit_fast::layerscale_residual")
 def _fused(x: Tensor, y: Tensor, gamma: Optional[Tensor], scale: Optional[Tensor],
            backend: str) -> Tensor:
     forward, _ = _kernels(backend)
@@ -45,7 +46,7 @@ def _(x, y, gamma, scale, backend):
     return x.new_empty(x.shape, dtype=_result_dtype(x, y, gamma))
 
 
-@torch.library.custom_op("deit_fast::layerscale_residual_backward", mutates_args=())
+@custom_op("deit_fast::layerscale_residual_backward")
 def _fused_backward(dout: Tensor, y: Tensor, gamma: Optional[Tensor], scale: Optional[Tensor],
                     backend: str) -> Tuple[Tensor, Tensor]:
     _, backward = _kernels(backend)
@@ -68,11 +69,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout):
     y, gamma, scale = ctx.saved_tensors
-    dy, dgamma = _fused_backward(dout, y, gamma, scale, ctx.backend)
+    dy, dgamma = backward_call(ctx, _fused_backward)(dout, y, gamma, scale, ctx.backend)
     return dout.to(ctx.x_dtype), dy, (dgamma if gamma is not None else None), None, None
 
 
-_fused.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_fused, _backward, _setup_context)
 
 
 def check(x: Tensor, y: Tensor, gamma: Optional[Tensor], keep_mask: Optional[Tensor],
@@ -107,7 +108,7 @@ def layerscale_residual(x: Tensor, y: Tensor, gamma: Optional[Tensor],
         return reference.layerscale_residual(x, y, gamma, keep_mask, keep_prob)
     _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma)
     scale = None if keep_mask is None else keep_mask.to(torch.float32) / keep_prob
-    return _fused(x, y, gamma, scale, backend)
+    return dispatch(_fused, x, y, gamma, scale, backend)
 
 
 def check_norm(weight: Tensor, bias: Tensor, eps: float, channels: int) -> None:
@@ -160,7 +161,7 @@ def _ln_kernels(backend: str):
     return forward, backward
 
 
-@torch.library.custom_op("deit_fast::layerscale_residual_layernorm", mutates_args=())
+@custom_op("deit_fast::layerscale_residual_layernorm")
 def _fused_ln(x: Tensor, y: Tensor, gamma: Optional[Tensor], scale: Optional[Tensor], weight: Tensor,
               bias: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     forward, _ = _ln_kernels(backend)
@@ -174,7 +175,7 @@ def _(x, y, gamma, scale, weight, bias, eps, backend):
             x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("deit_fast::layerscale_residual_layernorm_backward", mutates_args=())
+@custom_op("deit_fast::layerscale_residual_layernorm_backward")
 def _fused_ln_backward(dout: Tensor, dnormed: Tensor, out: Tensor, y: Tensor, gamma: Optional[Tensor],
                        scale: Optional[Tensor], weight: Tensor, mean: Tensor, rstd: Tensor,
                        x_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -200,12 +201,12 @@ def _fused_ln_setup(ctx, inputs, output):
 
 def _fused_ln_grad(ctx, dout, dnormed, _dmean, _drstd):
     out, y, gamma, scale, weight, mean, rstd = ctx.saved_tensors
-    dx, dy, dgamma, dweight, dbias = _fused_ln_backward(
+    dx, dy, dgamma, dweight, dbias = backward_call(ctx, _fused_ln_backward)(
         dout, dnormed, out, y, gamma, scale, weight, mean, rstd, ctx.x_dtype, ctx.backend)
     return dx, dy, (dgamma if gamma is not None else None), None, dweight, dbias, None, None
 
 
-_fused_ln.register_autograd(_fused_ln_grad, setup_context=_fused_ln_setup)
+register_autograd(_fused_ln, _fused_ln_grad, _fused_ln_setup)
 
 
 def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor], weight: Tensor,
@@ -226,11 +227,11 @@ def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma, weight=weight, bias=bias)
     check_norm_width(backend, x.shape[-1])
     scale = None if keep_mask is None else keep_mask.to(torch.float32) / keep_prob
-    out, normed, _, _ = _fused_ln(x, y, gamma, scale, weight, bias, eps, backend)
+    out, normed, _, _ = dispatch(_fused_ln, x, y, gamma, scale, weight, bias, eps, backend)
     return out, normed
 
 
-@torch.library.custom_op("deit_fast::layer_norm", mutates_args=())
+@custom_op("deit_fast::layer_norm")
 def _ln(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     forward, _ = _ln_kernels(backend)
     _, normed, mean, rstd = forward(x, None, None, None, weight, bias, eps, x.dtype)
@@ -244,7 +245,7 @@ def _(x, weight, bias, eps, backend):
             x.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("deit_fast::layer_norm_backward", mutates_args=())
+@custom_op("deit_fast::layer_norm_backward")
 def _ln_backward(dnormed: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     _, backward = _ln_kernels(backend)
@@ -265,11 +266,11 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_grad(ctx, dnormed, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _ln_backward(dnormed, x, weight, mean, rstd, ctx.backend)
+    dx, dweight, dbias = backward_call(ctx, _ln_backward)(dnormed, x, weight, mean, rstd, ctx.backend)
     return dx, dweight, dbias, None, None
 
 
-_ln.register_autograd(_ln_grad, setup_context=_ln_setup)
+register_autograd(_ln, _ln_grad, _ln_setup)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
@@ -284,4 +285,4 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Te
         return reference.layer_norm(x, weight, bias, eps)
     _checks.kernel_dtypes(backend, x=x, weight=weight, bias=bias)
     check_norm_width(backend, x.shape[-1])
-    return _ln(x, weight, bias, eps, backend)[0]
+    return dispatch(_ln, x, weight, bias, eps, backend)[0]

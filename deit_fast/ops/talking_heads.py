@@ -9,9 +9,10 @@ from torch import Tensor
 
 from . import _backend, _checks, reference
 from .attention import check_head_dim, check_qkv
+from ._dispatch import backward_call, custom_op, dispatch, register_autograd
 
 
-@torch.library.custom_op("deit_fast::talking_heads_attention", mutates_args=())
+@custom_op("deit_fast::talking_heads_attention")
 def _fused(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor,
            scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     # b_l is an input only so that autograd hands it a real zero grad (DDP wants every
@@ -25,7 +26,7 @@ def _(q, k, v, w_l, b_l, w_w, b_w, scale, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("deit_fast::talking_heads_attention_backward", mutates_args=())
+@custom_op("deit_fast::talking_heads_attention_backward")
 def _fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, w_w: Tensor,
                     b_w: Tensor, lse: Tensor, scale: float,
                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -45,11 +46,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, _dlse):
-    dq, dk, dv, dw_l, dw_w, db_w = _fused_backward(do, *ctx.saved_tensors, ctx.scale, ctx.backend)
+    dq, dk, dv, dw_l, dw_w, db_w = backward_call(ctx, _fused_backward)(do, *ctx.saved_tensors, ctx.scale, ctx.backend)
     return dq, dk, dv, dw_l, torch.zeros_like(db_w), dw_w, db_w, None, None
 
 
-_fused.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_fused, _backward, _setup_context)
 
 
 def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor,
@@ -80,4 +81,4 @@ def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: T
         raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
                          "kernel takes Nq == N: use the torch backend")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _fused(q, k, v, w_l, b_l, w_w, b_w, scale, backend)[0]
+    return dispatch(_fused, q, k, v, w_l, b_l, w_w, b_w, scale, backend)[0]

@@ -1,0 +1,61 @@
+"""The fused ops' custom ops, and the eager path around them.
+
+Each fused op is a torch.library custom op pair (forward, backward) with fake impls and an
+autograd formula: what torch.compile needs, one opaque node per call. In eager mode that
+dispatch is host time the kernels do not need: with empty kernels, a class-attention fwd+bwd
+took 161 us through the custom ops and 42 us through an autograd.Function holding the same
+pieces (2 CPU cores, 2026-11-26; `python -m bench.overhead` measures the real ops). On the H200
+our small ops were host-bound (README, Performance). So custom_op() keeps the plain function,
+register_autograd() builds an autograd.Function twin from the same forward body, setup_context
+and backward formula, and dispatch() calls the twin on plain tensors outside torch.compile.
+"""
+from typing import Callable
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def custom_op(name: str):
+    """@custom_op("deit_fast::x") on a typed function: torch.library.custom_op(name), with the
+    function kept as op.plain."""
+    def wrap(fn: Callable):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.plain = fn
+        return op
+    return wrap
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """op.register_autograd, and op.eager: an autograd.Function.apply with the same pieces.
+    backward calls its backward op through backward_call(ctx, ...)."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = op.plain(*args)
+            setup_context(ctx, args, output)
+            ctx.eager = True
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = f"{op.plain.__module__.rsplit('.', 1)[-1]}_eager"
+    op.eager = Eager.apply
+
+
+def dispatch(op, first: torch.Tensor, *args):
+    """op(first, *args): the custom op while torch.compile traces or on tensor subclasses (fake,
+    functional: other tracers), its eager twin on plain tensors."""
+    if torch.compiler.is_compiling() or type(first) not in _PLAIN:
+        return op(first, *args)
+    return op.eager(first, *args)
+
+
+def backward_call(ctx, op) -> Callable:
+    """What a backward formula calls for its backward op: the plain function under the eager
+    twin, the custom op under the custom op's own autograd (torch.compile, opcheck)."""
+    return op.plain if getattr(ctx, "eager", False) else op
