@@ -21,7 +21,7 @@ def custom_op(name: str):
     function kept as op.plain."""
     def wrap(fn: Callable):
         op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.plain = fn
+        op.plain, op.opname = fn, name
         return op
     return wrap
 
@@ -31,20 +31,22 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     backward calls its backward op through backward_call(ctx, ...)."""
     op.register_autograd(backward, setup_context=setup_context)
 
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
+    def forward(ctx, *args):
+        device = args[0].device.type
+        if torch.is_autocast_enabled(device):  # a custom op's body runs below autocast too
+            with torch.autocast(device, enabled=False):
+                output = op.plain(*args)
+        else:
             output = op.plain(*args)
-            setup_context(ctx, args, output)
-            ctx.eager = True
-            return output
+        setup_context(ctx, args, output)
+        ctx.eager = True
+        return output
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    Eager.__name__ = Eager.__qualname__ = f"{op.plain.__module__.rsplit('.', 1)[-1]}_eager"
-    op.eager = Eager.apply
+    # Named after the op, so that a grad_fn reads e.g. deit_fast_attention_eagerBackward.
+    name = op.opname.replace("::", "_") + "_eager"
+    twin = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
+    op.eager = twin.apply
 
 
 def dispatch(op, first: torch.Tensor, *args):
