@@ -28,10 +28,12 @@ MAX_HEADS = 16
 
 def _tiles(heads: int):
     """(HP, BLOCK_M, BLOCK_N, num_warps): at most 4096 fp32 per [HP, M, N] tile; 16 is the
-    smallest dot dimension."""
+    smallest dot dimension. 8 warps: at 4, triton 3.6 (the GPU machine's) spilled up to 1.7 KB
+    per thread in the backward (HP 8, BLOCK_D 64: CaiT-S); at 8 it spills nothing but 32 bytes
+    in one forward variant (HP 16, BLOCK_D 64), nor does 3.8."""
     hp = max(2, triton.next_power_of_2(heads))
     block_m = 32 if hp <= 4 else 16
-    return hp, block_m, max(16, min(32, 4096 // (hp * block_m))), 4
+    return hp, block_m, max(16, min(32, 4096 // (hp * block_m))), 8
 
 
 @triton.jit
@@ -80,6 +82,44 @@ def _load_rows(PTR, off_b, rows, H, N, HP: tl.constexpr):
 
 
 @triton.jit
+def _online_stats(m, l, mixed):
+    """One key tile into the running row max m and sum l of exp2 (all [HP, M])."""
+    m_new = tl.maximum(m, tl.max(mixed, axis=2))
+    return m_new, l * tl.exp2(m - m_new) + tl.sum(tl.exp2(mixed - m_new[:, :, None]), axis=2)
+
+
+@triton.jit
+def _store_heads(PTR, value, off_b, rows, sb, sh, sn, H, N, D, HP: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """[HP, rows, BLOCK_D] of every head into a (B, H, N, D) tensor of strides (sb, sh, sn, 1)."""
+    hh = tl.arange(0, HP)
+    d = tl.arange(0, BLOCK_D)
+    ptrs = (PTR + off_b * sb + hh.to(tl.int64)[:, None, None] * sh
+            + rows.to(tl.int64)[None, :, None] * sn + d[None, None, :])
+    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
+    tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_rows(PTR, value, off_b, rows, H, N, HP: tl.constexpr):
+    """[HP, rows] per-row statistics into a contiguous (B, H, N) fp32 tensor."""
+    hh = tl.arange(0, HP)
+    tl.store(PTR + (off_b * H + hh)[:, None] * N + rows[None, :], value,
+             mask=(hh[:, None] < H) & (rows[None, :] < N))
+
+
+@triton.jit
+def _store_parts(PART, pid, dwl, dww, dbw, HP: tl.constexpr):
+    """This program's partial sums of dw_l, dw_w and db_w: PART[pid] is (3, HP, HP)."""
+    hh = tl.arange(0, HP)
+    sq = hh[:, None] * HP + hh[None, :]
+    base = PART + pid.to(tl.int64) * 3 * HP * HP
+    tl.store(base + sq, dwl)
+    tl.store(base + HP * HP + sq, dww)
+    tl.store(base + 2 * HP * HP + hh, dbw)
+
+
+@triton.jit
 def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
             sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -93,9 +133,7 @@ def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh,
         mixed = _mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N, D,
                               qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         mixed = tl.where(cols[None, None, :] < N, mixed, float("-inf"))
-        m_new = tl.maximum(m, tl.max(mixed, axis=2))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(mixed - m_new[:, :, None]), axis=2)
-        m = m_new
+        m, l = _online_stats(m, l, mixed)
     lse = m + tl.log2(l)
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):  # pass 2: mixed probabilities times V
@@ -109,13 +147,8 @@ def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh,
             v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, 0, BLOCK_D)  # zero past N
             pv = tl.dot(pg.to(v.dtype), v, input_precision=PRECISION)
             acc = tl.where(hh[:, None, None] == g, acc + pv[None, :, :], acc)
-    d = tl.arange(0, BLOCK_D)
-    o_ptrs = (O + off_b * sob + hh.to(tl.int64)[:, None, None] * soh
-              + rows.to(tl.int64)[None, :, None] * son + d[None, None, :])
-    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask)
-    tl.store(LSE + (off_b * H + hh)[:, None] * N + rows[None, :], lse,
-             mask=(hh[:, None] < H) & (rows[None, :] < N))
+    _store_heads(O, acc, off_b, rows, sob, soh, son, H, N, D, HP, BLOCK_D)
+    _store_rows(LSE, lse, off_b, rows, H, N, HP)
 
 
 @triton.jit
@@ -137,8 +170,7 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
         dp = _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H, N, D,
                            HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         delta += tl.sum(dp * p, axis=2)
-    tl.store(DELTA + (off_b * H + hh)[:, None] * N + rows[None, :], delta,
-             mask=(hh[:, None] < H) & (rows[None, :] < N))
+    _store_rows(DELTA, delta, off_b, rows, H, N, HP)
     dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     dwl = tl.zeros([HP, HP], tl.float32)
     dww = tl.zeros([HP, HP], tl.float32)
@@ -166,15 +198,8 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
             dwl = tl.where(hh[None, :] == h, dwl + tl.sum(tl.sum(ds * s[None, :, :], 2), 1)[:, None], dwl)
             dqh = tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
             dq = tl.where(hh[:, None, None] == h, dq + dqh[None, :, :], dq)
-    d = tl.arange(0, BLOCK_D)
-    offs = ((off_b * H + hh)[:, None, None] * N + rows[None, :, None]) * D + d[None, None, :]
-    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
-    tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
-    sq = hh[:, None] * HP + hh[None, :]
-    base = PART + pid.to(tl.int64) * 3 * HP * HP
-    tl.store(base + sq, dwl)
-    tl.store(base + HP * HP + sq, dww)
-    tl.store(base + 2 * HP * HP + hh, dbw)
+    _store_heads(DQ, dq * scale, off_b, rows, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
+    _store_parts(PART, pid, dwl, dww, dbw, HP)
 
 
 @triton.jit
@@ -212,10 +237,7 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
                 acc = tl.where(hh[:, None, None] == g, acc + dvg[None, :, :], acc)
     if DK:
         acc = acc * scale
-    d = tl.arange(0, BLOCK_D)
-    offs = ((off_b * H + hh)[:, None, None] * N + cols[None, :, None]) * D + d[None, None, :]
-    mask = (hh[:, None, None] < H) & (cols[None, :, None] < N) & (d[None, None, :] < D)
-    tl.store(DKV + offs, acc.to(DKV.dtype.element_ty), mask=mask)
+    _store_heads(DKV, acc, off_b, cols, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
 
 
 # ---- the same, with the head mixing on tensor cores ------------------------------------------
@@ -296,9 +318,7 @@ def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, s
         k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
         mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale
         mixed = tl.where(cols[None, None, :] < N, mixed, float("-inf"))
-        m_new = tl.maximum(m, tl.max(mixed, axis=2))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(mixed - m_new[:, :, None]), axis=2)
-        m = m_new
+        m, l = _online_stats(m, l, mixed)
     lse = m + tl.log2(l)
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):  # pass 2: mixed probabilities times V
@@ -310,13 +330,8 @@ def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, s
         pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]  # P'
         v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)  # zero past N
         acc += tl.dot(pm.to(v.dtype), v, input_precision=PRECISION)
-    d = tl.arange(0, BLOCK_D)
-    o_ptrs = (O + off_b * sob + hh.to(tl.int64)[:, None, None] * soh
-              + rows.to(tl.int64)[None, :, None] * son + d[None, None, :])
-    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask)
-    tl.store(LSE + (off_b * H + hh)[:, None] * N + rows[None, :], lse,
-             mask=(hh[:, None] < H) & (rows[None, :] < N))
+    _store_heads(O, acc, off_b, rows, sob, soh, son, H, N, D, HP, BLOCK_D)
+    _store_rows(LSE, lse, off_b, rows, H, N, HP)
 
 
 @triton.jit
@@ -328,7 +343,6 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
     off_b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    hh = tl.arange(0, HP)
     wl = _weights(WL, H, HP, False)
     wl_t = _weights(WL, H, HP, True)
     ww_t = _weights(WW, H, HP, True)
@@ -343,8 +357,7 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
         p = _probs(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale, lse, rows, cols, N)
         dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)  # dP'
         delta += tl.sum(_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) * p, axis=2)
-    tl.store(DELTA + (off_b * H + hh)[:, None] * N + rows[None, :], delta,
-             mask=(hh[:, None] < H) & (rows[None, :] < N))
+    _store_rows(DELTA, delta, off_b, rows, H, N, HP)
     dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     dwl = tl.zeros([HP, HP], tl.float32)
     dww = tl.zeros([HP, HP], tl.float32)
@@ -362,15 +375,8 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
         dwl += _contract(ds, s * scale, HP, BLOCK_M, BLOCK_N, PRECISION)
         dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)  # grad of S[h]
         dq += tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
-    d = tl.arange(0, BLOCK_D)
-    offs = ((off_b * H + hh)[:, None, None] * N + rows[None, :, None]) * D + d[None, None, :]
-    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
-    tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
-    sq = hh[:, None] * HP + hh[None, :]
-    base = PART + pid.to(tl.int64) * 3 * HP * HP
-    tl.store(base + sq, dwl)
-    tl.store(base + HP * HP + sq, dww)
-    tl.store(base + 2 * HP * HP + hh, dbw)
+    _store_heads(DQ, dq * scale, off_b, rows, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
+    _store_parts(PART, pid, dwl, dww, dbw, HP)
 
 
 @triton.jit
@@ -409,10 +415,7 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
             acc += tl.dot(tl.permute(pm, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)
     if DK:
         acc = acc * scale
-    d = tl.arange(0, BLOCK_D)
-    offs = ((off_b * H + hh)[:, None, None] * N + cols[None, :, None]) * D + d[None, None, :]
-    mask = (hh[:, None, None] < H) & (cols[None, :, None] < N) & (d[None, None, :] < D)
-    tl.store(DKV + offs, acc.to(DKV.dtype.element_ty), mask=mask)
+    _store_heads(DKV, acc, off_b, cols, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
 
 
 def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):

@@ -30,8 +30,14 @@ def test_every_variant_compiles_in_fp16_and_bf16(compiled):
     assert per_dtype["fp16"] == per_dtype["bf16"] > 0
 
 
+# cuobjdump prints no spill counts for Triton's cubins: spills show as the stack frame. triton 3.6
+# (the GPU machine's) gave the talking-heads backward 1.7 KB of stack per thread at 4 warps, and
+# that kernel ran slower than timm eager. Frames of up to 48 bytes are seen without spilling.
+MAX_STACK = 64
+
+
 def test_no_register_spills(compiled):
-    spilled = [row for row in compiled if row["spill_bytes"] or row["local"]]
+    spilled = [row for row in compiled if row["spill_bytes"] or row["local"] or row["stack"] > MAX_STACK]
     assert not spilled, spilled
 
 
