@@ -175,8 +175,9 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
 
     check_target=False skips the range check of int64 targets, which reads them back from the
     device: a host sync on every call, which stalls a training loop's run-ahead. An out-of-range
-    class then gives a nan loss, without a read outside the row. The trainer passes False: its
-    labels come from the dataset its model was sized for.
+    class then gives a nan loss on the kernel backends, without a read outside the row (the torch
+    backend's cross_entropy reports it itself). The trainer passes False: its labels come from the
+    dataset its model was sized for.
 
     Gradients flow to logits and dist_logits only; target and teacher_logits get none. The kernel
     backends compute them in the forward: they are saved in the head's dtype (fp32 for fp16
