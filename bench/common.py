@@ -181,6 +181,36 @@ def rotating(sets: Sequence[tuple], fn: Callable) -> Callable[[], object]:
     return lambda: fn(*next(cycle))
 
 
+def directions(call: Callable, leaves: Callable, sets: int, douts: Callable, fwd_bytes: int,
+               bwd_bytes: int, fwd_flops: int = 0, bwd_flops: int = 0) -> Dict[str, Callable[[], Timed]]:
+    """An op bench's setup thunks for "fwd", "bwd" and "fwd+bwd", over `sets` input sets.
+
+    call(*inputs) -> a tensor or a tuple of tensors; leaves(grad) -> the inputs (those to
+    differentiate requiring grad when grad); douts() -> the upstream grads of one call's outputs
+    (None for a scalar loss). fwd runs under no_grad; bwd replays one backward of graphs built
+    once per set (retain_graph); fwd+bwd runs both.
+    """
+    def fwd():
+        return Timed(rotating([leaves(False) for _ in range(sets)], torch.no_grad()(call)),
+                     fwd_bytes, fwd_flops)
+
+    def bwd():
+        graphs = []  # forward once per input set; each timed call replays one backward
+        for _ in range(sets):
+            inputs = leaves(True)
+            graphs.append((call(*inputs), douts(), inputs))
+        return Timed(rotating(graphs, lambda out, d, _: torch.autograd.backward(out, d, retain_graph=True)),
+                     bwd_bytes, bwd_flops, grad_to_none=[t for g in graphs for t in g[2]])
+
+    def fwd_bwd():
+        sets_ = [(leaves(True), douts()) for _ in range(sets)]
+        return Timed(rotating(sets_, lambda inputs, d: torch.autograd.backward(call(*inputs), d)),
+                     fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
+                     grad_to_none=[t for inputs, _ in sets_ for t in inputs])
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
 def measure_peaks(device: torch.device) -> dict:
     """A large copy (bytes read + written) and a large bf16 matmul, on random data."""
     cuda = device.type == "cuda"

@@ -114,27 +114,12 @@ def setup(case: common.Case, impl: str, args):
     def call(qkv):
         return f(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
 
-    def fwd():
-        return common.Timed(common.rotating([(leaf(False),) for _ in range(sets)], torch.no_grad()(call)),
-                            fwd_bytes, fwd_flops)
-
-    def bwd():
-        graphs = []
-        for _ in range(sets):
-            qkv = leaf(True)
-            out = call(qkv)
-            graphs.append((out, torch.randn_like(out), qkv))
-        return common.Timed(common.rotating(graphs, lambda out, dout, _: out.backward(dout, retain_graph=True)),
-                            bwd_bytes, bwd_flops, grad_to_none=[g[2] for g in graphs])
-
-    def fwd_bwd():
-        sets_ = [(leaf(True), torch.randn(B, H, N, D, device=device, dtype=dtype)) for _ in range(sets)]
-        return common.Timed(common.rotating(sets_, lambda qkv, dout: call(qkv).backward(dout)),
-                            fwd_bytes + bwd_bytes, fwd_flops + bwd_flops, grad_to_none=[s[0] for s in sets_])
-
+    thunks = common.directions(call, lambda grad: [leaf(grad)], sets,
+                               lambda: torch.randn(B, H, N, D, device=device, dtype=dtype),
+                               fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
     if impl == "cuda":  # the backward is Triton's: its bwd row would repeat the triton one
-        return {"fwd": fwd, "fwd+bwd": fwd_bwd}
-    thunks = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+        del thunks["bwd"]
+        return thunks
     if impl == "triton_split":  # graphs built and every timed call run with the split head dim
         if attention_kernels._blocks(D, True)[1] == 0:
             raise common.Unavailable(f"head dim {D} has no split (a power of two, or no exact second block)")

@@ -80,27 +80,8 @@ def setup(case: common.Case, impl: str, args):
     def call(q, k, v):
         return f(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
-    def fwd():
-        return common.Timed(common.rotating([leaves(False) for _ in range(sets)], torch.no_grad()(call)),
-                            fwd_bytes, fwd_flops)
-
-    def bwd():
-        graphs = []  # forward once per input set; each timed call replays one backward
-        for _ in range(sets):
-            ls = leaves(True)
-            out = call(*ls)
-            graphs.append((out, torch.randn_like(out), ls))
-        return common.Timed(common.rotating(graphs, lambda out, dout, _: out.backward(dout, retain_graph=True)),
-                            bwd_bytes, bwd_flops, grad_to_none=[t for g in graphs for t in g[2]])
-
-    def fwd_bwd():
-        sets_ = [(ls, torch.randn((B, H, 1, D), device=device, dtype=dtype))
-                 for ls in (leaves(True) for _ in range(sets))]
-        return common.Timed(common.rotating(sets_, lambda ls, dout: call(*ls).backward(dout)),
-                            fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
-                            grad_to_none=[t for ls, _ in sets_ for t in ls])
-
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    return common.directions(call, leaves, sets, lambda: torch.randn((B, H, 1, D), device=device, dtype=dtype),
+                             fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
 
 
 def _sdpa_unavailable(name: str, device: torch.device, dtype: torch.dtype):

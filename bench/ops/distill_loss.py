@@ -103,28 +103,7 @@ def setup(case: common.Case, impl: str, args):
         q = lam * one_hot(y) + (1 - lam) * one_hot(y.flip(0))
         return s.requires_grad_(grad), d.requires_grad_(grad), t, q
 
-    def fwd():
-        @torch.no_grad()
-        def call(*xs):
-            f(*xs)
-        return common.Timed(common.rotating([inputs(False) for _ in range(sets)], call),
-                            fwd_bytes, fwd_flops)
-
-    def bwd():
-        graphs = []  # forward once per input set; each timed call replays one backward
-        for _ in range(sets):
-            xs = inputs(True)
-            graphs.append((f(*xs), xs))
-        return common.Timed(common.rotating(graphs, lambda loss, _: loss.backward(retain_graph=True)),
-                            bwd_bytes, bwd_flops, grad_to_none=[x for g in graphs for x in g[1][:2]])
-
-    def fwd_bwd():
-        sets_ = [inputs(True) for _ in range(sets)]
-        return common.Timed(common.rotating(sets_, lambda *xs: f(*xs).backward()),
-                            fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
-                            grad_to_none=[x for xs in sets_ for x in xs[:2]])
-
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    return common.directions(f, inputs, sets, lambda: None, fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
 
 
 def target_lines(rows):

@@ -79,30 +79,8 @@ def setup(case: common.Case, impl: str, args):
         # make autograd copy dout into x.grad. Only a cast to x's dtype is real work to time.
         return x.requires_grad_(grad and xd != od), y.requires_grad_(grad), gamma.requires_grad_(grad)
 
-    def fwd():
-        @torch.no_grad()
-        def call(x, y, gamma):
-            f(x, y, gamma)
-        return common.Timed(common.rotating([inputs(False) for _ in range(sets)], call),
-                            fwd_bytes, fwd_flops)
-
-    def bwd():
-        graphs = []  # forward once per input set; each timed call replays one backward
-        for _ in range(sets):
-            leaves = inputs(True)
-            out = f(*leaves)
-            graphs.append((out, torch.randn_like(out), leaves))
-        return common.Timed(common.rotating(graphs, lambda out, dout, _: out.backward(dout, retain_graph=True)),
-                            bwd_bytes, bwd_flops, grad_to_none=[t for g in graphs for t in g[2]])
-
-    def fwd_bwd():
-        sets_ = [(leaves, torch.randn((B, N, C), device=device, dtype=od))
-                 for leaves in (inputs(True) for _ in range(sets))]
-        return common.Timed(common.rotating(sets_, lambda leaves, dout: f(*leaves).backward(dout)),
-                            fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
-                            grad_to_none=[t for leaves, _ in sets_ for t in leaves])
-
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    return common.directions(f, inputs, sets, lambda: torch.randn((B, N, C), device=device, dtype=od),
+                             fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
 
 
 def main(argv=None):

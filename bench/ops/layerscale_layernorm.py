@@ -72,29 +72,10 @@ def setup(case: common.Case, impl: str, args):
         return [torch.randn(s, device=device, dtype=dt).requires_grad_(grad) for s, dt in
                 (((B, N, C), xd), ((B, N, C), yd), ((C,), gd), ((C,), torch.float32), ((C,), torch.float32))]
 
-    def fwd():
-        return common.Timed(common.rotating([leaves(False) for _ in range(sets)], torch.no_grad()(f)),
-                            fwd_bytes, fwd_flops)
+    def douts():  # out and normed both have the promoted dtype
+        return tuple(torch.randn(B, N, C, device=device, dtype=od) for _ in range(2))
 
-    def bwd():
-        graphs = []
-        for _ in range(sets):
-            ls = leaves(True)
-            out, normed = f(*ls)
-            graphs.append(((out, normed), (torch.randn_like(out), torch.randn_like(normed)), ls))
-        return common.Timed(common.rotating(graphs, lambda outs, douts, _: torch.autograd.backward(
-            outs, douts, retain_graph=True)), bwd_bytes, bwd_flops, grad_to_none=[t for g in graphs for t in g[2]])
-
-    def fwd_bwd():
-        sets_ = [(ls, torch.randn(B, N, C, device=device, dtype=od)) for ls in (leaves(True) for _ in range(sets))]
-
-        def step(ls, d):
-            out, normed = f(*ls)
-            torch.autograd.backward((out, normed), (d, d.to(normed.dtype)))
-        return common.Timed(common.rotating(sets_, step), fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
-                            grad_to_none=[t for ls, _ in sets_ for t in ls])
-
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    return common.directions(f, leaves, sets, douts, fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
 
 
 def targets_lines(rows) -> str:

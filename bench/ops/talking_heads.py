@@ -70,26 +70,8 @@ def setup(case: common.Case, impl: str, args):
     def call(qkv, *mixing):
         return f(*qkv.permute(2, 0, 3, 1, 4).unbind(0), *mixing)
 
-    def fwd():
-        return common.Timed(common.rotating([leaves(False) for _ in range(sets)], torch.no_grad()(call)),
-                            fwd_bytes, fwd_flops)
-
-    def bwd():
-        graphs = []
-        for _ in range(sets):
-            ls = leaves(True)
-            out = call(*ls)
-            graphs.append((out, torch.randn_like(out), ls))
-        return common.Timed(common.rotating(graphs, lambda out, dout, _: out.backward(dout, retain_graph=True)),
-                            bwd_bytes, bwd_flops, grad_to_none=[t for g in graphs for t in g[2]])
-
-    def fwd_bwd():
-        sets_ = [(ls, torch.randn(B, H, N, D, device=device, dtype=dtype)) for ls in (leaves(True) for _ in range(sets))]
-        return common.Timed(common.rotating(sets_, lambda ls, dout: call(*ls).backward(dout)),
-                            fwd_bytes + bwd_bytes, fwd_flops + bwd_flops,
-                            grad_to_none=[t for ls, _ in sets_ for t in ls])
-
-    thunks = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    thunks = common.directions(call, leaves, sets, lambda: torch.randn(B, H, N, D, device=device, dtype=dtype),
+                               fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
     if impl == "triton_tc":  # the head mixing on tensor cores (kernels.talking_heads)
         return {d: common.with_flag(th_kernels, "TENSOR_CORE_MIXING", t) for d, t in thunks.items()}
     return thunks
