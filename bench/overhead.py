@@ -13,7 +13,6 @@ backward of the output against a fixed grad. Prints one markdown table; --out al
 """
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -21,6 +20,7 @@ import torch
 
 from bench import common  # first: turns the interpreter on when there is no GPU
 from deit_fast import ops
+from deit_fast.cli import _time_steps
 from deit_fast.ops import _backend
 
 
@@ -53,23 +53,14 @@ def _inputs(device, dtype) -> Dict[str, Callable[[bool], tuple]]:
     }
 
 
-def _per_call_us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
-    for _ in range(3):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+def _us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    return _time_steps(fn, calls, device) * 1e6
 
 
 def measure(op: str, make: Callable[[bool], tuple], backend: str, calls: int, device) -> Dict[str, float]:
     call, args = make(False)
     with torch.no_grad(), ops.use_backend(backend):
-        fwd = _per_call_us(lambda: call(*args), calls, device)
+        fwd = _us(lambda: call(*args), calls, device)
     call, args = make(True)
     leaves = [a for a in args if a.requires_grad]
     dout = torch.ones_like(call(*args))
@@ -77,15 +68,15 @@ def measure(op: str, make: Callable[[bool], tuple], backend: str, calls: int, de
     def fwd_bwd():
         torch.autograd.grad(call(*args), leaves, dout)
     with ops.use_backend(backend):
-        fwd_grad = _per_call_us(lambda: call(*args), calls, device)
-        both = _per_call_us(fwd_bwd, calls, device)
+        fwd_grad = _us(lambda: call(*args), calls, device)
+        both = _us(fwd_bwd, calls, device)
     return {"fwd": fwd, "fwd(grad)": fwd_grad, "fwd+bwd": both}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--calls", type=int, default=200, help="calls per measurement (after 3 warm-ups)")
+    p.add_argument("--calls", type=int, default=200, help="calls per measurement (after one warm-up)")
     p.add_argument("--ops", help="comma list (default: all)")
     p.add_argument("--out", help="also write <out>.jsonl")
     args = p.parse_args(argv)

@@ -418,16 +418,23 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
     _store_heads(DKV, acc, off_b, cols, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
 
 
+def _family(heads: int, tc):
+    """((fwd, dq, dkdv kernels), tiles) of a mixing strategy: tensor cores when tc (default
+    TENSOR_CORE_MIXING), else the CUDA-core kernels at `heads` heads."""
+    if TENSOR_CORE_MIXING if tc is None else tc:
+        return (_th_fwd_tc, _th_bwd_dq_tc, _th_bwd_dkdv_tc), _tiles_tc()
+    return (_th_fwd, _th_bwd_dq, _th_bwd_dkdv), _tiles(heads)
+
+
 def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     """q, k, v: (B, H, N, D) -> (out contiguous, lse fp32 (B, H, N) in log2 units).
     tc: mix the heads on tensor cores (default TENSOR_CORE_MIXING)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
-    tc = TENSOR_CORE_MIXING if tc is None else tc
-    hp, block_m, block_n, warps = _tiles_tc() if tc else _tiles(H)
+    (fwd, _, _), (hp, block_m, block_n, warps) = _family(H, tc)
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    (_th_fwd_tc if tc else _th_fwd)[(triton.cdiv(N, block_m), B)](
+    fwd[(triton.cdiv(N, block_m), B)](
         q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, N, D, scale * LOG2E, HP=hp, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype), num_warps=warps)
@@ -438,8 +445,7 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None):
     """-> (dq, dk, dv, dw_l, dw_w, db_w); db_l is zero (see the module docstring)."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
-    tc = TENSOR_CORE_MIXING if tc is None else tc
-    hp, block_m, block_n, warps = _tiles_tc() if tc else _tiles(H)
+    (_, dq_kernel, dkdv_kernel), (hp, block_m, block_n, warps) = _family(H, tc)
     meta = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
                 PRECISION=_precision(q.dtype), num_warps=warps)
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, N, D, scale * LOG2E, scale)
@@ -447,7 +453,6 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None):
     dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     q_tiles = triton.cdiv(N, block_m)
     part = torch.empty((q_tiles * B, 3, hp, hp), dtype=torch.float32, device=q.device)
-    dq_kernel, dkdv_kernel = (_th_bwd_dq_tc, _th_bwd_dkdv_tc) if tc else (_th_bwd_dq, _th_bwd_dkdv)
     dq_kernel[(q_tiles, B)](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, q_tiles, **meta)
     for out, is_dk in ((dk, True), (dv, False)):
         dkdv_kernel[(triton.cdiv(N, block_n), B)](q, k, v, do, w_l, w_w, b_w, lse, delta, out,
@@ -467,9 +472,7 @@ def aot_configs(dtype: str):
     ints.update(qk_scale="fp32", scale="fp32")
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["WL", "WW", "BW", "LSE", "DELTA", "PART"], "*fp32"))
-    plain = (_th_fwd, _th_bwd_dq, _th_bwd_dkdv)
-    for kernels, tiles in [(plain, _tiles(heads)) for heads in (4, 8, 16)] + [
-            ((_th_fwd_tc, _th_bwd_dq_tc, _th_bwd_dkdv_tc), _tiles_tc())]:
+    for kernels, tiles in [_family(heads, False) for heads in (4, 8, 16)] + [_family(16, True)]:
         hp, block_m, block_n, warps = tiles
         fwd, dq, dkdv = kernels
         for block_d in (32, 64):
