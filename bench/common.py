@@ -4,6 +4,11 @@ A bench module (bench/ops/<op>.py, bench/models.py) lists its cases and writes o
 function; run() times every case x impl x direction, streams rows to <out>.jsonl, then rewrites it
 with speedups and writes <out>.md. On CUDA the timer is triton.testing.do_bench (median, L2 flushed
 before every call); on CPU a perf_counter loop stands in, so every script smoke-tests here.
+
+On CUDA each row is timed twice: eagerly ("us"), as a user's loop runs it, and replayed from a
+CUDA graph ("graph us"), which is the GPU's time alone. An eager call also waits for its host
+work (Python, dispatch, launches) whenever that is slower than its kernels: on the H200 of
+2026-11-26 every small op was, ours and the baselines alike. Targets are judged on both.
 """
 import argparse
 import dataclasses
@@ -86,6 +91,8 @@ def parser(description: str, impls: Sequence[str], warmup_ms: float, rep_ms: flo
                    help="seconds; cases after the first not started by then are listed as not run")
     p.add_argument("--warmup-ms", type=float, default=warmup_ms)
     p.add_argument("--rep-ms", type=float, default=rep_ms)
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, also time each call replayed from a CUDA graph (default: on)")
     p.add_argument("--peak-tflops", help="roofline FLOP rate: a number or 'measured' "
                    f"(default {H100_PEAK_TFLOPS:g} on an H100, else measured)")
     p.add_argument("--peak-gbps", help="roofline bandwidth in GB/s: a number or 'measured' "
@@ -168,6 +175,35 @@ def probe(t: Timed, device: torch.device) -> Tuple[float, Optional[float]]:
     return ms, (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else None
 
 
+def graph_us(thunk: Callable[[], Timed], device: torch.device, warmup_ms: float, rep_ms: float) -> float:
+    """Median microseconds of one call replayed from a CUDA graph: the GPU's time, without the
+    host's. The thunk builds its inputs again on a side stream, which then captures the call:
+    autograd runs a backward on its forward's stream, so the bwd direction's graphs must be
+    made on the capturing stream too."""
+    import triton.testing
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        t = thunk()
+        for _ in range(3):  # warm-up off the default stream, as torch.cuda.graph asks
+            _clear_grads(t)
+            t.fn()
+        _clear_grads(t)  # the captured backward then allocates its grads in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            t.fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    try:
+        return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    finally:
+        del graph, t
+
+
+def _clear_grads(t: Timed) -> None:
+    for g in t.grad_to_none:
+        g.grad = None
+
+
 def rotation(set_bytes: int, device: torch.device) -> int:
     """How many input sets to cycle through so consecutive calls never find theirs in L2 (do_bench
     also flushes L2; the CPU loop does not)."""
@@ -238,15 +274,26 @@ def resolve_peaks(args, device: torch.device, measured: dict) -> Tuple[float, fl
 
 
 def add_speedups(rows: List[dict]) -> None:
-    """speedup = best baseline time / this time, within each (op, shape, dtype, direction)."""
-    best: Dict[tuple, float] = {}
-    key = lambda r: (r["op"], r["shape"], r["dtype"], r["direction"])
-    for r in rows:
-        if r.get("baseline") and r.get("us"):
-            best[key(r)] = min(best.get(key(r), math.inf), r["us"])
-    for r in rows:
-        if r.get("us") and key(r) in best:
-            r["speedup"] = best[key(r)] / r["us"]
+    """speedup = best baseline time / this time, within each (op, shape, dtype, direction); the
+    same from the graph replays as graph_speedup."""
+    key = lambda r: (r["op"], r["shape"], r["dtype"], r["direction"])  # noqa: E731
+    for us, speedup in (("us", "speedup"), ("graph_us", "graph_speedup")):
+        best: Dict[tuple, float] = {}
+        for r in rows:
+            if r.get("baseline") and r.get(us):
+                best[key(r)] = min(best.get(key(r), math.inf), r[us])
+        for r in rows:
+            if r.get(us) and key(r) in best:
+                r[speedup] = best[key(r)] / r[us]
+
+
+GRAPH_FIELDS = ("us", "tflops", "gbps", "pct_roofline", "img_s", "mfu_pct", "speedup")
+
+
+def graph_view(rows: List[dict]) -> List[dict]:
+    """The rows as the CUDA-graph replays measured them (us and what derives from it), for
+    judging targets on GPU time; a row without a replay has no us there."""
+    return [{**r, **{k: r.get("graph_" + k) for k in GRAPH_FIELDS}} for r in rows]
 
 
 def _row(case: Case, impl: str, direction: str, baseline: bool) -> dict:
@@ -254,27 +301,61 @@ def _row(case: Case, impl: str, direction: str, baseline: bool) -> dict:
             "direction": direction, "impl": impl, "baseline": baseline}
 
 
-def _measure(row: dict, t: Timed, args, device, peaks: Tuple[float, float]) -> None:
+def _rates(row: dict, t: Timed, us: float, peaks: Tuple[float, float], prefix: str = "") -> None:
+    peak_tflops, peak_gbps = peaks
+    if t.flops:
+        row[prefix + "tflops"] = t.flops / us / 1e6
+    if t.bytes:  # memory-bound ops: how close to the slower of the two ceilings
+        row[prefix + "gbps"] = t.bytes / us / 1e3
+        floor_us = max(t.flops / peak_tflops / 1e6, t.bytes / peak_gbps / 1e3)
+        row[prefix + "pct_roofline"] = 100 * floor_us / us
+    if t.items:  # models: img/s and model FLOPs utilisation
+        row[prefix + "img_s"] = t.items / us * 1e6
+        row[prefix + "mfu_pct"] = 100 * row.get(prefix + "tflops", 0.0) / peak_tflops
+
+
+def _measure(row: dict, thunk: Callable[[], Timed], args, device, peaks: Tuple[float, float]) -> None:
+    t = thunk()
     t.fn()  # warm-up: compilation, autotuning, lazy initialisation, the allocator
     call_ms, row["peak_mib"] = probe(t, device)
     # do_bench repeats for rep_ms, at least once: long calls (a model step) need a longer window.
-    min_samples = 3 if args.quick else 10
-    us = row["us"] = time_us(t, device, args.warmup_ms, max(args.rep_ms, min_samples * call_ms))
-    peak_tflops, peak_gbps = peaks
-    if t.flops:
-        row["tflops"] = t.flops / us / 1e6
-    if t.bytes:  # memory-bound ops: how close to the slower of the two ceilings
-        row["gbps"] = t.bytes / us / 1e3
-        floor_us = max(t.flops / peak_tflops / 1e6, t.bytes / peak_gbps / 1e3)
-        row["pct_roofline"] = 100 * floor_us / us
-    if t.items:  # models: img/s and model FLOPs utilisation
-        row["img_s"] = t.items / us * 1e6
-        row["mfu_pct"] = 100 * row.get("tflops", 0.0) / peak_tflops
+    rep_ms = max(args.rep_ms, (3 if args.quick else 10) * call_ms)
+    row["us"] = time_us(t, device, args.warmup_ms, rep_ms)
+    _rates(row, t, row["us"], peaks)
+    if device.type != "cuda" or not args.graph:
+        return
+    counts = dataclasses.replace(t, fn=None, grad_to_none=())
+    del t  # the graph run builds its own inputs: free these first
+    _free(device)
+    try:
+        row["graph_us"] = graph_us(thunk, device, args.warmup_ms, rep_ms)
+        _rates(row, counts, row["graph_us"], peaks, "graph_")
+    except Exception as e:  # a call that syncs the host cannot be captured: say so, keep the row
+        row["graph_note"] = _error(e)
 
 
 def verdict(ok: bool, interpreted: bool) -> str:
     """A target line's verdict; timings under the Triton interpreter say nothing about a GPU."""
     return "n/a, Triton interpreter" if interpreted else ("met" if ok else "MISSED")
+
+
+def roofline_targets(rows: List[dict], interpreted: bool, ours: Sequence[str], want_pct: float,
+                     baseline: str, want_ratio: float, baseline_name: str) -> List[str]:
+    """A memory-bound op's target lines: per row of ours (every direction), its % of the
+    bandwidth roofline and its speedup over the `baseline` impl, each against its target."""
+    key = lambda r: (r["shape"], r["dtype"], r["direction"])  # noqa: E731
+    base = {key(r): r["us"] for r in rows if r["impl"] == baseline and r.get("us")}
+    lines = [f"### targets ({', '.join(ours)}): >= {want_pct:g} % of the bandwidth roofline, "
+             f">= {want_ratio:g}x {baseline_name}", ""]
+    for r in rows:
+        if r["impl"] not in ours or not r.get("us"):
+            continue
+        pct, ratio = r.get("pct_roofline"), (base[key(r)] / r["us"] if key(r) in base else None)
+        cells = [f"{pct:.3g} % of roofline ({verdict(pct >= want_pct, interpreted)})" if pct else "",
+                 f"{ratio:.2f}x {baseline_name} ({verdict(ratio >= want_ratio, interpreted)})" if ratio else ""]
+        lines.append(f"- {r['impl']} {r['shape']} {r['dtype']} {r['direction']}: "
+                     f"{', '.join(c for c in cells if c) or f'no {baseline_name} row'}")
+    return lines
 
 
 def _qualified(fn: Callable) -> str:
@@ -297,8 +378,13 @@ def target_lines(header: dict, rows: List[dict], fn: Optional[Callable] = None) 
             fn = getattr(importlib.import_module(module), name)
         except Exception as e:
             return [f"- targets: {header['targets']} did not import ({type(e).__name__}: {e})"]
+    interpreted = header.get("triton_interpret") == "1"
     try:
-        return list(fn(rows, header.get("triton_interpret") == "1"))
+        lines = list(fn(rows, interpreted))
+        if any(r.get("graph_us") for r in rows):
+            lines += ["", "#### the same targets on the CUDA-graph replays (GPU time, no host time)", ""]
+            lines += list(fn(graph_view(rows), interpreted))
+        return lines
     except Exception as e:
         return [f"- targets: {header.get('targets')} failed ({type(e).__name__}: {e})"]
 
@@ -362,7 +448,7 @@ def run(bench: str, args, cases: Sequence[Case], impls: Dict[str, Impl], setup: 
                 for direction, thunk in thunks.items():
                     row = _row(case, impl, direction, baseline)
                     try:
-                        _measure(row, thunk(), args, device, peaks)
+                        _measure(row, thunk, args, device, peaks)
                     except Exception as e:  # one failing impl (an OOM, a compile error) must not end the run
                         row["note"] = _error(e)
                     emit(row)
@@ -409,7 +495,9 @@ def read_jsonl(path) -> Tuple[dict, List[dict], Optional[dict]]:
 COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("direction", "dir"),
            ("impl", "impl"), ("us", "us"), ("img_s", "img/s"), ("tflops", "TFLOP/s"),
            ("gbps", "GB/s"), ("pct_roofline", "% roofline"), ("mfu_pct", "MFU %"),
-           ("speedup", "speedup vs best baseline"), ("peak_mib", "peak MiB"), ("note", "note")]
+           ("speedup", "speedup vs best baseline"), ("graph_us", "graph us"),
+           ("graph_pct_roofline", "graph % roofline"), ("graph_speedup", "graph speedup"),
+           ("peak_mib", "peak MiB"), ("note", "note"), ("graph_note", "graph note")]
 
 
 def _cell(value) -> str:
@@ -442,6 +530,9 @@ def markdown(header: dict, rows: List[dict], footer: Optional[dict],
              f"{m.get('copy_gbps', 0):.4g} GB/s (copy, read + write)",
              "- us: median per call; speedup: best baseline's time / this time; peak MiB: memory "
              "allocated during one call beyond inputs and weights"]
+    if any(r.get("graph_us") for r in rows):
+        lines.append("- graph us: the same call replayed from a CUDA graph, i.e. the GPU's time alone; "
+                     "us - graph us is host time (Python, dispatch, launches) the GPU waited for")
     lines += [f"- {k}: {v}" for k, v in header.get("notes", {}).items()]
     lines += [f"- skipped {impl}: {why}" for impl, why in header.get("skipped_impls", {}).items()]
     if footer is None:

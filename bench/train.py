@@ -25,7 +25,6 @@ import functools
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from torch.utils.flop_counter import FlopCounterMode

@@ -10,8 +10,6 @@ The op is bandwidth-bound (4 FLOP per byte of K and V read), so the columns to j
 % of the bandwidth roofline. Targets (DESIGN.md section 1): >= 80 % of the HBM roofline and >= 3x
 timm eager; the run appends both, per case, to the .md.
 """
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -98,22 +96,10 @@ def _sdpa_unavailable(name: str, device: torch.device, dtype: torch.dtype):
     return None
 
 
-def targets_lines(rows) -> str:
-    """Ours per case and direction: % of the bandwidth roofline and speedup over timm eager, as
-    list lines (the .md keeps one table, which the report and the smoke test parse)."""
-    key = lambda r: (r["shape"], r["dtype"], r["direction"])
-    eager = {key(r): r["us"] for r in rows if r["impl"] == "eager" and r.get("us")}
-    lines = [f"### targets (triton, cuda): >= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, "
-             f">= {TARGET_VS_EAGER:g}x timm eager", ""]
-    for r in rows:
-        if r["impl"] not in OURS or not r.get("us"):
-            continue
-        pct, vs = r.get("pct_roofline"), (eager[key(r)] / r["us"] if key(r) in eager else None)
-        cells = [f"{pct:.3g} % of roofline ({'ok' if pct >= TARGET_PCT_ROOFLINE else 'MISSED'})" if pct else "",
-                 f"{vs:.2f}x timm eager ({'ok' if vs >= TARGET_VS_EAGER else 'MISSED'})" if vs else ""]
-        lines.append(f"- {r['impl']} {r['shape']} {r['dtype']} {r['direction']}: "
-                     f"{', '.join(c for c in cells if c)}")
-    return "\n".join(lines) + "\n"
+def targets(rows, interpreted: bool):
+    """Ours per case and direction: % of the bandwidth roofline and speedup over timm eager."""
+    return common.roofline_targets(rows, interpreted, OURS, TARGET_PCT_ROOFLINE, "eager",
+                                   TARGET_VS_EAGER, "timm eager")
 
 
 def main(argv=None):
@@ -138,13 +124,7 @@ def main(argv=None):
              "eager": "timm ClassAttn math (fused_attn off); sdpa: timm's default; sdpa_*: that backend "
                       "forced; compile: torch.compile of the eager math, static shapes",
              "targets": f">= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, >= {TARGET_VS_EAGER:g}x timm eager"}
-    rows = common.run("class_attention", args, cases, impls, setup, {"notes": notes})
-    table = targets_lines(rows)
-    out = Path(args.out or "out/class_attention")
-    with open(f"{out}.md", "a") as f:
-        f.write("\n" + table)
-    print(table)
-
+    common.run("class_attention", args, cases, impls, setup, {"notes": notes}, targets)
 
 if __name__ == "__main__":
     main()

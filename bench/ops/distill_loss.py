@@ -16,8 +16,6 @@ soft target once; bwd writes the two head grads once.
 from bench import common  # first: it turns on the Triton interpreter when there is no GPU
 
 import contextlib
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -106,14 +104,13 @@ def setup(case: common.Case, impl: str, args):
     return common.directions(f, inputs, sets, lambda: None, fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
 
 
-def target_lines(rows):
+def targets(rows, interpreted: bool):
     """One markdown bullet per case and backend of ours: its fwd+bwd speedup over each baseline
     vs its target. (Bullets, not a table: the .md keeps exactly one table, one line per row.)"""
     by_case = {}
     for r in rows:
         if r.get("us") and r["direction"] == "fwd+bwd":
             by_case.setdefault((r["op"], r["shape"], r["dtype"]), {})[r["impl"]] = r["us"]
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     lines = []
     for (op, shape, dtype), us in by_case.items():
         for ours in (o for o in OURS if o in us):
@@ -123,9 +120,8 @@ def target_lines(rows):
                     parts.append(f"{b} not run")
                     continue
                 ratio = us[b] / us[ours]
-                verdict = ("n/a, Triton interpreter" if interpreted and ours == "triton"
-                           else "met" if ratio >= target else "NOT met")
-                parts.append(f"{ratio:.2f}x {b} (target >= {target:g}x: {verdict})")
+                parts.append(f"{ratio:.2f}x {b} (target >= {target:g}x: "
+                             f"{common.verdict(ratio >= target, interpreted)})")
             lines.append(f"- target, fwd+bwd, {op} {shape} {dtype}: {ours} {us[ours]:.1f} us; "
                          + ", ".join(parts))
     return lines
@@ -154,13 +150,7 @@ def main(argv=None):
                       "autocast on CUDA); compile: torch.compile of the reference, static shapes",
              "params": f"alpha {ALPHA}, tau {TAU}, kl_reduction numel (official DeiT)",
              "targets": ", ".join(f">= {t:g}x {b}" for b, t in TARGETS.items()) + " (fwd+bwd)"}
-    rows = common.run("distillation_loss", args, cases, impls, setup, {"notes": notes})
-    lines = target_lines(rows)
-    print("\n".join(lines))
-    out = Path(args.out or "out/distillation_loss")
-    with open(f"{out}.md", "a") as f:
-        f.write("\n" + "\n".join(lines) + "\n")
-
+    common.run("distillation_loss", args, cases, impls, setup, {"notes": notes}, targets)
 
 if __name__ == "__main__":
     main()

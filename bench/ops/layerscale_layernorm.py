@@ -10,8 +10,6 @@ Bytes: fwd reads x, y (and gamma, weight, bias) and writes out and normed; bwd r
 out, y and writes dx, dy (row statistics and the C-sized grads are negligible). Targets (the
 residual+LayerNorm issue): fwd and bwd >= 85 % of the HBM roofline and >= 1.1x torch.compile.
 """
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 import timm.layers
@@ -78,21 +76,10 @@ def setup(case: common.Case, impl: str, args):
     return common.directions(f, leaves, sets, douts, fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
 
 
-def targets_lines(rows) -> str:
-    key = lambda r: (r["shape"], r["dtype"], r["direction"])  # noqa: E731
-    compiled = {key(r): r["us"] for r in rows if r["impl"] == "compile" and r.get("us")}
-    lines = [f"### targets (triton, cuda): >= {TARGET_PCT_ROOFLINE:g} % of the bandwidth roofline, "
-             f">= {TARGET_VS_COMPILE:g}x torch.compile", ""]
-    for r in rows:
-        if r["impl"] not in ("triton", "cuda") or not r.get("us"):
-            continue
-        pct, vs = r.get("pct_roofline"), compiled.get(key(r))
-        cells = [f"{pct:.3g} % of roofline ({'ok' if pct >= TARGET_PCT_ROOFLINE else 'MISSED'})" if pct else ""]
-        if vs:
-            cells.append(f"{vs / r['us']:.2f}x compile ({'ok' if vs / r['us'] >= TARGET_VS_COMPILE else 'MISSED'})")
-        lines.append(f"- {r['impl']} {r['shape']} {r['dtype']} {r['direction']}: "
-                     f"{', '.join(c for c in cells if c)}")
-    return "\n".join(lines) + "\n"
+def targets(rows, interpreted: bool):
+    """Ours per case and direction: % of the bandwidth roofline and speedup over torch.compile."""
+    return common.roofline_targets(rows, interpreted, ("triton", "cuda"), TARGET_PCT_ROOFLINE,
+                                   "compile", TARGET_VS_COMPILE, "torch.compile")
 
 
 def main(argv=None):
@@ -116,12 +103,7 @@ def main(argv=None):
     notes = {"dtype": "x/y/gamma storage dtypes; out and normed take their promoted dtype; LayerNorm params fp32",
              "eager": "timm's x + drop_path(gamma * y), then F.layer_norm; apex: the same with FusedLayerNorm",
              "droppath": f"keep_prob {KEEP_PROB}, per-sample mask drawn on every forward"}
-    rows = common.run("layerscale_residual_layernorm", args, cases, impls, setup, {"notes": notes})
-    table = targets_lines(rows)
-    with open(f"{Path(args.out or 'out/layerscale_layernorm')}.md", "a") as f:
-        f.write("\n" + table)
-    print(table)
-
+    common.run("layerscale_residual_layernorm", args, cases, impls, setup, {"notes": notes}, targets)
 
 if __name__ == "__main__":
     main()

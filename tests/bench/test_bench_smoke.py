@@ -140,3 +140,23 @@ def test_report(op_bench, tmp_path):
 
 def test_gpu_check_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
+
+
+def test_graph_columns_and_targets():
+    # The CUDA-graph timings (GPU only) get their own speedups, table columns and target verdicts.
+    rows = [{"op": "x", "shape": "1", "dtype": "bf16", "direction": "fwd", "impl": "ours", "baseline": False,
+             "us": 100.0, "graph_us": 10.0, "pct_roofline": 8.0, "graph_pct_roofline": 80.0},
+            {"op": "x", "shape": "1", "dtype": "bf16", "direction": "fwd", "impl": "eager", "baseline": True,
+             "us": 50.0, "graph_us": 40.0}]
+    common.add_speedups(rows)
+    assert rows[0]["speedup"] == 0.5 and rows[0]["graph_speedup"] == 4.0
+
+    def targets(rs, interpreted):
+        ours = next(r for r in rs if r["impl"] == "ours")
+        return [f"- {ours['us']:g} us, {ours['speedup']:g}x, {ours['pct_roofline']:g} %"]
+    header = {"bench": "x", "date": "d", "device": "dev", "torch": "t", "cuda": "c", "triton": "tr",
+              "timm": "ti", "git": "g", "peak_tflops": 1.0, "peak_gbps": 1.0}
+    lines = common.target_lines(header, rows, targets)
+    assert lines[0] == "- 100 us, 0.5x, 8 %" and lines[-1] == "- 10 us, 4x, 80 %"
+    md = common.markdown(header, rows, {"not_run": []}, lines)
+    assert "| graph us | graph % roofline | graph speedup |" in md and "CUDA graph" in md
