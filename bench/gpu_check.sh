@@ -13,7 +13,8 @@
 #   1. install (sm_90 only) in the background while the Triton `gpu` tests run (they need no
 #      extension; pytest-xdist spreads their compiles over the cores where it imports), then the
 #      CUDA-extension `gpu` tests (tests/ops/*_cuda.py, compute-sanitizer runs included), then
-#      the host overhead per op call (bench/overhead.py, in the logs only);
+#      the host overhead per op call (bench/overhead.py, in the logs only), then `deit-fast demo`
+#      cut to a few epochs on the GPU;
 #   2. every bench/ops/*.py at its default GPU shapes and dtypes (attention first): their cases
 #      run dtype-major, so the first dtype is covered first (torch.compile's static-shape compile
 #      per case is most of the time);
@@ -76,6 +77,11 @@ pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
 
 # Host time per op call at tiny shapes, per backend: the table is in this step's log.
 step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --out "$work/overhead"
+
+# The trainer end to end on the GPU (data loading, bf16, distillation, checkpoints, logs): the
+# README's main job cut to a few epochs; its accuracy table is at the end of this step's log.
+step demo_gpu "$(budget 75)" "$PY" -m deit_fast demo --device cuda --epochs 3 --teacher-epochs 2 \
+  --no-soft --num_workers 4 --output_dir "$work/demo"
 
 # The attention kernels first (the largest unknowns), then the memory-bound ops; any bench/ops
 # file not named here runs after them.
