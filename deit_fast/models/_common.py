@@ -2,7 +2,17 @@
 from typing import Optional
 
 import torch
+from timm.layers import trunc_normal_
 from torch import nn
+
+
+def init_linears(model: nn.Module) -> None:
+    """timm's Linear init for ViTs: trunc-normal(.02) weights, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def head(dim: int, num_classes: int) -> nn.Module:

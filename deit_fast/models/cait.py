@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from deit_fast.layers import LayerNorm, LayerScaleBlock, LayerScaleBlockClassAttn, run_blocks
 
-from ._common import ClassifierMixin, head
+from ._common import ClassifierMixin, head, init_linears
 
 __all__ = ["Cait"]
 
@@ -53,11 +53,7 @@ class Cait(ClassifierMixin, nn.Module):
         """timm's CaiT init: trunc-normal(.02) tokens and Linears, zero biases."""
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     @torch.jit.ignore
     def no_weight_decay(self):

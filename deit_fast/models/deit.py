@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from deit_fast.layers import Block, LayerNorm, run_blocks
 
-from ._common import ClassifierMixin, head
+from ._common import ClassifierMixin, head, init_linears
 
 __all__ = ["VisionTransformer", "VisionTransformerDistilled"]
 
@@ -60,11 +60,7 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.distilled:
             trunc_normal_(self.dist_token, std=.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     @torch.jit.ignore
     def no_weight_decay(self):
