@@ -43,6 +43,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _kv_tile(k_base, v_base, n0, end, d, dmask, skn, skd, svn, svd, BLOCK_N: tl.constexpr):
+    """Keys n0 .. n0 + BLOCK_N of K and V (zero past `end`) in fp32, their row mask and the
+    (row, col) mask of the tile."""
+    rows = n0 + tl.arange(0, BLOCK_N)
+    rmask = rows < end
+    mask = rmask[:, None] & dmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    k = tl.load(k_base + r64 * skn + d[None, :] * skd, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_base + r64 * svn + d[None, :] * svd, mask=mask, other=0.0).to(tl.float32)
+    return k, v, r64, rmask, mask
+
+
+@triton.jit
 def _ca_fwd(Q, K, V, O, LSE, PM, PL, PACC,
             sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, sod,
             H, N, D, BH, chunk, qk_scale,
@@ -62,12 +75,7 @@ def _ca_fwd(Q, K, V, O, LSE, PM, PL, PACC,
     start = split * chunk
     end = tl.minimum(start + chunk, N)
     for n0 in range(start, end, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        rmask = rows < end
-        mask = rmask[:, None] & dmask[None, :]
-        r64 = rows.to(tl.int64)[:, None]
-        k = tl.load(k_base + r64 * skn + d[None, :] * skd, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_base + r64 * svn + d[None, :] * svd, mask=mask, other=0.0).to(tl.float32)
+        k, v, _, rmask, _ = _kv_tile(k_base, v_base, n0, end, d, dmask, skn, skd, svn, svd, BLOCK_N)
         s = tl.where(rmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, s)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot with no key yet: no NaN
@@ -136,12 +144,7 @@ def _ca_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV,
     start = split * chunk
     end = tl.minimum(start + chunk, N)
     for n0 in range(start, end, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        rmask = rows < end
-        mask = rmask[:, None] & dmask[None, :]
-        r64 = rows.to(tl.int64)[:, None]
-        k = tl.load(k_base + r64 * skn + d[None, :] * skd, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_base + r64 * svn + d[None, :] * svd, mask=mask, other=0.0).to(tl.float32)
+        k, v, r64, rmask, mask = _kv_tile(k_base, v_base, n0, end, d, dmask, skn, skd, svn, svd, BLOCK_N)
         p = tl.where(rmask, tl.exp2(tl.sum(k * q2[None, :], axis=1) - lse), 0.0)
         dp = tl.sum(v * do[None, :], axis=1)
         ds = p * (dp - delta)
