@@ -5,9 +5,12 @@
 #
 #   bash bench/gpu_check.sh [DIR]     # DIR: also copy the results there, and all logs as logs.txt
 #   DEIT_FAST_COMMIT=$(git rev-parse --short HEAD) ...  # name the commit when the copy's .git is stale
+#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,ops,models: all)
+#   GPU_CHECK_DEADLINE=400 ...        # seconds for the whole run (default 550)
 #
-# Each part has a cap in seconds and all share a 550 s deadline, so the whole run stays under
-# 10 minutes on one H100/H200. A part that reaches its cap is killed and reported as a timeout (the
+# Each step has a cap in seconds and all share the deadline, so the whole run stays under
+# 10 minutes on one H100/H200 (one device call). Split over two calls (tests,ops then models)
+# every step gets its full cap. A part that reaches its cap is killed and reported as a timeout (the
 # benches stream their rows, so what they measured is kept); inside their caps the benches stop
 # starting new cases (--time-budget) and list the cases they did not run. Parts in order of value:
 #   1. install (sm_90 only) in the background while the Triton `gpu` tests run (they need no
@@ -34,7 +37,9 @@ copy_to=${1:-}
 work=$(mktemp -d)
 steps=$work/steps.tsv
 : >"$steps"
-deadline=$((SECONDS + 550))
+deadline=$((SECONDS + ${GPU_CHECK_DEADLINE:-550}))
+parts=",${GPU_CHECK_PARTS:-tests,ops,models},"
+want() { [[ $parts == *",$1,"* ]]; }  # want PART: whether this run includes it
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # no download, ever
 
 budget() {  # budget CAP: CAP, or less when the shared deadline is nearer
@@ -71,16 +76,16 @@ pytest_gpu() {  # pytest_gpu NAME CAP ARGS...: the `gpu` tests among ARGS, junit
   step "$name" "$cap" "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprovider "${xdist[@]}" \
     --junitxml="$work/$name.xml" "$@"
 }
-pytest_gpu pytest_gpu_triton "$(budget 160)" tests --ignore-glob='*_cuda.py'
+want tests && pytest_gpu pytest_gpu_triton "$(budget 160)" tests --ignore-glob='*_cuda.py'
 wait "$installing"
-pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
+want tests && pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
 
 # Host time per op call at tiny shapes, per backend: the table is in this step's log.
-step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --out "$work/overhead"
+want tests && step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --out "$work/overhead"
 
 # The trainer end to end on the GPU (data loading, bf16, distillation, checkpoints, logs): the
 # README's main job cut to a few epochs; its accuracy table is at the end of this step's log.
-step demo_gpu "$(budget 75)" "$PY" -m deit_fast demo --device cuda --epochs 3 --teacher-epochs 2 \
+want tests && step demo_gpu "$(budget 75)" "$PY" -m deit_fast demo --device cuda --epochs 3 --teacher-epochs 2 \
   --no-soft --num_workers 4 --output_dir "$work/demo"
 
 # The attention kernels first (the largest unknowns), then the memory-bound ops; any bench/ops
@@ -97,28 +102,32 @@ declare -A extra=(
   [attention]="--impls triton,triton_split,cuda,sdpa_cudnn,sdpa_flash,sdpa_efficient --shapes d48_h8_n197,d48_h4_n196,deit_small_224,deit_base_224,deit_tiny_224,deit_small_distilled_224,d48_h8_n576,deit_base_384"
   [class_attention]="--impls triton,cuda,eager,sdpa_cudnn"
 )
+declare -A caps=([attention]=60 [talking_heads]=50)  # the most cases and impls; the rest 40 s
+want ops || order=()
 for op in "${order[@]}"; do
-  cap=$(budget 40)
+  cap=$(budget "${caps[$op]:-40}")
   # shellcheck disable=SC2086  # extra holds several words on purpose
   step "bench_$op" "$cap" "$PY" -m "bench.ops.$op" --time-budget $((cap - 15)) ${extra[$op]:-} --out "$work/$op"
   jsonl+=("$work/$op.jsonl")
 done
 
-cap=$(budget 50)
-step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
-  --models deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224,deit_base_patch16_384,cait_xxs24_224,cait_s24_224,cait_xxs24_384,cait_s24_384,cait_m36_384 \
-  --out "$work/models"
-jsonl+=("$work/models.jsonl")
+if want models; then
+  cap=$(budget 50)
+  step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
+    --models deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224,deit_base_patch16_384,cait_xxs24_224,cait_s24_224,cait_xxs24_384,cait_s24_384,cait_m36_384 \
+    --out "$work/models"
+  jsonl+=("$work/models.jsonl")
 
-cap=$(budget 60)
-step bench_train "$cap" "$PY" -m bench.train --quick --impls ours,timm --time-budget $((cap - 25)) \
-  --models deit_small,cait_xxs24 --settings none,hard_cl,hard_nchw --out "$work/train"
-jsonl+=("$work/train.jsonl")
+  cap=$(budget 60)
+  step bench_train "$cap" "$PY" -m bench.train --quick --impls ours,timm --time-budget $((cap - 25)) \
+    --models deit_small,cait_xxs24 --settings none,hard_cl,hard_nchw --out "$work/train"
+  jsonl+=("$work/train.jsonl")
 
-cap=$(budget 160)
-step bench_models_compile "$cap" "$PY" -m bench.models --quick --impls ours_compile,timm_compile \
-  --time-budget $((cap - 70)) --models deit_small_patch16_224,cait_xxs24_224 --out "$work/models_compile"
-jsonl+=("$work/models_compile.jsonl")
+  cap=$(budget 160)
+  step bench_models_compile "$cap" "$PY" -m bench.models --quick --impls ours_compile,timm_compile \
+    --time-budget $((cap - 70)) --models deit_small_patch16_224,cait_xxs24_224 --out "$work/models_compile"
+  jsonl+=("$work/models_compile.jsonl")
+fi
 
 "$PY" -m bench.report --steps "$steps" --junit gpu_triton="$work/pytest_gpu_triton.xml" --junit gpu_cuda="$work/pytest_gpu_cuda.xml" "${jsonl[@]}" | tee "$work/written"
 if [[ -n $copy_to ]]; then
