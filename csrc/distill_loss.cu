@@ -677,36 +677,34 @@ void launch(const Args<T>& a, cudaStream_t stream) {
   const bool soft_q = a.q != nullptr, d2 = KIND == kSoft || (KIND == kHard && a.dd != nullptr);
   const int64_t per_col = static_cast<int64_t>(sizeof(T)) * (1 + d2 + (KIND == kSoft)) +
                           (soft_q ? static_cast<int64_t>(sizeof(float)) : 0);
-  int device = 0, optin = 0;
+  int device = 0, optin = 0, per_block = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlock, device));
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  // Every limit bounds static + dynamic bytes: the static reduction slots (832 B) count too.
+  const int64_t fixed = static_cast<int64_t>(attr.sharedSizeBytes);
   const int64_t all = (a.C + 7) / 8 * 8;  // whole 16-byte vectors per region
-  auto stash_for = [&](int64_t limit) {   // columns that fit in `limit` bytes of shared memory
-    const int64_t budget = std::max<int64_t>(0, limit - static_cast<int64_t>(attr.sharedSizeBytes));
-    return all * per_col <= budget ? all : budget / per_col / kTileCols * kTileCols;
-  };
-  int64_t stash_cols = stash_for(optin);
-  size_t bytes = static_cast<size_t>(stash_cols * per_col);
-  constexpr int64_t kDefaultLimit = 48 * 1024;  // dynamic shared memory without the opt-in
-  // The opt-in can be refused, or the launch with it (compute-sanitizer keeps some shared memory
-  // for itself: seen on an H200 at C = 21841 fp32, 2026-11-26). The stash is only a cache of the
-  // row (the kernel re-reads what it does not hold), so then run with the default limit instead.
-  if (bytes > kDefaultLimit) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(bytes)) == cudaSuccess) {
-      kernel<<<static_cast<unsigned>(a.B), kMaxThreads, bytes, stream>>>(
-          a, static_cast<int>(stash_cols));
-      if (cudaPeekAtLastError() == cudaSuccess) return;
-    }
-    (void)cudaGetLastError();  // both errors are reported at once and are not sticky: clear
-    stash_cols = stash_for(kDefaultLimit);
-    bytes = static_cast<size_t>(stash_cols * per_col);
+  const int64_t budget = std::max<int64_t>(0, optin - fixed);
+  const int64_t stash_cols =
+      all * per_col <= budget ? all : budget / per_col / kTileCols * kTileCols;
+  const int64_t bytes = stash_cols * per_col;
+  // Opt in past the default 48 KiB per block, static bytes included: a stash of exactly 48 KiB
+  // (C = 8192 fp16 soft with class targets) plus the static slots is refused otherwise
+  // (cudaErrorInvalidValue). No try-and-fall-back: compute-sanitizer reports a failed call even
+  // when it is recovered from.
+  if (fixed + bytes > per_block || bytes > attr.maxDynamicSharedSizeBytes) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
   }
-  kernel<<<static_cast<unsigned>(a.B), kMaxThreads, bytes, stream>>>(
+  kernel<<<static_cast<unsigned>(a.B), kMaxThreads, static_cast<size_t>(bytes), stream>>>(
       a, static_cast<int>(stash_cols));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, kOp, ": streamed kernel launch failed: ",
+              cudaGetErrorString(err), " (B = ", a.B, ", C = ", a.C, ", ", kMaxThreads,
+              " threads, ", bytes, " B dynamic + ", fixed, " B static shared memory, limits ",
+              per_block, " B / ", optin, " B opt-in, ", attr.numRegs, " registers)");
 }
 
 template <typename T>

@@ -89,6 +89,16 @@ def test_fp32_soft_rows_past_the_stash(C):
     check_against_reference(s, d, t, q, kind="soft", tau=3.0, kl_reduction="batchmean")
 
 
+@pytest.mark.parametrize("kind,C,dtype", [("soft", 8048, F16), ("soft", 8056, BF16),
+                                          ("soft", 8192, F16), ("none", 12288, F32)], ids=str)
+def test_stash_at_the_48_kib_default_limit(kind, C, dtype):
+    """Stashes of 48 KiB or just under (6 B per class for fp16 / bf16 soft with class targets,
+    4 B for fp32 "none"): with the kernel's 832 B of static shared memory, past 48 KiB - 832 B
+    the launch needs the opt-in (it was refused with cudaErrorInvalidValue); C = 8048 fits."""
+    s, d, t, y = make(2, C, dtype, "int", device="cuda")
+    check_against_reference(s, d, t, y, kind=kind, tau=2.0)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("C", [10, 37, 1000, 21841])
 @pytest.mark.parametrize("kind,target", [("none", "int-smooth"), ("hard", "soft"), ("soft", "int")])
@@ -280,6 +290,7 @@ def test_int64_offsets_past_2_to_the_31():
 
 
 SANITIZER_SCRIPT = """
+import sys
 import torch
 from deit_fast import ops
 from tests.ops.test_distill_loss import make
@@ -291,6 +302,10 @@ for B, C, dt in [(3, 10, torch.float32), (5, 37, torch.bfloat16), (2, 1000, torc
             if views:
                 s, d = (torch.cat([x, x[:, :1]], 1)[:, 1:] for x in (s, d))
             leaves = [s.detach().requires_grad_(), d.detach().requires_grad_()]
+            # On stderr, which the failure message ends with: the last case named is the one
+            # that failed (the sanitizer's report only names the kernel).
+            print(f"case B={B} C={C} {dt} {kind}/{target} views={views}", file=sys.stderr,
+                  flush=True)
             with ops.use_backend("cuda"):
                 loss = ops.distillation_loss(*leaves, y, t, kind, 0.5, 2.0, label_smoothing=0.1)
             loss.backward()
