@@ -19,7 +19,9 @@
 // rows past N are zero-filled by cp.async and masked to -inf in the logits, and 16-key chunks
 // wholly past N skip their mma (N = 197 computes 208 key columns per query, not 256).
 // q, k, v are read through (batch, head, row) strides with a unit last stride, so views of the
-// (B, N, 3, H, D) qkv projection go in without a copy; o is written contiguous.
+// (B, N, 3, H, D) qkv projection go in without a copy. o is (B, H, N, D) laid out (B, N, H, D) in
+// memory, as FlashAttention writes it: the blocks' head merge o.transpose(1, 2).reshape(B, N, C)
+// is then a view, not a copy kernel.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 .f16/.bf16 and ldmatrix) are in the helpers below.
 // Every reduction has a fixed order: the result is bitwise reproducible.
@@ -57,7 +59,7 @@ struct FwdParams {
   const void* q;
   const void* k;
   const void* v;
-  void* o;      // (B, H, N, D) contiguous
+  void* o;      // (B, H, N, D) with (B, N, H, D) memory order
   float* lse;   // (B, H, N) contiguous
   int64_t q_sb, q_sh, k_sb, k_sh, v_sb, v_sh;  // batch and head strides, elements
   int q_sn, k_sn, v_sn;  // row strides, elements: < kMaxRowStride, so in-tile offsets are 32-bit
@@ -374,7 +376,8 @@ __global__ void __launch_bounds__(kThreads, 4) attention_fwd_kernel(const FwdPar
     }
   }
   __syncwarp();
-  T* o = static_cast<T*>(p.o) + (bh * N + q0 + warp * 16) * D;
+  const int64_t row_stride = static_cast<int64_t>(p.H) * D;  // token-major: rows H * D apart
+  T* o = static_cast<T*>(p.o) + (b * N + q0 + warp * 16) * row_stride + h * D;
   constexpr int kVecs = D / 8;
   static_assert((16 * kVecs) % 32 == 0, "every lane stores the same number of vectors");
 #pragma unroll
@@ -382,7 +385,8 @@ __global__ void __launch_bounds__(kThreads, 4) attention_fwd_kernel(const FwdPar
     const int i = lane + 32 * it;
     const int r = i / kVecs, c = (i % kVecs) * 8;
     if (q0 + warp * 16 + r < N) {
-      *reinterpret_cast<uint4*>(o + r * D + c) = *reinterpret_cast<const uint4*>(stage + r * kStride + c);
+      *reinterpret_cast<uint4*>(o + r * row_stride + c) =
+          *reinterpret_cast<const uint4*>(stage + r * kStride + c);
     }
   }
 }
@@ -411,7 +415,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& q) {
-  return {at::empty(q.sizes(), q.options()),
+  return {at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2),
           at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))};
 }
 
@@ -477,8 +481,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
   // Self-attention forward: q, k, v (B, H, N, D), fp16 or bf16, D 48 or 64, any (batch, head,
-  // row) strides. Returns o (B, H, N, D) contiguous in q's dtype and lse (B, H, N) fp32, the
-  // per-row log2-sum-exp2 of the logits * scale * log2(e) that the Triton backward takes.
+  // row) strides. Returns o (B, H, N, D) in q's dtype, (B, N, H, D) in memory, and lse
+  // (B, H, N) fp32, the per-row log2-sum-exp2 of the logits * scale * log2(e) that the Triton
+  // backward takes.
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
 }
 

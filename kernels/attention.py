@@ -212,6 +212,14 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def token_major_empty(q):
+    """An empty (B, H, N, D) output like q, laid out (B, N, H, D) in memory as FlashAttention
+    writes it: a block's head merge o.transpose(1, 2).reshape(B, N, H * D) is then a view, where
+    a contiguous o costs a copy kernel (a read and a write of the activations) per call."""
+    B, H, N, D = q.shape
+    return torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
 def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -222,11 +230,12 @@ def _precision(dtype):
 
 
 def forward(q, k, v, scale, split=None):
-    """q, k, v: (B, H, N, D), unit last stride -> (o contiguous, lse fp32 (B, H, N) in log2 units).
+    """q, k, v: (B, H, N, D), unit last stride -> (o (B, H, N, D) token-major in memory (see
+    token_major_empty), lse fp32 (B, H, N) contiguous, in log2 units).
     split: cover a non-power-of-two D with two exact blocks (default SPLIT_HEAD_DIM)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
-    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     blocks = _blocks(D, SPLIT_HEAD_DIM if split is None else split)
     cfg = _config(FWD, blocks)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _precision, _strides, _tile, _unit_last
+from .attention import _precision, _strides, _tile, _unit_last, token_major_empty
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 48, 64)  # CaiT uses 48; wider heads would need a smaller tile to fit registers
@@ -427,12 +427,13 @@ def _family(heads: int, tc):
 
 
 def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
-    """q, k, v: (B, H, N, D) -> (out contiguous, lse fp32 (B, H, N) in log2 units).
+    """q, k, v: (B, H, N, D) -> (out (B, H, N, D) token-major in memory, as the attention
+    kernels write it, lse fp32 (B, H, N) in log2 units).
     tc: mix the heads on tensor cores (default TENSOR_CORE_MIXING)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
     (fwd, _, _), (hp, block_m, block_n, warps) = _family(H, tc)
-    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     fwd[(triton.cdiv(N, block_m), B)](
         q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),

@@ -64,10 +64,17 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple
     return attention.forward(q, k, v, scale)
 
 
+def token_major_fake(q: Tensor) -> Tensor:
+    """The layout both kernel backends give o: (B, H, N, D), (B, N, H, D) in memory
+    (kernels.attention.token_major_empty, empty_outputs in csrc/attention.cu), without triton."""
+    B, H, N, D = q.shape
+    return q.new_empty((B, N, H, D)).transpose(1, 2)
+
+
 @_fused.register_fake
 def _(q, k, v, scale, backend):
-    B, H, N, D = q.shape
-    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+    B, H, N, _ = q.shape
+    return token_major_fake(q), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @custom_op("deit_fast::attention_backward")
@@ -110,7 +117,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     """softmax(q k^T * scale) v.
 
     q: (B, H, Nq, D); k, v: (B, H, N, D); strided views (e.g. of the qkv projection) are fine.
-    scale defaults to D ** -0.5. Returns (B, H, Nq, D) in q's dtype. The triton and cuda backends
+    scale defaults to D ** -0.5. Returns (B, H, Nq, D) in q's dtype; the kernel backends lay it out
+    (B, Nq, H, D) in memory, as FlashAttention does, so that o.transpose(1, 2).reshape(B, Nq, H * D)
+    is a view. The triton and cuda backends
     take Nq == N (self-attention), fp32/fp16/bf16 and D in kernels.attention.HEAD_DIMS; cuda runs
     the CUDA forward where uses_cuda_kernel(q) says so and Triton's otherwise (see the top).
     """

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks, reference
-from .attention import check_head_dim, check_qkv
+from .attention import check_head_dim, check_qkv, token_major_fake
 from ._dispatch import backward_call, custom_op, dispatch, register_autograd
 
 
@@ -23,7 +23,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tenso
 
 @_fused.register_fake
 def _(q, k, v, w_l, b_l, w_w, b_w, scale, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return token_major_fake(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @custom_op("deit_fast::talking_heads_attention_backward")
@@ -59,7 +59,8 @@ def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: T
 
     S' = w_l . (q k^T * scale) + b_l ; P = softmax(S') ; out = (w_w . P + b_w) v.
     b_l shifts whole softmax rows, so it never changes the output and its grad is zero.
-    The triton backend takes Nq == N, H <= 16 heads, D in kernels.talking_heads.HEAD_DIMS.
+    The triton backend takes Nq == N, H <= 16 heads, D in kernels.talking_heads.HEAD_DIMS, and
+    lays the (B, H, N, D) output out (B, N, H, D) in memory, as ops.attention does.
     """
     check_qkv(q, k, v, scale)
     heads = q.shape[1]

@@ -35,6 +35,7 @@ def check(q, k, v, scale=None):
     ours = run(triton_attention, q, k, v, do, scale)
     same = run(reference.attention, q, k, v, do, scale)  # the plain PyTorch math, same dtype
     ref = run(reference.attention, q.double(), k.double(), v.double(), do, scale)
+    assert ours[0].transpose(1, 2).is_contiguous()  # token-major: see test_head_merge_is_a_view
     for name, a, r, s in zip(("out", "dq", "dk", "dv"), ours, ref, same):
         assert a.dtype == q.dtype and a.shape == q.shape, name
         assert_rule(name, a, r, s)
@@ -61,6 +62,19 @@ def test_split_head_dim_matches_reference(shape, dtype, monkeypatch):
 def test_scale_and_contiguous_inputs():
     q, k, v = (t.contiguous() for t in qkv_views(2, 3, 65, 48, torch.float32))
     check(q, k, v, scale=0.37)
+
+
+def test_head_merge_is_a_view():
+    # o comes out (B, N, H, D) in memory, as FlashAttention writes it, so the blocks' head merge
+    # o.transpose(1, 2).reshape(B, N, H * D) runs no copy kernel; the fake (torch.compile) agrees.
+    q, k, v = qkv_views(2, 3, 7, 32, torch.float32)
+    with ops.use_backend("triton"):
+        o = ops.attention(q, k, v)
+    merged = o.transpose(1, 2).reshape(2, 7, 3 * 32)
+    assert merged.data_ptr() == o.data_ptr() and merged.is_contiguous()
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = torch.ops.deit_fast.attention.default(*(mode.from_tensor(t) for t in (q, k, v)), 0.2, "triton")
+    assert fake[0].stride() == o.stride()
 
 
 def test_large_logits_stay_finite():

@@ -36,6 +36,7 @@ def check(q, k, v, w):
     ours = run(fused, (q, k, v, *w), do)
     same = run(reference.talking_heads_attention, (q, k, v, *w), do)
     ref = run(reference.talking_heads_attention, [t.double() for t in (q, k, v, *w)], do)
+    assert ours[0].transpose(1, 2).is_contiguous()  # token-major, as ops.attention's o
     names = ("out", "dq", "dk", "dv", "dw_l", "db_l", "dw_w", "db_w")
     for name, a, r, s in zip(names, ours, ref, same):
         assert a.dtype == s.dtype and a.shape == s.shape, name
