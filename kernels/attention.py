@@ -56,11 +56,11 @@ def _tile(PTR, rows, sb, sh, sn, off_b, off_h, n_rows, D, D0: tl.constexpr, BLOC
 
 
 @triton.jit
-def _store(PTR, bh, rows, N, D, value, D0: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Columns [D0, D0 + BLOCK_D) of a contiguous (B*H, N, D) gradient."""
+def _store(PTR, rows, sb, sh, sn, off_b, off_h, N, D, value, D0: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns [D0, D0 + BLOCK_D) of rows `rows` of one (batch, head) of a gradient, as _tile."""
     d = D0 + tl.arange(0, BLOCK_D)
-    offs = bh.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D + d[None, :]
-    tl.store(PTR + offs, value.to(PTR.dtype.element_ty), mask=(rows[:, None] < N) & (d[None, :] < D))
+    ptrs = PTR + off_b * sb + off_h * sh + rows.to(tl.int64)[:, None] * sn + d[None, :]
+    tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=(rows[:, None] < N) & (d[None, :] < D))
 
 
 # Every matmul kernel below covers the head dim with one block of BLOCK_D columns, plus a second
@@ -125,8 +125,11 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, N, D,
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                   sdb, sdh, sdn, H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
+                   sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, scale, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # DQ, DK and DV share one layout, strides (sgb, sgh, sgn): contiguous, or the slices of one
+    # packed (B, N, 3, H, D) grad (ops.attention_qkv).
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,17 +165,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
         if BLOCK_D2 > 0:
             dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
             dk2 += tl.dot(dst.to(q2.dtype), q2, input_precision=PRECISION)
-    _store(DK, bh, cols, N, D, dk * scale, 0, BLOCK_D)
-    _store(DV, bh, cols, N, D, dv, 0, BLOCK_D)
+    _store(DK, cols, sgb, sgh, sgn, off_b, off_h, N, D, dk * scale, 0, BLOCK_D)
+    _store(DV, cols, sgb, sgh, sgn, off_b, off_h, N, D, dv, 0, BLOCK_D)
     if BLOCK_D2 > 0:
-        _store(DK, bh, cols, N, D, dk2 * scale, BLOCK_D, BLOCK_D2)
-        _store(DV, bh, cols, N, D, dv2, BLOCK_D, BLOCK_D2)
+        _store(DK, cols, sgb, sgh, sgn, off_b, off_h, N, D, dk2 * scale, BLOCK_D, BLOCK_D2)
+        _store(DV, cols, sgb, sgh, sgn, off_b, off_h, N, D, dv2, BLOCK_D, BLOCK_D2)
 
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                 sdb, sdh, sdn, H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
+                 sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, scale, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                 PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,9 +207,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb,
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if BLOCK_D2 > 0:
             dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=PRECISION)
-    _store(DQ, bh, rows, N, D, dq * scale, 0, BLOCK_D)
+    _store(DQ, rows, sgb, sgh, sgn, off_b, off_h, N, D, dq * scale, 0, BLOCK_D)
     if BLOCK_D2 > 0:
-        _store(DQ, bh, rows, N, D, dq2 * scale, BLOCK_D, BLOCK_D2)
+        _store(DQ, rows, sgb, sgh, sgn, off_b, off_h, N, D, dq2 * scale, BLOCK_D, BLOCK_D2)
 
 
 def _strides(t):
@@ -246,16 +250,18 @@ def forward(q, k, v, scale, split=None):
     return o, lse
 
 
-def backward(do, q, k, v, o, lse, scale, split=None):
-    """-> (dq, dk, dv), contiguous (B, H, N, D) in the input dtype; no atomics."""
+def backward(do, q, k, v, o, lse, scale, split=None, out=None):
+    """-> (dq, dk, dv) in the input dtype; no atomics. out: where to write them, three (B, H, N, D)
+    tensors with one set of strides and a unit last stride (e.g. the q, k, v slices of one packed
+    grad); default fresh contiguous tensors."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
     blocks, precision = _blocks(D, SPLIT_HEAD_DIM if split is None else split), _precision(q.dtype)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     _attn_bwd_delta[(triton.cdiv(N, DELTA["BLOCK_M"]), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, N, D, BLOCK_D=triton.next_power_of_2(D), **DELTA)
-    dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, N, D, scale)
+    dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), H, N, D, scale)
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
     _attn_bwd_dkdv[(triton.cdiv(N, BWD_KV["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, *args, **consts, **_config(BWD_KV, blocks))
@@ -266,7 +272,7 @@ def backward(do, q, k, v, o, lse, scale, split=None):
 
 def aot_configs(dtype: str):
     """Every shipped kernel variant per head dim, for the sm_90 AOT test (see layerscale.py)."""
-    strides = [f"s{t}{a}" for t in "qkvod" for a in "bhn"]
+    strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
     ints = dict.fromkeys(["H", "N", "D"] + strides, "i32")
     ints["scale"] = "fp32"
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"], f"*{dtype}")

@@ -8,6 +8,7 @@ Attention dropout is not fused; with attn_drop > 0 in training the unfused math 
 from torch import Tensor, nn
 
 from deit_fast import ops
+from deit_fast.ops.attention import split_qkv
 
 
 class _HeadsMixin:
@@ -41,19 +42,22 @@ class Attention(_HeadsMixin, nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _qkv(self, x: Tensor):
+    def _packed(self, x: Tensor) -> Tensor:
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)  # three (B, H, N, D) views of one buffer
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+
+    def _qkv(self, x: Tensor):
+        return split_qkv(self._packed(x))  # three (B, H, N, D) views of one buffer
 
     def _probs(self, q: Tensor, k: Tensor) -> Tensor:
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self._qkv(x)
         if self._dropout_path():
+            q, k, v = self._qkv(x)
             return self._merge(self.attn_drop(self._probs(q, k)) @ v)
-        return self._merge(ops.attention(q, k, v, self.scale))
+        # Packed: the projection's grad comes back as one tensor, no stack and reshape copies.
+        return self._merge(ops.attention_qkv(self._packed(x), self.scale))
 
     def forward_attn_map(self, x: Tensor) -> Tensor:
         """Attention probabilities (B, H, N, N) for input x (B, N, C), unfused."""

@@ -6,14 +6,14 @@ set_backend / use_backend ("auto", "torch", "triton", "cuda"); backend_report() 
 """
 from . import reference
 from ._backend import backend_report, get_backend, set_backend, use_backend
-from .attention import attention
+from .attention import attention, attention_qkv
 from .class_attention import class_attention
 from .distill_loss import distillation_loss
 from .layerscale import layer_norm, layerscale_residual, layerscale_residual_layernorm
 from .talking_heads import talking_heads_attention
 
 __all__ = [
-    "attention", "class_attention", "talking_heads_attention", "layerscale_residual",
+    "attention", "attention_qkv", "class_attention", "talking_heads_attention", "layerscale_residual",
     "layerscale_residual_layernorm", "layer_norm", "distillation_loss", "set_backend", "get_backend",
     "use_backend", "backend_report", "reference",
 ]

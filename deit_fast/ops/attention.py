@@ -8,6 +8,11 @@ The cuda backend runs the forward on csrc/attention.cu (tensor-core mma.sync, he
 padding to 64) where that kernel applies: fp16/bf16, D in CUDA_HEAD_DIMS, N <= CUDA_MAX_N. Every
 other case (fp32, other head dims, longer sequences) runs the Triton forward, and the backward is
 always Triton's: the CUDA forward saves the same (o, lse) the Triton backward reads.
+
+attention_qkv takes q, k, v packed as the qkv projection makes them, (B, N, 3, H, D), and its
+grad is that one tensor, written by the kernels in place: three separate grads of views of one
+projection cost autograd a stack and a reshape copy (two reads and writes of 3 B N C elements)
+before the projection's backward, which is what timm's blocks pay.
 """
 from typing import Optional, Tuple
 
@@ -104,6 +109,50 @@ def _backward(ctx, do, _dlse):
 register_autograd(_fused, _backward, _setup_context)
 
 
+def split_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B, N, 3, H, D) -> q, k, v, each a (B, H, N, D) view."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@custom_op("deit_fast::attention_qkv")
+def _fused_qkv(qkv: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return _fused.plain(*split_qkv(qkv), scale, backend)
+
+
+@_fused_qkv.register_fake
+def _(qkv, scale, backend):
+    q = split_qkv(qkv)[0]
+    return token_major_fake(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@custom_op("deit_fast::attention_qkv_backward")
+def _fused_qkv_backward(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, scale: float,
+                        backend: str) -> Tensor:
+    from deit_fast.kernels import attention
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    attention.backward(do, *split_qkv(qkv), o, lse, scale, out=split_qkv(dqkv))
+    return dqkv
+
+
+@_fused_qkv_backward.register_fake
+def _(do, qkv, o, lse, scale, backend):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context_qkv(ctx, inputs, output):
+    qkv, scale, backend = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward_qkv(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return backward_call(ctx, _fused_qkv_backward)(do, qkv, o, lse, ctx.scale, ctx.backend), None, None
+
+
+register_autograd(_fused_qkv, _backward_qkv, _setup_context_qkv)
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
     """The torch backend: SDPA, with CUDA inputs whose base is off a 16-byte boundary copied
     first. torch 2.11's mem-efficient kernel picks its aligned variant from strides alone and
@@ -111,6 +160,17 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
     if q.is_cuda and not torch.compiler.is_compiling():  # fake tensors have no data_ptr
         q, k, v = (t.clone() if t.data_ptr() % 16 else t for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _kernel_scale(backend: str, q: Tensor, k: Tensor, scale: Optional[float]) -> float:
+    """What the kernel backends take beyond check_qkv; returns the scale as a float."""
+    from deit_fast.kernels.attention import HEAD_DIMS
+    _checks.kernel_dtypes(backend, q=q)
+    check_head_dim(backend, q, HEAD_DIMS)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
+                         "self-attention kernel takes Nq == N: use the torch backend")
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -127,11 +187,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     backend = _backend.resolve("attention", q.device)
     if backend == "torch":
         return sdpa(q, k, v, scale)
-    from deit_fast.kernels.attention import HEAD_DIMS
-    _checks.kernel_dtypes(backend, q=q)
-    check_head_dim(backend, q, HEAD_DIMS)
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
-                         "self-attention kernel takes Nq == N: use the torch backend")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return dispatch(_fused, q, k, v, scale, backend)[0]
+    return dispatch(_fused, q, k, v, _kernel_scale(backend, q, k, scale), backend)[0]
+
+
+def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
+    """attention(q, k, v) of the q, k, v packed in qkv (B, N, 3, H, D), the qkv projection's
+    output as timm's blocks reshape it (a view is fine). Returns what attention() returns; on the
+    kernel backends the grad of qkv is one tensor the kernels write directly (see the top), where
+    unpacked q, k, v grads cost two extra copies of it.
+    """
+    _checks.tensor("qkv", qkv, dims=(5,))
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, D), q, k and v packed on dim 2, got shape "
+                         f"{tuple(qkv.shape)}")
+    q, k, v = split_qkv(qkv)
+    check_qkv(q, k, v, scale)
+    backend = _backend.resolve("attention", qkv.device)
+    if backend == "torch":
+        return sdpa(q, k, v, scale)
+    return dispatch(_fused_qkv, qkv, _kernel_scale(backend, q, k, scale), backend)[0]

@@ -5,6 +5,7 @@ import torch
 
 from deit_fast import ops
 from deit_fast.ops import reference
+from deit_fast.ops.attention import split_qkv
 from tests.conftest import DEVICE
 from tests.ops.tolerance import assert_rule, poisoned_empty
 
@@ -109,6 +110,47 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(x.grad, y.grad)
 
 
+def packed_matches_unpacked(B, H, N, D, dtype, device=DEVICE, backend="triton"):
+    """ops.attention_qkv against ops.attention on the views of the same packed projection: the
+    same kernels, so output and grads are bitwise equal; the packed grad is one contiguous tensor
+    (no stack and reshape copies behind it)."""
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=torch.float64).to(dtype)
+    do = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    packed, unpacked = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    with ops.use_backend(backend):
+        o = ops.attention_qkv(packed)
+        o.backward(do)
+        o_ref = ops.attention(*split_qkv(unpacked))
+        o_ref.backward(do)
+    assert torch.equal(o, o_ref) and o.stride() == o_ref.stride()
+    assert torch.equal(packed.grad, unpacked.grad) and packed.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 3, 197, 48), torch.float16), ((1, 4, 65, 64), torch.float32),
+                                         ((3, 1, 7, 32), torch.float32)], ids=str)
+def test_packed_qkv_matches_unpacked(shape, dtype):
+    packed_matches_unpacked(*shape, dtype)
+
+
+def test_packed_qkv_custom_ops_pass_opcheck_and_compile():
+    qkv = torch.randn(1, 7, 3, 2, 32, requires_grad=True, device=DEVICE)
+    torch.library.opcheck(torch.ops.deit_fast.attention_qkv.default, (qkv, 0.2, "triton"))
+    compiled = torch.compile(lambda t: ops.attention_qkv(t).square().sum(), backend="aot_eager",
+                             fullgraph=True)
+    with ops.use_backend("triton"):
+        a, e = qkv.detach().clone().requires_grad_(), qkv.detach().clone().requires_grad_()
+        compiled(a).backward()
+        ops.attention_qkv(e).square().sum().backward()
+    torch.testing.assert_close(a.grad, e.grad)
+
+
+@pytest.mark.parametrize("shape,arg", [((2, 7, 3, 32), "qkv must have 5 dims"),
+                                       ((2, 7, 2, 2, 32), "packed on dim 2")])
+def test_packed_qkv_bad_shapes_are_named(shape, arg):
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=arg):
+        ops.attention_qkv(torch.randn(shape, device=DEVICE))
+
+
 @pytest.mark.parametrize("args,arg", [
     (dict(D=24), "head dim"),
     (dict(dtype=torch.float64), "q dtype"),
@@ -133,3 +175,13 @@ def test_gpu_bf16_fp16(shape, dtype, split, monkeypatch):
     from deit_fast.kernels import attention
     monkeypatch.setattr(attention, "SPLIT_HEAD_DIM", split)
     check(*qkv_views(*shape, dtype, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(8, 6, 197, 64), (4, 8, 196, 48), (2, 3, 7, 32)], ids=str)
+def test_gpu_packed_qkv_matches_unpacked(shape, backend):
+    if ops._backend.unavailable("attention", backend, "cuda"):
+        pytest.skip(f"no {backend} backend here")  # cuda: tests/ops/test_attention_cuda.py fails then
+    packed_matches_unpacked(*shape, torch.bfloat16, device="cuda", backend=backend)
+
