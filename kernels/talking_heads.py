@@ -153,7 +153,7 @@ def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh,
 
 @triton.jit
 def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, skh, skn,
-               svb, svh, svn, sdb, sdh, sdn, H, N, D, qk_scale, scale, programs,
+               svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, programs,
                HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # PART: (programs_total, 3, HP, HP) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
@@ -198,13 +198,13 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
             dwl = tl.where(hh[None, :] == h, dwl + tl.sum(tl.sum(ds * s[None, :, :], 2), 1)[:, None], dwl)
             dqh = tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
             dq = tl.where(hh[:, None, None] == h, dq + dqh[None, :, :], dq)
-    _store_heads(DQ, dq * scale, off_b, rows, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
+    _store_heads(DQ, dq * scale, off_b, rows, sgb, sgh, sgn, H, N, D, HP, BLOCK_D)
     _store_parts(PART, pid, dwl, dww, dbw, HP)
 
 
 @triton.jit
 def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, skh, skn,
-                 svb, svh, svn, sdb, sdh, sdn, H, N, D, qk_scale, scale, HP: tl.constexpr,
+                 svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, HP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  PRECISION: tl.constexpr, DK: tl.constexpr):
     """One key tile, all heads, looping over the queries: dk when DK else dv (two launches keep
@@ -237,7 +237,7 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
                 acc = tl.where(hh[:, None, None] == g, acc + dvg[None, :, :], acc)
     if DK:
         acc = acc * scale
-    _store_heads(DKV, acc, off_b, cols, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
+    _store_heads(DKV, acc, off_b, cols, sgb, sgh, sgn, H, N, D, HP, BLOCK_D)
 
 
 # ---- the same, with the head mixing on tensor cores ------------------------------------------
@@ -336,7 +336,7 @@ def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, s
 
 @triton.jit
 def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, skh, skn,
-                  svb, svh, svn, sdb, sdh, sdn, H, N, D, qk_scale, scale, programs,
+                  svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, programs,
                   HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # PART: (programs_total, 3, HP, HP) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
@@ -375,13 +375,13 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
         dwl += _contract(ds, s * scale, HP, BLOCK_M, BLOCK_N, PRECISION)
         dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)  # grad of S[h]
         dq += tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
-    _store_heads(DQ, dq * scale, off_b, rows, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
+    _store_heads(DQ, dq * scale, off_b, rows, sgb, sgh, sgn, H, N, D, HP, BLOCK_D)
     _store_parts(PART, pid, dwl, dww, dbw, HP)
 
 
 @triton.jit
 def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, skh, skn,
-                    svb, svh, svn, sdb, sdh, sdn, H, N, D, qk_scale, scale, HP: tl.constexpr,
+                    svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, HP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr, DK: tl.constexpr):
     """One key tile, all heads, looping over the queries: dk when DK else dv."""
@@ -415,7 +415,7 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
             acc += tl.dot(tl.permute(pm, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)
     if DK:
         acc = acc * scale
-    _store_heads(DKV, acc, off_b, cols, H * N * D, N * D, D, H, N, D, HP, BLOCK_D)
+    _store_heads(DKV, acc, off_b, cols, sgb, sgh, sgn, H, N, D, HP, BLOCK_D)
 
 
 def _family(heads: int, tc):
@@ -442,21 +442,23 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     return o, lse
 
 
-def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None):
-    """-> (dq, dk, dv, dw_l, dw_w, db_w); db_l is zero (see the module docstring)."""
+def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
+    """-> (dq, dk, dv, dw_l, dw_w, db_w); db_l is zero (see the module docstring). out: where to
+    write dq, dk, dv, as in attention.backward (one set of strides, unit last stride)."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
     (_, dq_kernel, dkdv_kernel), (hp, block_m, block_n, warps) = _family(H, tc)
     meta = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
                 PRECISION=_precision(q.dtype), num_warps=warps)
-    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, N, D, scale * LOG2E, scale)
+    dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), H, N, D,
+            scale * LOG2E, scale)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     q_tiles = triton.cdiv(N, block_m)
     part = torch.empty((q_tiles * B, 3, hp, hp), dtype=torch.float32, device=q.device)
     dq_kernel[(q_tiles, B)](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, q_tiles, **meta)
-    for out, is_dk in ((dk, True), (dv, False)):
-        dkdv_kernel[(triton.cdiv(N, block_n), B)](q, k, v, do, w_l, w_w, b_w, lse, delta, out,
+    for dst, is_dk in ((dk, True), (dv, False)):
+        dkdv_kernel[(triton.cdiv(N, block_n), B)](q, k, v, do, w_l, w_w, b_w, lse, delta, dst,
                                                   *args, DK=is_dk, **meta)
     sums = part.sum(0)  # fixed-order sum over programs: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
@@ -468,7 +470,7 @@ def aot_configs(dtype: str):
     """Every shipped variant (head counts 4, 8, 16 of CaiT, and the tensor-core mixing kernels,
     which take any H <= 16; head-dim tiles 32 and 64) for the sm_90 AOT test. The products are
     dots of 16-32 rows: mma.sync, not wgmma."""
-    strides = [f"s{t}{a}" for t in "qkvod" for a in "bhn"]
+    strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
     ints = dict.fromkeys(["H", "N", "D", "programs"] + strides, "i32")
     ints.update(qk_scale="fp32", scale="fp32")
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")

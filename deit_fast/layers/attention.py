@@ -83,11 +83,12 @@ class TalkingHeadAttn(Attention):
         return mix(self.proj_w, mix(self.proj_l, (q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self._qkv(x)
         if self._dropout_path():
+            q, k, v = self._qkv(x)
             return self._merge(self.attn_drop(self._probs(q, k)) @ v)
-        return self._merge(ops.talking_heads_attention(
-            q, k, v, self.proj_l.weight, self.proj_l.bias, self.proj_w.weight, self.proj_w.bias, self.scale))
+        return self._merge(ops.talking_heads_attention_qkv(
+            self._packed(x), self.proj_l.weight, self.proj_l.bias, self.proj_w.weight, self.proj_w.bias,
+            self.scale))
 
 
 class ClassAttn(_HeadsMixin, nn.Module):

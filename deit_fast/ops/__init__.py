@@ -10,10 +10,11 @@ from .attention import attention, attention_qkv
 from .class_attention import class_attention
 from .distill_loss import distillation_loss
 from .layerscale import layer_norm, layerscale_residual, layerscale_residual_layernorm
-from .talking_heads import talking_heads_attention
+from .talking_heads import talking_heads_attention, talking_heads_attention_qkv
 
 __all__ = [
-    "attention", "attention_qkv", "class_attention", "talking_heads_attention", "layerscale_residual",
+    "attention", "attention_qkv", "class_attention", "talking_heads_attention",
+    "talking_heads_attention_qkv", "layerscale_residual",
     "layerscale_residual_layernorm", "layer_norm", "distillation_loss", "set_backend", "get_backend",
     "use_backend", "backend_report", "reference",
 ]

@@ -114,6 +114,15 @@ def split_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def check_packed(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """qkv must be (B, N, 3, H, D); returns its q, k, v views."""
+    _checks.tensor("qkv", qkv, dims=(5,))
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, D), q, k and v packed on dim 2, got shape "
+                         f"{tuple(qkv.shape)}")
+    return split_qkv(qkv)
+
+
 @custom_op("deit_fast::attention_qkv")
 def _fused_qkv(qkv: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     return _fused.plain(*split_qkv(qkv), scale, backend)
@@ -196,11 +205,7 @@ def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
     kernel backends the grad of qkv is one tensor the kernels write directly (see the top), where
     unpacked q, k, v grads cost two extra copies of it.
     """
-    _checks.tensor("qkv", qkv, dims=(5,))
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv must be (B, N, 3, H, D), q, k and v packed on dim 2, got shape "
-                         f"{tuple(qkv.shape)}")
-    q, k, v = split_qkv(qkv)
+    q, k, v = check_packed(qkv)
     check_qkv(q, k, v, scale)
     backend = _backend.resolve("attention", qkv.device)
     if backend == "torch":

@@ -6,6 +6,7 @@ import torch
 from deit_fast import ops
 from deit_fast.kernels import talking_heads as kernels
 from deit_fast.ops import reference
+from deit_fast.ops.attention import split_qkv
 from tests.conftest import DEVICE
 from tests.ops.test_attention import qkv_views
 from tests.ops.tolerance import assert_rule, poisoned_empty
@@ -69,6 +70,48 @@ def test_grads_are_bitwise_deterministic(tc, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def packed_matches_unpacked(B, H, N, D, dtype, device=DEVICE):
+    """talking_heads_attention_qkv against talking_heads_attention on the views of the same
+    packed projection: the same kernels, so output and every grad are bitwise equal; the packed
+    grad is one contiguous tensor."""
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=torch.float64).to(dtype)
+    do = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    w = mixing(H, device)
+    packed, unpacked = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    w_a, w_b = ([t.clone().requires_grad_() for t in w] for _ in range(2))
+    with ops.use_backend("triton"):
+        o = ops.talking_heads_attention_qkv(packed, *w_a)
+        o.backward(do)
+        o_ref = ops.talking_heads_attention(*split_qkv(unpacked), *w_b)
+        o_ref.backward(do)
+    assert torch.equal(o, o_ref) and torch.equal(packed.grad, unpacked.grad)
+    assert packed.grad.is_contiguous()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(w_a, w_b))
+
+
+@MIXING
+@pytest.mark.parametrize("shape,dtype", [((2, 3, 7, 48), torch.float16), ((1, 4, 33, 32), torch.float32)],
+                         ids=str)
+def test_packed_qkv_matches_unpacked(shape, dtype, tc, monkeypatch):
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
+    packed_matches_unpacked(*shape, dtype)
+
+
+def test_packed_qkv_custom_ops_pass_opcheck_and_compile():
+    qkv = torch.randn(1, 7, 3, 2, 16, requires_grad=True, device=DEVICE)
+    w = [t.requires_grad_() for t in mixing(2)]
+    torch.library.opcheck(torch.ops.deit_fast.talking_heads_attention_qkv.default, (qkv, *w, 0.25, "triton"))
+    compiled = torch.compile(lambda *a: ops.talking_heads_attention_qkv(*a).square().sum(),
+                             backend="aot_eager", fullgraph=True)
+    with ops.use_backend("triton"):
+        a = [t.detach().clone().requires_grad_() for t in (qkv, *w)]
+        compiled(*a).backward()
+        e = [t.detach().clone().requires_grad_() for t in (qkv, *w)]
+        ops.talking_heads_attention_qkv(*e).square().sum().backward()
+    for x, y in zip(a, e):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
 def test_custom_ops_pass_opcheck():
     q, k, v = (t.detach().clone().requires_grad_() for t in qkv_views(1, 2, 7, 16, torch.float32))
     w_l, b_l, w_w, b_w = (t.requires_grad_() for t in mixing(2))
@@ -108,3 +151,11 @@ def test_kernel_limits_are_named_before_launch(H, D, arg, monkeypatch):
 def test_gpu_bf16_fp16(shape, dtype, tc, monkeypatch):
     monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
     check(*qkv_views(*shape, dtype, device="cuda"), mixing(shape[1], device="cuda"))
+
+
+@pytest.mark.gpu
+@MIXING
+@pytest.mark.parametrize("shape", [(8, 4, 196, 48), (4, 8, 196, 48)], ids=str)
+def test_gpu_packed_qkv_matches_unpacked(shape, tc, monkeypatch):
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
+    packed_matches_unpacked(*shape, torch.bfloat16, device="cuda")
