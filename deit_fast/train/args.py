@@ -110,6 +110,10 @@ def build_parser(prog: str = "deit-fast train") -> argparse.ArgumentParser:
                    help="autocast dtype (fp16 with a GradScaler)")
     g.add_argument("--backend", default="auto", choices=_backend.BACKENDS, help="deit_fast.ops backend")
     g.add_argument("--compile", action="store_true", help="torch.compile the student (and teacher)")
+    g.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode with --compile; reduce-overhead replays the compiled "
+                        "forward and backward as CUDA graphs, for models whose steps are host-bound")
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch (0: all)")
     g.add_argument("--stop-after-steps", type=int, default=0,

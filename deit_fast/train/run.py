@@ -7,6 +7,7 @@
 The lr schedule is timm's CosineLRScheduler stepped per iteration (t_in_epochs=False), not per
 epoch as the official code: the same curve at 300 epochs, and a smooth warmup on short runs.
 """
+import functools
 import json
 import os
 import resource
@@ -145,9 +146,10 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = raw_model  # eval without DDP: ranks may hold unequal numbers of val batches
     if args.compile:
-        model, eval_model = torch.compile(model), torch.compile(raw_model)
+        compile_ = functools.partial(torch.compile, mode=args.compile_mode)
+        model, eval_model = compile_(model), compile_(raw_model)
         if teacher is not None:
-            teacher = torch.compile(teacher)
+            teacher = compile_(teacher)
 
     s = State(args=args, device=device, dist=dist, model=model, raw_model=raw_model,
               optimizer=optimizer, scaler=scaler, scheduler=scheduler, steps_per_epoch=steps_per_epoch,

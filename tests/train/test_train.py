@@ -118,3 +118,16 @@ def test_randaugment_posterize_at_full_magnitude():
     op = next(o for o in rand_augment.ops if o.name == "PosterizeIncreasing")
     op.prob = 1.0
     assert op(Image.new("RGB", (16, 16), (200, 100, 50))).getextrema() == ((0, 0),) * 3
+
+
+def test_compiled_training_matches_eager(tmp_path, digits):
+    """--compile (the student and the eval model under torch.compile; our ops stay opaque custom
+    ops in the graph) trains to the same losses as eager. --compile-mode passes through."""
+    run = ("deit_tiny_patch16_224", "--steps-per-epoch", "2", "--backend", "triton")
+    eager = train(tiny_args(tmp_path / "eager", digits, *run))
+    compiled = train(tiny_args(tmp_path / "compiled", digits, *run, "--compile", "--compile-mode",
+                               "max-autotune-no-cudagraphs"))
+    torch.testing.assert_close(compiled["step_losses"], eager["step_losses"], rtol=1e-4, atol=1e-5)
+    assert compiled["val_top1"] == eager["val_top1"]
+    with pytest.raises(SystemExit):
+        tiny_args(tmp_path, digits, "deit_tiny_patch16_224", "--compile-mode", "fastest")
