@@ -469,7 +469,7 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
 def aot_configs(dtype: str):
     """Every shipped variant (head counts 4, 8, 16 of CaiT, and the tensor-core mixing kernels,
     which take any H <= 16; head-dim tiles 32 and 64) for the sm_90 AOT test. The products are
-    dots of 16-32 rows: mma.sync, not wgmma."""
+    dots of 16-32 rows: mma.sync, not wgmma. D is aligned as in attention.aot_configs."""
     strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
     ints = dict.fromkeys(["H", "N", "D", "programs"] + strides, "i32")
     ints.update(qk_scale="fp32", scale="fp32")
@@ -483,4 +483,4 @@ def aot_configs(dtype: str):
             for kernel, extra in ((fwd, {}), (dq, {}), (dkdv, {"DK": True}), (dkdv, {"DK": False})):
                 sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
                 yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
-                           num_warps=warps, aligned=tuple(strides), matmul=False)
+                           num_warps=warps, aligned=(*strides, "D"), matmul=False)
