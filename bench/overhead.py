@@ -24,6 +24,9 @@ from deit_fast.cli import _time_steps
 from deit_fast.ops import _backend
 
 
+PACKED = {"attention_qkv": "attention", "talking_heads_attention_qkv": "talking_heads_attention"}
+
+
 def _inputs(device, dtype) -> Dict[str, Callable[[bool], tuple]]:
     """Per op: grad -> (call, inputs): call(*inputs) returns the output to differentiate."""
     def t(*shape, grad=False, dt=dtype):
@@ -33,11 +36,15 @@ def _inputs(device, dtype) -> Dict[str, Callable[[bool], tuple]]:
     return {
         "attention": lambda g: (ops.attention, (t(1, 2, 16, 64, grad=g), t(1, 2, 16, 64, grad=g),
                                                 t(1, 2, 16, 64, grad=g))),
+        "attention_qkv": lambda g: (ops.attention_qkv, (t(1, 16, 3, 2, 64, grad=g),)),
         "class_attention": lambda g: (ops.class_attention, (t(1, 2, 1, 48, grad=g),
                                                             t(1, 2, 16, 48, grad=g), t(1, 2, 16, 48, grad=g))),
         "talking_heads_attention": lambda g: (ops.talking_heads_attention, (
             t(1, 4, 16, 48, grad=g), t(1, 4, 16, 48, grad=g), t(1, 4, 16, 48, grad=g),
             t(4, 4, grad=g, dt=torch.float32), t(4, grad=g, dt=torch.float32),
+            t(4, 4, grad=g, dt=torch.float32), t(4, grad=g, dt=torch.float32))),
+        "talking_heads_attention_qkv": lambda g: (ops.talking_heads_attention_qkv, (
+            t(1, 16, 3, 4, 48, grad=g), t(4, 4, grad=g, dt=torch.float32), t(4, grad=g, dt=torch.float32),
             t(4, 4, grad=g, dt=torch.float32), t(4, grad=g, dt=torch.float32))),
         "layerscale_residual": lambda g: (ops.layerscale_residual, (
             t(2, 16, 64, grad=g), t(2, 16, 64, grad=g), t(64, grad=g, dt=torch.float32))),
@@ -88,8 +95,9 @@ def main(argv=None):
     print(f"host overhead per call, us ({common.device_name(device)}, {dtype}, {args.calls} calls)\n")
     print("| op | backend | fwd | fwd(grad) | fwd+bwd |\n|---|---|---|---|---|")
     for op in names:
-        for backend in ("torch",) + _backend.KERNELS[op]:
-            why = _backend.unavailable(op, backend, device.type)
+        kernels_of = PACKED.get(op, op)  # a packed op runs on its unpacked op's backends
+        for backend in ("torch",) + _backend.KERNELS[kernels_of]:
+            why = _backend.unavailable(kernels_of, backend, device.type)
             if why is not None:
                 print(f"| {op} | {backend} | unavailable: {why} | | |")
                 continue
