@@ -79,7 +79,9 @@ class Cait(ClassifierMixin, nn.Module):
         return torch.cat((cls, x), dim=1)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
+        # pos_embed first: the sum takes its token-major layout, not the conv's transposed
+        # (B, C, N) one, so the blocks' kernels read it without a copy (and the result is the same).
+        x = self.pos_drop(self.pos_embed + self.patch_embed(x))
         if self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.blocks, x)
         else:

@@ -26,9 +26,16 @@ def custom_op(name: str):
     return wrap
 
 
-def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+def register_autograd(op, backward: Callable, setup_context: Callable, stats: int = 0) -> None:
     """op.register_autograd, and op.eager: an autograd.Function.apply with the same pieces.
-    backward calls its backward op through backward_call(ctx, ...)."""
+    backward calls its backward op through backward_call(ctx, ...).
+
+    stats: how many trailing outputs are saved statistics (lse, mean, rstd) that nothing
+    differentiates. Autograd would hand backward a zero tensor for each (a launch and an
+    allocation per call, 5 per DeiT block); backward gets None for them instead, and zeros only
+    for a main output nothing used (the last block's residual stream)."""
+    if stats:
+        setup_context, backward = _without_stat_grads(setup_context, backward, stats)
     op.register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *args):
@@ -47,6 +54,19 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     twin = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
                                                     "backward": staticmethod(backward)})
     op.eager = twin.apply
+
+
+def _without_stat_grads(setup_context: Callable, backward: Callable, stats: int):
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)
+        ctx.main_outputs = [(o.shape, o.dtype, o.device) for o in output[:len(output) - stats]]
+
+    def grad(ctx, *grads):
+        main = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                for g, (shape, dtype, device) in zip(grads, ctx.main_outputs)]
+        return backward(ctx, *main, *grads[len(main):])
+    return setup, grad
 
 
 def dispatch(op, first: torch.Tensor, *args):

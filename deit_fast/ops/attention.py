@@ -106,7 +106,7 @@ def _backward(ctx, do, _dlse):
     return (*backward_call(ctx, _fused_backward)(do, q, k, v, o, lse, ctx.scale, ctx.backend), None, None)
 
 
-register_autograd(_fused, _backward, _setup_context)
+register_autograd(_fused, _backward, _setup_context, stats=1)
 
 
 def split_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -159,7 +159,7 @@ def _backward_qkv(ctx, do, _dlse):
     return backward_call(ctx, _fused_qkv_backward)(do, qkv, o, lse, ctx.scale, ctx.backend), None, None
 
 
-register_autograd(_fused_qkv, _backward_qkv, _setup_context_qkv)
+register_autograd(_fused_qkv, _backward_qkv, _setup_context_qkv, stats=1)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:

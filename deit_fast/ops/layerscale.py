@@ -206,7 +206,7 @@ def _fused_ln_grad(ctx, dout, dnormed, _dmean, _drstd):
     return dx, dy, (dgamma if gamma is not None else None), None, dweight, dbias, None, None
 
 
-register_autograd(_fused_ln, _fused_ln_grad, _fused_ln_setup)
+register_autograd(_fused_ln, _fused_ln_grad, _fused_ln_setup, stats=2)
 
 
 def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor], weight: Tensor,
@@ -270,7 +270,7 @@ def _ln_grad(ctx, dnormed, _dmean, _drstd):
     return dx, dweight, dbias, None, None
 
 
-register_autograd(_ln, _ln_grad, _ln_setup)
+register_autograd(_ln, _ln_grad, _ln_setup, stats=2)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:

@@ -52,7 +52,7 @@ def _backward(ctx, do, _dlse):
     return dq, dk, dv, dw_l, torch.zeros_like(db_w), dw_w, db_w, None, None
 
 
-register_autograd(_fused, _backward, _setup_context)
+register_autograd(_fused, _backward, _setup_context, stats=1)
 
 
 @custom_op("deit_fast::talking_heads_attention_qkv")
@@ -94,7 +94,7 @@ def _backward_qkv(ctx, do, _dlse):
     return dqkv, dw_l, torch.zeros_like(db_w), dw_w, db_w, None, None
 
 
-register_autograd(_fused_qkv, _backward_qkv, _setup_context_qkv)
+register_autograd(_fused_qkv, _backward_qkv, _setup_context_qkv, stats=1)
 
 
 def _backend_for(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor,
