@@ -35,13 +35,17 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape[2] == 0:
         raise ValueError("k must hold at least one key (N >= 1)")
+    check_scale(scale)
+
+
+def check_scale(scale: Optional[float]) -> None:
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be a positive float, got {scale}")
 
 
-def check_head_dim(backend: str, q: Tensor, head_dims) -> None:
+def check_head_dim(backend: str, q: Tensor, head_dims, name: str = "q") -> None:
     if q.shape[-1] not in head_dims:
-        raise ValueError(f"q has head dim D={q.shape[-1]}; the {backend} kernels take D in "
+        raise ValueError(f"{name} has head dim D={q.shape[-1]}; the {backend} kernels take D in "
                          f"{tuple(head_dims)}: use the torch backend")
 
 
@@ -114,13 +118,16 @@ def split_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def check_packed(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """qkv must be (B, N, 3, H, D); returns its q, k, v views."""
+def check_packed(qkv: Tensor, scale: Optional[float]) -> None:
+    """check_qkv for q, k, v packed in qkv (B, N, 3, H, D): one tensor, so shapes, dtype and
+    device agree by construction (and the check needs no views, which cost host time)."""
     _checks.tensor("qkv", qkv, dims=(5,))
     if qkv.shape[2] != 3:
         raise ValueError(f"qkv must be (B, N, 3, H, D), q, k and v packed on dim 2, got shape "
                          f"{tuple(qkv.shape)}")
-    return split_qkv(qkv)
+    if qkv.shape[1] == 0:
+        raise ValueError("qkv must hold at least one token (N >= 1)")
+    check_scale(scale)
 
 
 @custom_op("deit_fast::attention_qkv")
@@ -171,14 +178,12 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def _kernel_scale(backend: str, q: Tensor, k: Tensor, scale: Optional[float]) -> float:
-    """What the kernel backends take beyond check_qkv; returns the scale as a float."""
+def _kernel_scale(backend: str, q: Tensor, scale: Optional[float], name: str = "q") -> float:
+    """What the kernel backends take beyond the input checks (dtype, head dim); returns the
+    scale as a float. q: any tensor whose last dim is the head dim."""
     from deit_fast.kernels.attention import HEAD_DIMS
-    _checks.kernel_dtypes(backend, q=q)
-    check_head_dim(backend, q, HEAD_DIMS)
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
-                         "self-attention kernel takes Nq == N: use the torch backend")
+    _checks.kernel_dtypes(backend, **{name: q})
+    check_head_dim(backend, q, HEAD_DIMS, name)
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
@@ -196,7 +201,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     backend = _backend.resolve("attention", q.device)
     if backend == "torch":
         return sdpa(q, k, v, scale)
-    return dispatch(_fused, q, k, v, _kernel_scale(backend, q, k, scale), backend)[0]
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
+                         "self-attention kernel takes Nq == N: use the torch backend")
+    return dispatch(_fused, q, k, v, _kernel_scale(backend, q, scale), backend)[0]
 
 
 def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -205,9 +213,8 @@ def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
     kernel backends the grad of qkv is one tensor the kernels write directly (see the top), where
     unpacked q, k, v grads cost two extra copies of it.
     """
-    q, k, v = check_packed(qkv)
-    check_qkv(q, k, v, scale)
+    check_packed(qkv, scale)
     backend = _backend.resolve("attention", qkv.device)
     if backend == "torch":
-        return sdpa(q, k, v, scale)
-    return dispatch(_fused_qkv, qkv, _kernel_scale(backend, q, k, scale), backend)[0]
+        return sdpa(*split_qkv(qkv), scale)
+    return dispatch(_fused_qkv, qkv, _kernel_scale(backend, qkv, scale, "qkv"), backend)[0]

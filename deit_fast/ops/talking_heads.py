@@ -143,7 +143,8 @@ def talking_heads_attention_qkv(qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tens
     """talking_heads_attention of the q, k, v packed in qkv (B, N, 3, H, D), the qkv
     projection's output as timm reshapes it; on the triton backend qkv's grad is one tensor the
     kernels write directly (see ops.attention_qkv)."""
-    q, k, v = check_packed(qkv)
+    check_packed(qkv, scale)
+    q, k, v = split_qkv(qkv)
     backend = _backend_for(q, k, v, w_l, b_l, w_w, b_w, scale)
     if backend == "torch":
         return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)

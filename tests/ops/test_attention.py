@@ -144,11 +144,19 @@ def test_packed_qkv_custom_ops_pass_opcheck_and_compile():
     torch.testing.assert_close(a.grad, e.grad)
 
 
-@pytest.mark.parametrize("shape,arg", [((2, 7, 3, 32), "qkv must have 5 dims"),
-                                       ((2, 7, 2, 2, 32), "packed on dim 2")])
-def test_packed_qkv_bad_shapes_are_named(shape, arg):
+@pytest.mark.parametrize("shape,dtype,scale,arg", [
+    ((2, 7, 3, 32), torch.float32, None, "qkv must have 5 dims"),
+    ((2, 7, 2, 2, 32), torch.float32, None, "packed on dim 2"),
+    ((2, 0, 3, 2, 32), torch.float32, None, "at least one token"),
+    ((2, 7, 3, 2, 24), torch.float32, None, "qkv has head dim"),
+    ((2, 7, 3, 2, 32), torch.float64, None, "qkv dtype"),
+    ((2, 7, 3, 2, 32), torch.float32, -1.0, "scale"),
+])
+def test_packed_qkv_bad_inputs_are_named_before_launch(shape, dtype, scale, arg, monkeypatch):
+    from deit_fast.kernels import attention
+    monkeypatch.setattr(attention, "forward", lambda *a: pytest.fail("kernel launched"))
     with ops.use_backend("triton"), pytest.raises(ValueError, match=arg):
-        ops.attention_qkv(torch.randn(shape, device=DEVICE))
+        ops.attention_qkv(torch.randn(shape, device=DEVICE, dtype=dtype), scale)
 
 
 @pytest.mark.parametrize("args,arg", [
