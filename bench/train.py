@@ -6,6 +6,7 @@ no grad, eval mode), the loss, backward, and a fused AdamW step with timm's weig
 on GPU-resident random images and mixup-style soft targets (what `deit-fast train --synthetic`
 runs). The impls differ only in the student and its loss:
   ours          deit_fast.create_model (backend auto) + deit_fast.ops.distillation_loss;
+  ours_compile  the same, student under torch.compile (our ops stay opaque custom ops);
   timm          timm.create_model of the same name (SDPA attention) + the official DeiT
                 DistillationLoss with timm's SoftTargetCrossEntropy, eagerly;
   timm_compile  the same, student and loss under torch.compile.
@@ -42,7 +43,7 @@ MODELS = {"deit_tiny": ("deit_tiny_patch16_224", "deit_tiny_distilled_patch16_22
           "cait_s24": ("cait_s24_224", "cait_s24_224")}
 # setting -> (distillation type, teacher channels-last)
 SETTINGS = {"none": ("none", False), "hard_nchw": ("hard", False), "hard_cl": ("hard", True)}
-IMPLS = ("ours", "timm", "timm_compile")
+IMPLS = ("ours", "timm", "ours_compile", "timm_compile")
 BATCH, SIZE, CLASSES = 256, 224, 1000
 ALPHA, TAU, LR, WEIGHT_DECAY = 0.5, 1.0, 5e-4, 0.05  # DeiT's recipe
 SMOKE = {"models": "deit_tiny", "settings": "none,hard_cl", "batch": 2, "teacher": "resnet10t"}
@@ -61,16 +62,16 @@ def teacher_flops(name: str, device: torch.device) -> float:
 def _student(impl: str, name: str, kind: str, device: torch.device):
     """(module, callable) of the student: the callable is what the step runs."""
     with torch.device(device):  # weights created where they run
-        model = deit_fast.create_model(name) if impl == "ours" else timm.create_model(name)
+        model = deit_fast.create_model(name) if impl.startswith("ours") else timm.create_model(name)
     if kind != "none" and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)  # train mode returns (class head, distillation head)
     model.train()
-    return model, (torch.compile(model) if impl == "timm_compile" else model)
+    return model, (torch.compile(model) if impl.endswith("_compile") else model)
 
 
 def _loss(impl: str, kind: str):
     """loss(outputs, soft_targets, teacher_logits or None): ours, or the official DeiT one."""
-    if impl == "ours":
+    if impl.startswith("ours"):
         def ours(outputs, targets, t_logits):
             logits, dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
             return ops.distillation_loss(logits, dist, targets, t_logits, kind, ALPHA, TAU)
@@ -90,12 +91,13 @@ def setup(case: common.Case, impl: str, args):
     kind, channels_last = SETTINGS[setting]
     name = MODELS[family][kind != "none"]
     (B, _, S, _), device = case.shape, torch.device(args.device)
-    if impl == "timm_compile":
+    if impl.endswith("_compile"):
         torch._dynamo.reset()  # drop the previous case's graphs and their memory
     model, student = _student(impl, name, kind, device)
     loss_fn = _loss(impl, kind)
+    # capturable: its step count lives on the GPU, so the graph-replay timing can capture the step
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, WEIGHT_DECAY), lr=LR,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda", capturable=device.type == "cuda")
     teacher = None
     if kind != "none":
         with torch.device(device):
@@ -141,7 +143,8 @@ def main(argv=None):
             raise SystemExit(f"{flag}: unknown {sorted(set(value) - set(known))}; choose from {list(known)}")
     batch = args.batch_size or (SMOKE["batch"] if smoke else BATCH)
     cases = [common.Case(f"{m} {s}", (batch, 3, SIZE, SIZE), "bf16 autocast") for m in models for s in settings]
-    impls = {"ours": common.Impl(False), "timm": common.Impl(True), "timm_compile": common.Impl(True)}
+    impls = {"ours": common.Impl(False), "timm": common.Impl(True), "ours_compile": common.Impl(False),
+             "timm_compile": common.Impl(True)}
     device = torch.device(args.device)
     backends = {op: r[device.type]["runs"] for op, r in ops.backend_report().items()}
     notes = {"step": "student fwd (bf16 autocast) + teacher fwd (no grad) + loss + backward + fused AdamW",
