@@ -10,10 +10,12 @@ log-sum-exp (lse) per query row. Backward: FlashAttention-2's recomputation, spl
 so that nothing is accumulated with atomics (bitwise-reproducible grads): one program per key
 tile computes dk and dv over all queries, one program per query tile computes dq over all keys.
 The dq kernel runs first and also writes delta = rowsum(dO * O) of its rows, which the dk/dv
-kernel reads: no third kernel (a launch is 10-50 us of host time, and the small ops were
-host-bound on the H200), at no register cost (sm_90, triton 3.6).
+kernel reads: no third kernel (each launch costs host time, and the small ops were host-bound
+on the H200), at no register cost (sm_90, triton 3.6).
 q, k, v, o, dO are addressed with (batch, head, row) strides and a unit last stride, so views of
-the (B, N, 3, H, D) qkv projection go in without a copy.
+the (B, N, 3, H, D) qkv projection go in without a copy. o is written token-major
+(token_major_empty), and dq, dk, dv through one set of grad strides, so they can be the slices
+of one packed (B, N, 3, H, D) grad (ops.attention_qkv).
 """
 import torch
 import triton
