@@ -22,7 +22,8 @@
 #      run dtype-major, so the first dtype is covered first (torch.compile's static-shape compile
 #      per case is most of the time);
 #   3. models, ours vs timm eager, short repetitions (--quick): a representative subset, every
-#      DeiT size at 224, DeiT-B at 384, CaiT XXS/S at 224 and 384, CaiT-M36 at 384;
+#      DeiT size at 224, DeiT-B at 384, CaiT XXS/S at 224 and 384, CaiT-M36 at 384; then
+#      DeiT-Ti's step under torch.profiler, ours and timm (bench/profile.py, in the logs);
 #   4. whole training steps (bench/train.py): DeiT-S and CaiT-XXS24, ours vs timm eager, without
 #      distillation and hard-distilled from RegNetY-16GF in channels-last and NCHW;
 #   5. ours and timm under torch.compile (a minute or more each) for DeiT-S, then CaiT-XXS24 if
@@ -130,6 +131,12 @@ if want models; then
     --models deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224,deit_base_patch16_384,cait_xxs24_224,cait_s24_224,cait_xxs24_384,cait_s24_384,cait_m36_384 \
     --out "$work/models"
   jsonl+=("$work/models.jsonl")
+
+  # Where DeiT-Ti's step goes (it was host-bound): kernels by GPU time, and the GPU-busy share.
+  for impl in ours timm; do
+    step "profile_deit_tiny_$impl" "$(budget 40)" "$PY" -m bench.profile --model deit_tiny_patch16_224 \
+      --impl "$impl" --out "$work/profile_deit_tiny_$impl.txt"
+  done
 
   cap=$(budget 60)
   step bench_train "$cap" "$PY" -m bench.train --quick --impls ours,timm --time-budget $((cap - 25)) \

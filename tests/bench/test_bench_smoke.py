@@ -160,3 +160,12 @@ def test_graph_columns_and_targets():
     assert lines[0] == "- 100 us, 0.5x, 8 %" and lines[-1] == "- 10 us, 4x, 80 %"
     md = common.markdown(header, rows, {"not_run": []}, lines)
     assert "| graph us | graph % roofline | graph speedup |" in md and "CUDA graph" in md
+
+
+def test_profile(tmp_path):
+    # A step under torch.profiler; on CPU the table of ops by CPU time (the GPU adds kernels and
+    # the GPU-busy share).
+    out = run("bench.profile", "--device", "cpu", "--model", "deit_tiny_patch16_224", "--steps", "1",
+              "--rows", "5", "--out", str(tmp_path / "profile.txt"))
+    report = (tmp_path / "profile.txt").read_text()
+    assert "ms per step" in report and "aten::mm" in report and report.strip() in out
