@@ -134,7 +134,7 @@ if want models; then
 
   # Where DeiT-Ti's step goes (it was host-bound): kernels by GPU time, and the GPU-busy share.
   for impl in ours timm; do
-    step "profile_deit_tiny_$impl" "$(budget 40)" "$PY" -m bench.profile --model deit_tiny_patch16_224 \
+    step "profile_deit_tiny_$impl" "$(budget 30)" "$PY" -m bench.profile --model deit_tiny_patch16_224 \
       --impl "$impl" --out "$work/profile_deit_tiny_$impl.txt"
   done
 
