@@ -97,10 +97,9 @@ def _backward_qkv(ctx, do, _dlse):
 register_autograd(_fused_qkv, _backward_qkv, _setup_context_qkv, stats=1)
 
 
-def _backend_for(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor,
-                 b_w: Tensor, scale: Optional[float]) -> str:
-    """Checks the inputs (and a kernel backend's limits); returns the backend that runs them."""
-    check_qkv(q, k, v, scale)
+def _backend_for(q: Tensor, k: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor) -> str:
+    """Checks the mixing weights against q, k, v checked already (and a kernel backend's limits);
+    returns the backend that runs them."""
     heads = q.shape[1]
     for name, t, shape in (("w_l", w_l, (heads, heads)), ("b_l", b_l, (heads,)),
                            ("w_w", w_w, (heads, heads)), ("b_w", b_w, (heads,))):
@@ -131,7 +130,8 @@ def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: T
     The triton backend takes Nq == N, H <= 16 heads, D in kernels.talking_heads.HEAD_DIMS, and
     lays the (B, H, N, D) output out (B, N, H, D) in memory, as ops.attention does.
     """
-    backend = _backend_for(q, k, v, w_l, b_l, w_w, b_w, scale)
+    check_qkv(q, k, v, scale)
+    backend = _backend_for(q, k, w_l, b_l, w_w, b_w)
     if backend == "torch":
         return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -145,7 +145,7 @@ def talking_heads_attention_qkv(qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tens
     kernels write directly (see ops.attention_qkv)."""
     check_packed(qkv, scale)
     q, k, v = split_qkv(qkv)
-    backend = _backend_for(q, k, v, w_l, b_l, w_w, b_w, scale)
+    backend = _backend_for(q, k, w_l, b_l, w_w, b_w)
     if backend == "torch":
         return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
