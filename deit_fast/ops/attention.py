@@ -73,17 +73,17 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple
     return attention.forward(q, k, v, scale)
 
 
-def token_major_fake(q: Tensor) -> Tensor:
-    """The layout both kernel backends give o: (B, H, N, D), (B, N, H, D) in memory
-    (kernels.attention.token_major_empty, empty_outputs in csrc/attention.cu), without triton."""
+def outputs_fake(q: Tensor) -> Tuple[Tensor, Tensor]:
+    """(o, lse) as the kernel backends give them, without triton: o (B, H, N, D) laid out
+    (B, N, H, D) in memory (kernels.attention.token_major_empty, empty_outputs in
+    csrc/attention.cu), lse (B, H, N) fp32 contiguous."""
     B, H, N, D = q.shape
-    return q.new_empty((B, N, H, D)).transpose(1, 2)
+    return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @_fused.register_fake
 def _(q, k, v, scale, backend):
-    B, H, N, _ = q.shape
-    return token_major_fake(q), q.new_empty((B, H, N), dtype=torch.float32)
+    return outputs_fake(q)
 
 
 @custom_op("deit_fast::attention_backward")
@@ -137,8 +137,7 @@ def _fused_qkv(qkv: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]
 
 @_fused_qkv.register_fake
 def _(qkv, scale, backend):
-    q = split_qkv(qkv)[0]
-    return token_major_fake(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return outputs_fake(split_qkv(qkv)[0])
 
 
 @custom_op("deit_fast::attention_qkv_backward")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks, reference
-from .attention import check_head_dim, check_packed, check_qkv, split_qkv, token_major_fake
+from .attention import check_head_dim, check_packed, check_qkv, outputs_fake, split_qkv
 from ._dispatch import backward_call, custom_op, dispatch, register_autograd
 
 
@@ -25,7 +25,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tenso
 
 @_fused.register_fake
 def _(q, k, v, w_l, b_l, w_w, b_w, scale, backend):
-    return token_major_fake(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return outputs_fake(q)
 
 
 @custom_op("deit_fast::talking_heads_attention_backward")
@@ -63,8 +63,7 @@ def _fused_qkv(qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor, 
 
 @_fused_qkv.register_fake
 def _(qkv, w_l, b_l, w_w, b_w, scale, backend):
-    q = split_qkv(qkv)[0]
-    return token_major_fake(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return outputs_fake(split_qkv(qkv)[0])
 
 
 @custom_op("deit_fast::talking_heads_attention_qkv_backward")
