@@ -115,7 +115,10 @@ def main(argv=None):
     impls = {"ours": common.Impl(False), "timm": common.Impl(True), "ours_compile": common.Impl(False),
              "timm_compile": common.Impl(True)}
     backends = {op: r[device.type]["runs"] for op, r in deit_fast.ops.backend_report().items()}
+    # as `deit-fast train` (and the official main.py) runs: cuDNN times its conv algorithms
+    torch.backends.cudnn.benchmark = True
     notes = {"ours runs": ", ".join(f"{op}: {b}" for op, b in backends.items()),
+             "cudnn": "benchmark mode, every impl",
              "FLOPs": "per image from torch.utils.flop_counter on timm's model (matmuls, convs, attention)",
              "fwd+bwd": "forward, cross-entropy, backward; no optimizer step"}
     common.run("models", args, cases, impls, setup, {"notes": notes, "backends": backends})

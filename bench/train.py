@@ -147,9 +147,12 @@ def main(argv=None):
              "timm_compile": common.Impl(True)}
     device = torch.device(args.device)
     backends = {op: r[device.type]["runs"] for op, r in ops.backend_report().items()}
+    # as `deit-fast train` (and the official main.py) runs: cuDNN times its conv algorithms
+    torch.backends.cudnn.benchmark = True
     notes = {"step": "student fwd (bf16 autocast) + teacher fwd (no grad) + loss + backward + fused AdamW",
              "teacher": f"{args.teacher_model}, random weights; hard_nchw: NCHW, hard_cl: channels-last",
              "ours runs": ", ".join(f"{op}: {b}" for op, b in backends.items()),
+             "cudnn": "benchmark mode, every impl",
              "FLOPs": "student fwd+bwd (flop_counter on timm's model) + teacher fwd, per image"}
     common.run("train", args, cases, impls, setup, {"notes": notes, "backends": backends})
 

@@ -110,6 +110,10 @@ def build_parser(prog: str = "deit-fast train") -> argparse.ArgumentParser:
                    help="autocast dtype (fp16 with a GradScaler)")
     g.add_argument("--backend", default="auto", choices=_backend.BACKENDS, help="deit_fast.ops backend")
     g.add_argument("--compile", action="store_true", help="torch.compile the student (and teacher)")
+    _flag_pair(g, "cudnn-benchmark", True,
+               "let cuDNN time its algorithms once per conv shape, as the official main.py does: the "
+               "teacher's convolutions and the patch embedding get the fastest it has; off, it "
+               "picks by heuristics (the choice by timing can differ between processes)")
     g.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile mode with --compile; reduce-overhead replays the compiled "

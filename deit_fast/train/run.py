@@ -77,9 +77,12 @@ def train(args: Namespace) -> dict:
     the loss curve of the steps this call ran (`step_losses`)."""
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     dist, device = distributed.init(args.device)
+    benchmark = torch.backends.cudnn.benchmark  # a process-wide flag: restored on the way out
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     try:
         return _train(args, dist, device)
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         if not was_initialised:
             distributed.shutdown()
 

@@ -80,6 +80,17 @@ def test_synthetic_with_clip_and_random_teacher(tmp_path):
     assert record["epoch"] == 1 and record["global_step"] == 4 and "val_top1" not in record
 
 
+@pytest.mark.parametrize("flag, during", [(None, True), ("--no-cudnn-benchmark", False)])
+def test_cudnn_benchmark_set_for_the_run_only(monkeypatch, flag, during):
+    """On by default (the official main.py sets it); the process-wide flag is restored after."""
+    from deit_fast.train import run
+    seen = []
+    monkeypatch.setattr(run, "_train", lambda *a: seen.append(torch.backends.cudnn.benchmark) or {})
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not during)
+    train(parse_args(["--synthetic", "--device", "cpu"] + ([flag] if flag else [])))
+    assert seen == [during] and torch.backends.cudnn.benchmark is (not during)
+
+
 def test_yaml_config(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: cait_xxs24_224\nlr: 5e-4\nbatch-size: 32\nrepeated_aug: false\n"
