@@ -70,12 +70,43 @@ __device__ __forceinline__ void split_row(int64_t r, int64_t rows, int64_t N, in
   }
 }
 
+// The second, deterministic stage of the column reductions (dgamma, dweight, dbias): the first
+// stage leaves one fp32 row of partial sums per row strip; here out[c] = sum over p < P of
+// part[p * C + c], for the 32 columns of blockIdx.x, always in the same order (thread row y adds
+// p = y, y + kColsumRows, ..., then row 0 adds the kColsumRows sums). Block (32, kColsumRows).
+constexpr int kColsumRows = 8;
+
+template <typename T>
+__device__ __forceinline__ void column_sum(const float* __restrict__ part, T* __restrict__ out,
+                                           int64_t P, int64_t C) {
+  __shared__ float red[kColsumRows][32];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float s = 0.f;
+  if (c < C) {
+#pragma unroll 4
+    for (int64_t p = threadIdx.y; p < P; p += kColsumRows) s += part[p * C + c];
+  }
+  red[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < kColsumRows; ++k) t += red[k][threadIdx.x];
+    out[c] = from_float<T>(t);
+  }
+}
+
 // ---- host side ---------------------------------------------------------------------------
 
 template <typename T> struct Tag { using type = T; };
 
 inline bool is_kernel_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The kernels' storage dtypes; anything else is an error naming op and argument.
+inline void check_float(const char* op, const char* name, at::ScalarType t) {
+  TORCH_CHECK(is_kernel_float(t), op, ": ", name, " dtype must be float32, float16 or bfloat16, got ", t);
 }
 
 // f(Tag<cuda type>{}) for an fp32/fp16/bf16 ScalarType; anything else is an error naming `name`.

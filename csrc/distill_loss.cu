@@ -529,11 +529,6 @@ __global__ void __launch_bounds__(kMaxThreads, 1) distill_loss_stream_kernel(con
 
 constexpr const char* kOp = "distillation_loss_forward";
 
-void check_float(const char* name, at::ScalarType t) {
-  TORCH_CHECK(is_kernel_float(t), kOp, ": ", name,
-              " dtype must be float32, float16 or bfloat16, got ", t);
-}
-
 void check_device(const char* name, const at::Tensor& t, const at::Tensor& logits) {
   TORCH_CHECK(t.device() == logits.device(), kOp, ": ", name, " is on ", t.device(),
               " but logits is on ", logits.device());
@@ -557,7 +552,7 @@ Checked check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& 
   TORCH_CHECK(kl_reduction == "numel" || kl_reduction == "batchmean", kOp,
               ": kl_reduction must be \"numel\" or \"batchmean\", got \"", kl_reduction, "\"");
   TORCH_CHECK(logits.dim() == 2, kOp, ": logits must be (B, C), got shape ", logits.sizes());
-  check_float("logits", logits.scalar_type());
+  check_float(kOp, "logits", logits.scalar_type());
   TORCH_CHECK(logits.size(1) <= kMaxClasses, kOp, ": logits has ", logits.size(1),
               " classes, more than the kernel's ", kMaxClasses);
   TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), kOp, ": logits has ",
@@ -567,7 +562,7 @@ Checked check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& 
       TORCH_CHECK(h.has_value(), kOp, ": ", name, " is required for kind \"", kind, "\"");
       TORCH_CHECK(h->sizes() == logits.sizes(), kOp, ": ", name, " must have logits' shape ",
                   logits.sizes(), ", got ", h->sizes());
-      check_float(name, h->scalar_type());
+      check_float(kOp, name, h->scalar_type());
       check_device(name, *h, logits);
     };
     head("dist_logits", dist);
@@ -578,7 +573,7 @@ Checked check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& 
     TORCH_CHECK(target.sizes() == logits.sizes(), kOp,
                 ": target must have logits' shape (soft targets) ", logits.sizes(), ", got ",
                 target.sizes());
-    check_float("target", target.scalar_type());
+    check_float(kOp, "target", target.scalar_type());
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong, kOp,
                 ": target must be int64 class indices or float soft targets, got ",

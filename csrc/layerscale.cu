@@ -31,7 +31,6 @@ namespace {
 
 constexpr int kVec = 8;             // 16 B of fp16/bf16, 32 B of fp32 per vector access
 constexpr int64_t kRowBlocks = 1024;  // at most this many row strips in the backward
-constexpr int kColsumRows = 8;      // the dgamma reduction block is 32 columns x 8 thread rows
 
 // ---- kernels -----------------------------------------------------------------------------
 
@@ -122,31 +121,14 @@ __global__ void __launch_bounds__(256) layerscale_bwd_kernel(
   }
 }
 
-// dgamma[c] = sum over p of partial[p, c], fixed order. Grid ceil(C / 32), block (32, 8).
+// dgamma[c] = sum over p of partial[p, c] (column_sum). Grid ceil(C / 32), block (32, kColsumRows).
 template <typename GT>
 __global__ void __launch_bounds__(32 * kColsumRows) layerscale_colsum_kernel(
     const float* __restrict__ partial, GT* __restrict__ dgamma, int64_t P, int64_t C) {
-  __shared__ float red[kColsumRows][32];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  float s = 0.f;
-  if (c < C) {
-    for (int64_t p = threadIdx.y; p < P; p += kColsumRows) s += partial[p * C + c];
-  }
-  red[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    float t = 0.f;
-#pragma unroll
-    for (int k = 0; k < kColsumRows; ++k) t += red[k][threadIdx.x];
-    dgamma[c] = from_float<GT>(t);
-  }
+  column_sum(partial, dgamma, P, C);
 }
 
 // ---- input checks (shared by the CUDA and Meta kernels) ----------------------------------
-
-void check_float(const char* op, const char* name, at::ScalarType t) {
-  TORCH_CHECK(is_kernel_float(t), op, ": ", name, " dtype must be float32, float16 or bfloat16, got ", t);
-}
 
 // gamma: (C,); scale: (B,) fp32; every tensor on `ref`'s device.
 void check_common(const char* op, const char* ref_name, const at::Tensor& ref, const at::Tensor& y,

@@ -44,7 +44,6 @@ constexpr int kThreads = 256;  // per block, unless one row needs more (the back
 constexpr int kMaxC = 8192;    // 256 forward / 512 backward threads per row at most
 constexpr int kMaxWarps = 2 * kThreads / 32;
 constexpr int64_t kRowBlocks = 1024;  // at most this many row strips in the backward
-constexpr int kColsumRows = 8;
 
 // ---- kernels -----------------------------------------------------------------------------
 
@@ -300,30 +299,15 @@ __global__ void __launch_bounds__(2 * kThreads, 1) lsln_bwd_kernel(
   store_column_sums(acc_b, colbuf, partial + (2 * P + p) * C, C);
 }
 
-// grad_a[c] = sum over p of partial[a, p, c] in a fixed order, for a = dgamma, dweight, dbias.
+// grad_a[c] = sum over p of partial[a, p, c] (column_sum), for a = dgamma, dweight, dbias.
 // Grid (ceil(C / 32), 3), block (32, kColsumRows); a null grad (no gamma) is skipped.
 __global__ void __launch_bounds__(32 * kColsumRows) lsln_colsum_kernel(
     const float* __restrict__ partial, float* __restrict__ dgamma, float* __restrict__ dweight,
     float* __restrict__ dbias, int64_t P, int C) {
-  __shared__ float red[kColsumRows][32];
   const int a = blockIdx.y;
   float* dst = a == 0 ? dgamma : a == 1 ? dweight : dbias;
   if (dst == nullptr) return;  // uniform across the block
-  const float* part = partial + a * P * C;
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  float s = 0.f;
-  if (c < C) {
-#pragma unroll 4
-    for (int64_t p = threadIdx.y; p < P; p += kColsumRows) s += part[p * C + c];
-  }
-  red[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    float t = 0.f;
-#pragma unroll
-    for (int k = 0; k < kColsumRows; ++k) t += red[k][threadIdx.x];
-    dst[c] = t;
-  }
+  column_sum(partial + a * P * C, dst, P, C);
 }
 
 // ---- input checks (shared by the CUDA and Meta kernels) ----------------------------------
@@ -332,10 +316,6 @@ constexpr const char* kFusedFwd = "layerscale_residual_layernorm_forward";
 constexpr const char* kFusedBwd = "layerscale_residual_layernorm_backward";
 constexpr const char* kLnFwd = "layer_norm_forward";
 constexpr const char* kLnBwd = "layer_norm_backward";
-
-void check_float(const char* op, const char* name, at::ScalarType t) {
-  TORCH_CHECK(is_kernel_float(t), op, ": ", name, " dtype must be float32, float16 or bfloat16, got ", t);
-}
 
 // Rows of a (B, ..., C) tensor: the product of all but the last dim (also when C == 0).
 int64_t row_count(const at::Tensor& t) {
