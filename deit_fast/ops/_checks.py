@@ -37,3 +37,15 @@ def kernel_dtypes(backend: str, **tensors: Optional[Tensor]) -> None:
         if t is not None and t.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{n} dtype {t.dtype} is not supported by the {backend} backend "
                              f"(fp32, fp16, bf16); use the torch backend for it")
+
+
+def dot_dtype(backend: str, name: str, t: Tensor) -> None:
+    """For the kernels built on tl.dot (attention, talking heads): the Triton interpreter stores
+    bf16 as raw 16-bit integers and its tl.dot multiplies those (triton-lang/triton#11584; the
+    maintainers: not supported), so under TRITON_INTERPRET=1 bf16 would give garbage (~1e9)."""
+    if t.dtype == torch.bfloat16:
+        from deit_fast import kernels
+        if kernels.INTERPRETED:
+            raise ValueError(f"{name} is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) "
+                             f"cannot multiply in the {backend} backend's attention kernels: use "
+                             "float16 or float32 there, or a GPU without the interpreter")

@@ -182,6 +182,7 @@ def _kernel_scale(backend: str, q: Tensor, scale: Optional[float], name: str = "
     scale as a float. q: any tensor whose last dim is the head dim."""
     from deit_fast.kernels.attention import HEAD_DIMS
     _checks.kernel_dtypes(backend, **{name: q})
+    _checks.dot_dtype(backend, name, q)
     check_head_dim(backend, q, HEAD_DIMS, name)
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 

@@ -96,20 +96,22 @@ def _backward_qkv(ctx, do, _dlse):
 register_autograd(_fused_qkv, _backward_qkv, _setup_context_qkv, stats=1)
 
 
-def _backend_for(q: Tensor, k: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor) -> str:
+def _backend_for(q: Tensor, k: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor,
+                 name: str = "q") -> str:
     """Checks the mixing weights against q, k, v checked already (and a kernel backend's limits);
-    returns the backend that runs them."""
+    returns the backend that runs them. name: what the caller calls q's tensor (q or qkv)."""
     heads = q.shape[1]
-    for name, t, shape in (("w_l", w_l, (heads, heads)), ("b_l", b_l, (heads,)),
-                           ("w_w", w_w, (heads, heads)), ("b_w", b_w, (heads,))):
-        _checks.tensor(name, t)
-        _checks.shape(name, t, shape, f" for H={heads} heads")
+    for arg, t, shape in (("w_l", w_l, (heads, heads)), ("b_l", b_l, (heads,)),
+                          ("w_w", w_w, (heads, heads)), ("b_w", b_w, (heads,))):
+        _checks.tensor(arg, t)
+        _checks.shape(arg, t, shape, f" for H={heads} heads")
     _checks.same_device(q=q, w_l=w_l, b_l=b_l, w_w=w_w, b_w=b_w)
     backend = _backend.resolve("talking_heads_attention", q.device)
     if backend == "torch":
         return backend
     from deit_fast.kernels.talking_heads import HEAD_DIMS, MAX_HEADS
     _checks.kernel_dtypes(backend, q=q, w_l=w_l, b_l=b_l, w_w=w_w, b_w=b_w)
+    _checks.dot_dtype(backend, name, q)
     check_head_dim(backend, q, HEAD_DIMS)
     if heads > MAX_HEADS:
         raise ValueError(f"q has H={heads} heads; the {backend} kernel holds all heads of a tile "
@@ -144,7 +146,7 @@ def talking_heads_attention_qkv(qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tens
     kernels write directly (see ops.attention_qkv)."""
     check_packed(qkv, scale)
     q, k, v = split_qkv(qkv)
-    backend = _backend_for(q, k, w_l, b_l, w_w, b_w)
+    backend = _backend_for(q, k, w_l, b_l, w_w, b_w, name="qkv")
     if backend == "torch":
         return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -66,3 +66,25 @@ def test_layerscale_residual_layernorm(kwargs, arg):
     args.update(kwargs)
     with pytest.raises(ValueError, match=arg):
         ops.layerscale_residual_layernorm(**args)
+
+
+@pytest.mark.parametrize("op,arg", [
+    (lambda t: ops.attention(t, t, t), "q"),
+    (lambda t: ops.attention_qkv(t.transpose(1, 2).unsqueeze(2).expand(-1, -1, 3, -1, -1)), "qkv"),
+    (lambda t: ops.talking_heads_attention(t, t, t, *MIX), "q"),
+    (lambda t: ops.talking_heads_attention_qkv(t.transpose(1, 2).unsqueeze(2).expand(-1, -1, 3, -1, -1),
+                                               *MIX), "qkv"),
+])
+def test_interpreter_refuses_bf16_matmul_kernels(op, arg):
+    """The Triton interpreter multiplies bf16 bit patterns in tl.dot (outputs ~1e9, not an error):
+    under it the tl.dot kernels refuse bf16 instead. Nothing to refuse on a GPU."""
+    from deit_fast import kernels
+    if not kernels.INTERPRETED:
+        pytest.skip("only under TRITON_INTERPRET=1")
+    ops.set_backend("triton")
+    with pytest.raises(ValueError, match=f"{arg} is bfloat16.*interpreter"):
+        op(q.bfloat16())
+    assert op(q.half()).isfinite().all()  # fp16 runs
+
+
+MIX = (torch.eye(3), torch.zeros(3), torch.eye(3), torch.zeros(3))
