@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [DIR]     # DIR: also copy the results there, and all logs as logs.txt
 #   DEIT_FAST_COMMIT=$(git rev-parse --short HEAD) ...  # name the commit when the copy's .git is stale
-#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,ops,models: all)
+#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,ops,models; opt-in: tune)
 #   GPU_CHECK_DEADLINE=400 ...        # seconds for the whole run (default 550)
 #
 # Each step has a cap in seconds and all share the deadline, so the whole run stays under
@@ -73,6 +73,8 @@ if [[ -f $stamp && $(cat "$stamp") == "$sources" ]] && ls deit_fast/_C*.so >/dev
   printf 'install\tskipped\t0\t\n' >>"$steps"
   echo "== install: skipped, deit_fast._C was built from these sources"
   installing=
+elif ! want tests && ! want ops && ! want models; then  # tune alone runs Triton only
+  installing=
 else
   rm -f "$stamp"
   { step install "$(budget 170)" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 DEIT_FAST_BUILD_CUDA=1 \
@@ -125,6 +127,13 @@ for op in "${order[@]}"; do
   jsonl+=("$work/$op.jsonl")
 done
 
+# Opt-in (GPU_CHECK_PARTS=tune, alone: about 6 minutes): the tile-config sweep of the attention
+# kernels (bench/tune.py); its table is in the log and in tune.md beside the results.
+if want tune; then
+  cap=$(budget 420)
+  step bench_tune "$cap" "$PY" -m bench.tune --time-budget $((cap - 30)) --out "$work/tune"
+fi
+
 if want models; then
   cap=$(budget 50)
   step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
@@ -153,6 +162,7 @@ fi
 if [[ -n $copy_to ]]; then
   mkdir -p "$copy_to"
   cp $(cat "$work/written") "$copy_to"/
+  [[ -f $work/tune.md ]] && cp "$work/tune.md" "$work/tune.jsonl" "$copy_to"/
   for log in "$work"/*.log; do  # one file: the device tool brings back at most 8
     printf '\n===== %s\n' "$(basename "$log")"
     cat "$log"

@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import common
 
@@ -169,3 +170,30 @@ def test_profile(tmp_path):
               "--rows", "5", "--out", str(tmp_path / "profile.txt"))
     report = (tmp_path / "profile.txt").read_text()
     assert "ms per step" in report and "aten::mm" in report and report.strip() in out
+
+
+def test_tune(tmp_path):
+    # Two candidates per kernel at a tiny fp16 shape (head dim 48: masked and split blocks).
+    out = run("bench.tune", "--kernels", "FWD,BWD_KV", "--out", str(tmp_path / "tune"))
+    rows = [json.loads(line) for line in open(tmp_path / "tune.jsonl")][1:]
+    assert [(r["kernel"], r["split"]) for r in rows] == [("FWD", False)] * 2 + [("FWD", True)] * 2 + \
+        [("BWD_KV", False)] * 2 + [("BWD_KV", True)] * 2
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] < 1e-2, r
+        positive(r, "us", "speedup")
+    assert [r["shipped"] for r in rows] == [True, False, False, False] * 2
+    assert "### FWD at smoke (1x2x9x48)" in out and "(shipped)" in (tmp_path / "tune.md").read_text()
+
+
+def test_tune_candidate_that_fails_is_a_row_and_the_shipped_config_stays():
+    import argparse
+
+    from bench import tune
+    from deit_fast.kernels import attention
+    shipped = dict(attention.FWD)
+    q, k, v, do = tune._inputs((1, 1, 5, 16), torch.float16, torch.device("cpu"))
+    want = tune._reference(q, k, v, do, 0.25)
+    args = argparse.Namespace(device=torch.device("cpu"), warmup_ms=1, rep_ms=1)
+    row = tune.measure("FWD", dict(shipped, BLOCK_M=48), False, (q, k, v, do, 0.25), want, None, args)
+    assert row["status"].startswith("failed: ") and "us" not in row
+    assert attention.FWD == shipped
