@@ -1,9 +1,17 @@
 """Self-attention, flash style: softmax(q k^T * scale) v without the N x N matrix in memory.
 
-Tuned for ViT sequence lengths (N = 197/198 at 224 px, 577/578 at 384 px), not long text: key
-tiles are 32 wide, so N = 197 streams 224 keys (88 % useful) where a 64-wide tile streams 256
-(77 %). Head dims that are not a power of two (CaiT's 48) use one masked 64-wide block or two
-exact ones (32 + 16): SPLIT_HEAD_DIM below.
+Sized for ViT sequence lengths (N = 197/198 at 224 px, 577/578 at 384 px), not long text. At
+head dims up to 64 these loops are bound by instruction issue rather than by their MMAs: a
+score's softmax (scale, max, exp2, sum, convert) and the accumulator's rescaling cost more issue
+slots than its 2 D multiply-adds on the tensor cores. So the loops take the fewest instructions
+per score: only the last key tile is masked (a uniform branch), the scale rides in the FFMA of
+the max subtraction, K and V pointers advance by one add a tile, and the forward's key tiles are
+64 wide (the rescaling of the 64-column accumulator is paid per 64 keys, not 32), though
+N = 197 then streams 256 keys instead of 224: SASS instructions a thread issues per full tile at
+D=64, sm_90, triton 3.6, fwd 268 per 64x32 -> 327 per 64x64 (-39 % per score), dq 207 -> 169,
+dk/dv 293 -> 261 (`python tests/aot/compile_triton.py attention`, loop_instructions).
+Not yet timed on a GPU (bench.tune). Head dims that are not a power of two (CaiT's 48) use one
+masked 64-wide block or two exact ones (32 + 16): SPLIT_HEAD_DIM below.
 
 Forward: one program per (query tile, batch*head); online softmax in fp32; saves only the
 log-sum-exp (lse) per query row. Backward: FlashAttention-2's recomputation, split in two kernels
@@ -21,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 BWD_KV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)   # key tile owns dk, dv
 BWD_Q = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)    # query tile owns dq
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
@@ -66,6 +74,23 @@ def _store(PTR, rows, sb, sh, sn, off_b, off_h, N, D, value, D0: tl.constexpr, B
     tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=(rows[:, None] < N) & (d[None, :] < D))
 
 
+@triton.jit
+def _row_ptrs(PTR, sb, sh, sn, off_b, off_h, D0: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Pointers to columns [D0, D0 + BLOCK_D) of rows 0 .. BLOCK_R of one (batch, head), for a
+    loop that advances them BLOCK_R rows a step: one add per step where _tile's addresses cost
+    64-bit multiplies per row (the loops are bound by instruction issue, see the top)."""
+    r = tl.arange(0, BLOCK_R).to(tl.int64)
+    return PTR + off_b * sb + off_h * sh + r[:, None] * sn + (D0 + tl.arange(0, BLOCK_D))[None, :]
+
+
+@triton.jit
+def _load_rows(ptrs, n_left, D, D0: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile at ptrs (_row_ptrs), zero past the n_left rows left and past column D."""
+    mask = (tl.arange(0, BLOCK_R)[:, None] < n_left) & ((D0 + tl.arange(0, BLOCK_D))[None, :] < D)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
 # Every matmul kernel below covers the head dim with one block of BLOCK_D columns, plus a second
 # of BLOCK_D2 columns when BLOCK_D2 > 0 (a head dim of 48 as 32 + 16: no masked-off columns).
 # `if BLOCK_D2 > 0` is resolved at compile time, so the one-block variant carries no extra code.
@@ -85,24 +110,37 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
+    kp = _row_ptrs(K, skb, skh, skn, off_b, off_h, 0, BLOCK_N, BLOCK_D)
+    vp = _row_ptrs(V, svb, svh, svn, off_b, off_h, 0, BLOCK_N, BLOCK_D)
+    if BLOCK_D2 > 0:
+        kp2 = _row_ptrs(K, skb, skh, skn, off_b, off_h, BLOCK_D, BLOCK_N, BLOCK_D2)
+        vp2 = _row_ptrs(V, svb, svh, svn, off_b, off_h, BLOCK_D, BLOCK_N, BLOCK_D2)
+    k_step = tl.full([], BLOCK_N, tl.int64) * skn
+    v_step = tl.full([], BLOCK_N, tl.int64) * svn
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, 0, BLOCK_D)
+        k = _load_rows(kp, N - start, D, 0, BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if BLOCK_D2 > 0:
-            k2 = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            k2 = _load_rows(kp2, N - start, D, BLOCK_D, BLOCK_N, BLOCK_D2)
             s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
-        s = tl.where(cols[None, :] < N, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # Issue-bound (see the top): mask only the last tile, and scale in one FFMA with the max
+        # subtraction (max(s) * scale == max(s * scale) as scale > 0).
+        if start + BLOCK_N > N:
+            s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
         alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, 0, BLOCK_D)
+        v = _load_rows(vp, N - start, D, 0, BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         if BLOCK_D2 > 0:
-            v2 = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            v2 = _load_rows(vp2, N - start, D, BLOCK_D, BLOCK_N, BLOCK_D2)
             acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PRECISION)
+            kp2 += k_step
+            vp2 += v_step
         m = m_new
+        kp += k_step
+        vp += v_step
     rmask = rows < N
     out = O + off_b * sob + off_h * soh + rows.to(tl.int64)[:, None] * son
     d = tl.arange(0, BLOCK_D)
@@ -135,28 +173,40 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
         dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
         dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     qk_scale = scale * 1.4426950408889634
+    qp = _row_ptrs(Q, sqb, sqh, sqn, off_b, off_h, 0, BLOCK_M, BLOCK_D)
+    dop = _row_ptrs(DO, sdb, sdh, sdn, off_b, off_h, 0, BLOCK_M, BLOCK_D)
+    if BLOCK_D2 > 0:
+        qp2 = _row_ptrs(Q, sqb, sqh, sqn, off_b, off_h, BLOCK_D, BLOCK_M, BLOCK_D2)
+        dop2 = _row_ptrs(DO, sdb, sdh, sdn, off_b, off_h, BLOCK_D, BLOCK_M, BLOCK_D2)
+    q_step = tl.full([], BLOCK_M, tl.int64) * sqn
+    do_step = tl.full([], BLOCK_M, tl.int64) * sdn
+    stats = bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
     for start in range(0, N, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < N
-        q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
-        do = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, 0, BLOCK_D)
-        lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
-        delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
-        # P^T (keys x queries), zero for padded queries so they add nothing to dk, dv
+        q = _load_rows(qp, N - start, D, 0, BLOCK_M, BLOCK_D)
+        do = _load_rows(dop, N - start, D, 0, BLOCK_M, BLOCK_D)
+        rmask = tl.arange(0, BLOCK_M) < N - start
+        # lse = +inf past N: P^T is exactly 0 for padded queries (exp2(-inf)), without a select
+        # on every score, so they add nothing to dk, dv
+        lse = tl.load(LSE + stats + start, mask=rmask, other=float("inf"))
+        delta = tl.load(DELTA + stats + start, mask=rmask, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if BLOCK_D2 > 0:
-            q2 = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
-            do2 = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            q2 = _load_rows(qp2, N - start, D, BLOCK_D, BLOCK_M, BLOCK_D2)
+            do2 = _load_rows(dop2, N - start, D, BLOCK_D, BLOCK_M, BLOCK_D2)
             st += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
             dpt += tl.dot(v2, tl.trans(do2), input_precision=PRECISION)
-        pt = tl.where(rmask[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+            qp2 += q_step
+            dop2 += do_step
+        pt = tl.exp2(st * qk_scale - lse[None, :])
         dst = pt * (dpt - delta[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
         if BLOCK_D2 > 0:
             dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
             dk2 += tl.dot(dst.to(q2.dtype), q2, input_precision=PRECISION)
+        qp += q_step
+        dop += do_step
     _store(DK, cols, sgb, sgh, sgn, off_b, off_h, N, D, dk * scale, 0, BLOCK_D)
     _store(DV, cols, sgb, sgh, sgn, off_b, off_h, N, D, dv, 0, BLOCK_D)
     if BLOCK_D2 > 0:
@@ -188,22 +238,36 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, s
     tl.store(DELTA + bh.to(tl.int64) * N + rows, delta, mask=rmask)
     lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
     qk_scale = scale * 1.4426950408889634
+    kp = _row_ptrs(K, skb, skh, skn, off_b, off_h, 0, BLOCK_N, BLOCK_D)
+    vp = _row_ptrs(V, svb, svh, svn, off_b, off_h, 0, BLOCK_N, BLOCK_D)
+    if BLOCK_D2 > 0:
+        kp2 = _row_ptrs(K, skb, skh, skn, off_b, off_h, BLOCK_D, BLOCK_N, BLOCK_D2)
+        vp2 = _row_ptrs(V, svb, svh, svn, off_b, off_h, BLOCK_D, BLOCK_N, BLOCK_D2)
+    k_step = tl.full([], BLOCK_N, tl.int64) * skn
+    v_step = tl.full([], BLOCK_N, tl.int64) * svn
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, 0, BLOCK_D)
-        v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, 0, BLOCK_D)
+        k = _load_rows(kp, N - start, D, 0, BLOCK_N, BLOCK_D)
+        v = _load_rows(vp, N - start, D, 0, BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if BLOCK_D2 > 0:
-            k2 = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
-            v2 = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
+            k2 = _load_rows(kp2, N - start, D, BLOCK_D, BLOCK_N, BLOCK_D2)
+            v2 = _load_rows(vp2, N - start, D, BLOCK_D, BLOCK_N, BLOCK_D2)
             s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
             dp += tl.dot(do2, tl.trans(v2), input_precision=PRECISION)
-        p = tl.where(cols[None, :] < N, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+            kp2 += k_step
+            vp2 += v_step
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        # Keys past N are zero rows of k, so they add nothing to dq, but their p = exp2(-lse) can
+        # overflow to inf (and inf * 0 is NaN): zero them, on the last tile only (as the forward)
+        if start + BLOCK_N > N:
+            p = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, p, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if BLOCK_D2 > 0:
             dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=PRECISION)
+        kp += k_step
+        vp += v_step
     _store(DQ, rows, sgb, sgh, sgn, off_b, off_h, N, D, dq * scale, 0, BLOCK_D)
     if BLOCK_D2 > 0:
         _store(DQ, rows, sgb, sgh, sgn, off_b, off_h, N, D, dq2 * scale, BLOCK_D, BLOCK_D2)

@@ -2,7 +2,13 @@
 
 Run as a script in a fresh process (TRITON_INTERPRET unset), since the test process decorates
 the kernels as interpreted functions. Prints one JSON line per variant: kernel, dtype, constexprs,
-registers, spill bytes (from cuobjdump on the cubin) and whether the PTX uses wgmma.
+registers, spill bytes (from cuobjdump on the cubin), whether the PTX uses wgmma, and
+`loop_instructions`: per loop of the SASS (in address order), the instructions a thread runs in
+one iteration that takes no forward branch (for the attention kernels: a full, unmasked tile).
+The kernels whose softmax work outweighs their MMAs are bound by instruction issue, so that count
+is the static measure of their speed this machine has.
+
+    python tests/aot/compile_triton.py attention     # (PYTHONPATH=<triton 3.6> for the GPU's)
 """
 import importlib
 import json
@@ -35,6 +41,37 @@ def resource_usage(cubin: bytes) -> dict:
             "local": int(usage.group(3)), "spill_bytes": sum(map(int, spills))}
 
 
+def _sass(cubin: bytes):
+    """[(address, instruction text)] of the cubin's only kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "-sass", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    return [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", text)]
+
+
+def loop_instructions(cubin: bytes) -> list:
+    """Per loop (a backward BRA), its instructions less those a taken forward branch inside it
+    skips: what one iteration of the straight path issues per thread."""
+    sass = _sass(cubin)
+    target = lambda t: re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", t)  # noqa: E731
+    counts = []
+    for end, text in sass:
+        jump = target(text)
+        if not jump or int(jump.group(1), 16) >= end:
+            continue
+        start = int(jump.group(1), 16)
+        body = [(a, t) for a, t in sass if start <= a <= end]
+        skipped = set()
+        for a, t in body:
+            fwd = target(t) if re.match(r"@!?P\d+\s+BRA", t) else None
+            if fwd and a < int(fwd.group(1), 16) <= end:
+                skipped.update(a2 for a2, _ in body if a < a2 < int(fwd.group(1), 16))
+        counts.append(len(body) - len(skipped))
+    return counts
+
+
 def main(module_name: str) -> None:
     module = importlib.import_module(f"deit_fast.kernels.{module_name}")
     for dtype in ("fp16", "bf16"):
@@ -49,7 +86,8 @@ def main(module_name: str) -> None:
             row = {"kernel": kernel.__name__, "dtype": dtype, "num_warps": cfg["num_warps"],
                    "constexprs": cfg["constexprs"], "aligned": bool(cfg["aligned"]),
                    "matmul": cfg["matmul"], "wgmma": "wgmma" in compiled.asm["ptx"]}
-            row.update(resource_usage(compiled.asm["cubin"]))
+            row.update(resource_usage(compiled.asm["cubin"]),
+                       loop_instructions=loop_instructions(compiled.asm["cubin"]))
             print(json.dumps(row), flush=True)
 
 
