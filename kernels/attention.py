@@ -91,6 +91,22 @@ def _load_rows(ptrs, n_left, D, D0: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
+@triton.jit
+def _streams(A, sab, sah, san, Bt, sbb, sbh, sbn, off_b, off_h, BLOCK_R: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """What a loop streaming two tensors BLOCK_R rows a step needs (k and v, or q and dO): their
+    _row_ptrs for the head-dim blocks [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2), and each
+    one's step. Without a second block (BLOCK_D2 == 0), its pointers repeat the first, unused."""
+    a = _row_ptrs(A, sab, sah, san, off_b, off_h, 0, BLOCK_R, BLOCK_D)
+    b = _row_ptrs(Bt, sbb, sbh, sbn, off_b, off_h, 0, BLOCK_R, BLOCK_D)
+    a2, b2 = a, b
+    if BLOCK_D2 > 0:
+        a2 = _row_ptrs(A, sab, sah, san, off_b, off_h, BLOCK_D, BLOCK_R, BLOCK_D2)
+        b2 = _row_ptrs(Bt, sbb, sbh, sbn, off_b, off_h, BLOCK_D, BLOCK_R, BLOCK_D2)
+    rows = tl.full([], BLOCK_R, tl.int64)
+    return a, b, a2, b2, rows * san, rows * sbn
+
+
 # Every matmul kernel below covers the head dim with one block of BLOCK_D columns, plus a second
 # of BLOCK_D2 columns when BLOCK_D2 > 0 (a head dim of 48 as 32 + 16: no masked-off columns).
 # `if BLOCK_D2 > 0` is resolved at compile time, so the one-block variant carries no extra code.
@@ -110,13 +126,8 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    kp = _row_ptrs(K, skb, skh, skn, off_b, off_h, 0, BLOCK_N, BLOCK_D)
-    vp = _row_ptrs(V, svb, svh, svn, off_b, off_h, 0, BLOCK_N, BLOCK_D)
-    if BLOCK_D2 > 0:
-        kp2 = _row_ptrs(K, skb, skh, skn, off_b, off_h, BLOCK_D, BLOCK_N, BLOCK_D2)
-        vp2 = _row_ptrs(V, svb, svh, svn, off_b, off_h, BLOCK_D, BLOCK_N, BLOCK_D2)
-    k_step = tl.full([], BLOCK_N, tl.int64) * skn
-    v_step = tl.full([], BLOCK_N, tl.int64) * svn
+    kp, vp, kp2, vp2, k_step, v_step = _streams(K, skb, skh, skn, V, svb, svh, svn, off_b, off_h,
+                                                BLOCK_N, BLOCK_D, BLOCK_D2)
     for start in range(0, N, BLOCK_N):
         k = _load_rows(kp, N - start, D, 0, BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -173,13 +184,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
         dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
         dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     qk_scale = scale * 1.4426950408889634
-    qp = _row_ptrs(Q, sqb, sqh, sqn, off_b, off_h, 0, BLOCK_M, BLOCK_D)
-    dop = _row_ptrs(DO, sdb, sdh, sdn, off_b, off_h, 0, BLOCK_M, BLOCK_D)
-    if BLOCK_D2 > 0:
-        qp2 = _row_ptrs(Q, sqb, sqh, sqn, off_b, off_h, BLOCK_D, BLOCK_M, BLOCK_D2)
-        dop2 = _row_ptrs(DO, sdb, sdh, sdn, off_b, off_h, BLOCK_D, BLOCK_M, BLOCK_D2)
-    q_step = tl.full([], BLOCK_M, tl.int64) * sqn
-    do_step = tl.full([], BLOCK_M, tl.int64) * sdn
+    qp, dop, qp2, dop2, q_step, do_step = _streams(Q, sqb, sqh, sqn, DO, sdb, sdh, sdn, off_b, off_h,
+                                                   BLOCK_M, BLOCK_D, BLOCK_D2)
     stats = bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
     for start in range(0, N, BLOCK_M):
         q = _load_rows(qp, N - start, D, 0, BLOCK_M, BLOCK_D)
@@ -238,13 +244,8 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, s
     tl.store(DELTA + bh.to(tl.int64) * N + rows, delta, mask=rmask)
     lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
     qk_scale = scale * 1.4426950408889634
-    kp = _row_ptrs(K, skb, skh, skn, off_b, off_h, 0, BLOCK_N, BLOCK_D)
-    vp = _row_ptrs(V, svb, svh, svn, off_b, off_h, 0, BLOCK_N, BLOCK_D)
-    if BLOCK_D2 > 0:
-        kp2 = _row_ptrs(K, skb, skh, skn, off_b, off_h, BLOCK_D, BLOCK_N, BLOCK_D2)
-        vp2 = _row_ptrs(V, svb, svh, svn, off_b, off_h, BLOCK_D, BLOCK_N, BLOCK_D2)
-    k_step = tl.full([], BLOCK_N, tl.int64) * skn
-    v_step = tl.full([], BLOCK_N, tl.int64) * svn
+    kp, vp, kp2, vp2, k_step, v_step = _streams(K, skb, skh, skn, V, svb, svh, svn, off_b, off_h,
+                                                BLOCK_N, BLOCK_D, BLOCK_D2)
     for start in range(0, N, BLOCK_N):
         k = _load_rows(kp, N - start, D, 0, BLOCK_N, BLOCK_D)
         v = _load_rows(vp, N - start, D, 0, BLOCK_N, BLOCK_D)
