@@ -127,8 +127,9 @@ for op in "${order[@]}"; do
   jsonl+=("$work/$op.jsonl")
 done
 
-# Opt-in (GPU_CHECK_PARTS=tune, alone: about 6 minutes): the tile-config sweep of the attention
-# kernels (bench/tune.py); its table is in the log and in tune.md beside the results.
+# Opt-in (GPU_CHECK_PARTS=tune, alone; up to 7 minutes): the tile-config sweep of the attention
+# and class-attention kernels (bench/tune.py), self-attention's forward first; its table is in
+# the log and in tune.md beside the results.
 if want tune; then
   cap=$(budget 420)
   step bench_tune "$cap" "$PY" -m bench.tune --time-budget $((cap - 30)) --out "$work/tune"

@@ -1,93 +1,166 @@
-"""Tile configs of the Triton self-attention kernels, timed on the GPU: which to ship.
+"""Tile configs of the Triton attention kernels, timed on the GPU: which to ship.
 
-    python -m bench.tune                                   # all three kernels, default shapes, bf16
-    python -m bench.tune --kernels FWD --shapes deit_small_224 --out out/tune
+    python -m bench.tune                                 # every tunable at its default shapes, bf16
+    python -m bench.tune --tunables attention.FWD --shapes deit_small_224 --out out/tune
 
-kernels/attention.py ships one config per kernel (FWD, BWD_Q, BWD_KV) and SPLIT_HEAD_DIM; the
-forward was the one that missed (0.78x cuDNN at DeiT-S on the H200, 2026-11-26). For each
-kernel this times its direction (the forward; or the whole backward with one of its two kernels
-at the candidate config and the other at the shipped one) for every candidate of a small grid,
-and, for head dims that are not a power of two, with one masked block and with split blocks.
-Before timing, a candidate's outputs are checked against an fp32 reference: its error may be at
-most twice the shipped config's, plus a floor (the FlashAttention rule of tests/ops). It prints,
-per kernel and shape, the candidates by time with the shipped one marked; one that does not
-compile or run (shared memory, registers) is listed with its error.
+A tunable is a set of module constants of one kernel file that its host code reads at each call:
+  - attention.FWD, attention.BWD_Q, attention.BWD_KV (kernels/attention.py): one kernel's tile
+    dict each, 16 candidates, and for head dims that are not a power of two each with one masked
+    block and with split blocks (SPLIT_HEAD_DIM). The forward's 64-wide key tiles were chosen from
+    SASS instruction counts, not timed (2026-11-26): this times them.
+  - class_attention.fwd, class_attention.bwd (kernels/class_attention.py): the tile size, warps
+    and programs per SM that set the key-axis split, 18 candidates each.
+For each candidate it sets the constants, checks the outputs against an fp32 reference (error at
+most twice the shipped config's plus a floor, the FlashAttention rule of tests/ops), times the
+kernel module's own forward or backward (the backward times all its kernels, so a candidate of
+one backward kernel runs beside the shipped other), and restores the shipped constants. It
+prints, per tunable and shape, the candidates by time with the shipped one marked; one that does
+not compile or run (shared memory, registers) is listed with its error.
 
-Timing: triton.testing.do_bench (median, L2 flushed) of the kernel module's own forward or
-backward, not the op: no autograd or checks. At these shapes the GPU time of one call is several
-times the host's, so the queue stays full and the time is the GPU's.
-Changing a shipped config: edit the dict in kernels/attention.py; the AOT tier (tests/aot) then
-checks that it compiles at sm_90 without spills.
-On CPU it runs one tiny shape and two candidates under the interpreter: a test of the plumbing.
+Timing: triton.testing.do_bench (median, L2 flushed) of the kernel module's call, not the op: no
+autograd or checks. At these shapes one call's GPU time is several times the host's, so the
+queue stays full and the time is the GPU's.
+Shipping a candidate: edit the constants in the kernel file; the AOT tier (tests/aot) then checks
+that it compiles at sm_90 without spills.
+On CPU it runs one tiny shape and two candidates per tunable under the interpreter (fp16: the
+interpreter's tl.dot cannot do bf16): a test of the plumbing.
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List
+from types import ModuleType
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from bench import common  # first: turns the interpreter on when there is no GPU
-from bench.ops.attention import SHAPES
+from bench.ops import attention as attention_bench
+from bench.ops import class_attention as class_attention_bench
+from deit_fast.kernels import attention as attention_kernels
+from deit_fast.kernels import class_attention as class_attention_kernels
 from deit_fast.ops import reference
-from deit_fast.kernels import attention as kernels
 
-DEFAULT_SHAPES = ("deit_small_224", "d48_h8_n197")
 TOLERANCE_FLOOR = 1e-3
 
 
-def candidates(kernel: str) -> List[dict]:
-    """The grid tried for one kernel (16 configs), the shipped config first."""
+@dataclasses.dataclass
+class Op:
+    """One kernel file's op: its inputs at a shape, its fp32 reference (out, grads...), and the
+    module's forward and backward on those inputs."""
+    module: ModuleType
+    shapes: Dict[str, tuple]
+    default_shapes: tuple
+    inputs: Callable[[tuple, torch.dtype, torch.device], tuple]  # -> (q, k, v, do)
+    reference_fn: Callable
+    smoke_shape: tuple
+
+    def forward(self, q, k, v, do, scale):
+        return self.module.forward(q, k, v, scale)
+
+    def reference(self, q, k, v, do, scale):
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        o = self.reference_fn(*leaves, scale)
+        return (o.detach(), *torch.autograd.grad(o, leaves, do.float()))
+
+
+def _projection_views(B, N, H, D, parts, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    packed = torch.randn(B, N, parts, H, D, generator=g).to(device=device, dtype=dtype)
+    return packed.permute(2, 0, 3, 1, 4).unbind(0), g
+
+
+def _attention_inputs(shape, dtype, device):
+    """q, k, v as the strided views of one (B, N, 3, H, D) projection, as the models pass them."""
+    B, H, N, D = shape
+    (q, k, v), g = _projection_views(B, N, H, D, 3, dtype, device)
+    return q, k, v, torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype)
+
+
+def _class_attention_inputs(shape, dtype, device):
+    """q (B, H, 1, D) transposed from (B, 1, H, D), k and v views of a (B, N, 2, H, D) projection,
+    as timm's ClassAttn makes them."""
+    B, H, N, D = shape
+    (k, v), g = _projection_views(B, N, H, D, 2, dtype, device)
+    q = torch.randn(B, 1, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    return q, k, v, torch.randn(B, H, 1, D, generator=g).to(device=device, dtype=dtype)
+
+
+OPS = {
+    "attention": Op(attention_kernels, attention_bench.SHAPES, ("deit_small_224", "d48_h8_n197"),
+                    _attention_inputs, reference.attention, (1, 2, 9, 48)),
+    "class_attention": Op(class_attention_kernels, class_attention_bench.SHAPES,
+                          ("cait_s_224", "cait_xxs_224"), _class_attention_inputs,
+                          reference.class_attention, (1, 2, 9, 48)),
+}
+
+
+def _attention_grid(kernel: str) -> List[dict]:
     if kernel == "BWD_KV":  # the key tile (BLOCK_N) owns dk, dv and loops over query tiles
         tiles = [dict(BLOCK_M=m, BLOCK_N=n) for n in (64, 128) for m in (32, 64)]
     else:  # the query tile (BLOCK_M) owns o or dq and loops over key tiles
         tiles = [dict(BLOCK_M=m, BLOCK_N=n) for m in (64, 128) for n in (32, 64)]
-    grid = [dict(t, num_warps=w, num_stages=s) for t in tiles for w in (4, 8) for s in (2, 3)]
-    shipped = getattr(kernels, kernel)
-    return [dict(shipped)] + [c for c in grid if c != shipped]
+    return [{kernel: dict(t, num_warps=w, num_stages=s)} for t in tiles for w in (4, 8) for s in (2, 3)]
 
 
-def _inputs(shape, dtype, device, seed=0):
-    B, H, N, D = shape
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    # q, k, v as the strided views of one (B, N, 3, H, D) projection, as the models pass them
-    qkv = torch.randn(B, N, 3, H, D, generator=g).to(device=device, dtype=dtype)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    do = torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype)
-    return q, k, v, do
+def _class_attention_grid(tile: str) -> List[dict]:
+    return [{tile: t, "NUM_WARPS": w, "PROGRAMS_PER_SM": p}
+            for t in (2048, 4096, 8192) for w in (4, 8) for p in (2, 4, 8)]
 
 
-def _reference(q, k, v, do, scale):
-    """fp32 (o, dq, dk, dv) of the plain softmax attention."""
-    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    o = reference.attention(*leaves, scale)
-    return (o.detach(), *torch.autograd.grad(o, leaves, do.float()))
+@dataclasses.dataclass
+class Tunable:
+    op: str
+    direction: str  # "fwd" or "bwd"
+    grid: List[dict]  # candidates: module constant -> value
+    split: bool = False  # also try SPLIT_HEAD_DIM both ways at non-power-of-two head dims
+
+    def candidates(self, head_dim: int) -> List[dict]:
+        """The shipped constants first, then the grid's other candidates (each also split, where
+        that applies)."""
+        module = OPS[self.op].module
+        names = sorted({name for c in self.grid for name in c})
+        shipped = {name: getattr(module, name) for name in names}
+        cands = [shipped] + [c for c in self.grid if c != {n: shipped[n] for n in c}]
+        if self.split and head_dim & (head_dim - 1):
+            return [dict(c, SPLIT_HEAD_DIM=s) for s in (module.SPLIT_HEAD_DIM, not module.SPLIT_HEAD_DIM)
+                    for c in cands]
+        return cands
+
+
+TUNABLES = {
+    "attention.FWD": Tunable("attention", "fwd", _attention_grid("FWD"), split=True),
+    "attention.BWD_Q": Tunable("attention", "bwd", _attention_grid("BWD_Q"), split=True),
+    "attention.BWD_KV": Tunable("attention", "bwd", _attention_grid("BWD_KV"), split=True),
+    "class_attention.fwd": Tunable("class_attention", "fwd", _class_attention_grid("FWD_TILE")),
+    "class_attention.bwd": Tunable("class_attention", "bwd", _class_attention_grid("BWD_TILE")),
+}
 
 
 def _error(got, want) -> float:
     return max((g.float() - w).abs().max().item() for g, w in zip(got, want))
 
 
-def _run(kernel: str, q, k, v, do, scale, split):
-    """The timed call of one kernel's direction, and what it outputs (to check)."""
-    if kernel == "FWD":
-        return lambda: kernels.forward(q, k, v, scale, split=split)[0], lambda out: (out,)
-    o, lse = kernels.forward(q, k, v, scale, split=split)
-    return (lambda: kernels.backward(do, q, k, v, o, lse, scale, split=split)), (lambda out: out)
-
-
-def measure(kernel: str, config: dict, split: bool, inputs, want, shipped_error, args) -> dict:
-    """One candidate: checked, then timed; kernels.<kernel> is the shipped config again after."""
-    row = dict(kernel=kernel, config=config, split=split)
-    saved = getattr(kernels, kernel)
-    setattr(kernels, kernel, config)
+def measure(tunable: Tunable, candidate: dict, inputs: tuple, want: tuple, scale: float,
+            shipped_error: Optional[float], args) -> dict:
+    """One candidate: checked, then timed; the module's constants are the shipped ones again after."""
+    op = OPS[tunable.op]
+    row = dict(candidate=candidate)
+    saved = {name: getattr(op.module, name) for name in candidate}
+    for name, value in candidate.items():
+        setattr(op.module, name, value)
     try:
-        call, outputs = _run(kernel, *inputs, split)
-        got = outputs(call())
-        row["error"] = _error(got, want[:1] if kernel == "FWD" else want[1:])
+        if tunable.direction == "fwd":
+            call, want = (lambda: op.forward(*inputs, scale)[0]), want[:1]
+        else:
+            o, lse = op.forward(*inputs, scale)
+            q, k, v, do = inputs
+            call, want = (lambda: op.module.backward(do, q, k, v, o, lse, scale)), want[1:]
+        got = call()
+        row["error"] = _error(got if isinstance(got, tuple) else (got,), want)
         if shipped_error is not None and row["error"] > 2 * shipped_error + TOLERANCE_FLOOR:
             row["status"] = f"wrong: error {row['error']:.3g} vs shipped {shipped_error:.3g}"
             return row
@@ -96,53 +169,60 @@ def measure(kernel: str, config: dict, split: bool, inputs, want, shipped_error,
     except Exception as e:  # noqa: BLE001  (a candidate that does not fit is a result, not a crash)
         row["status"] = f"failed: {type(e).__name__}: {str(e).strip()[:200]}"
     finally:
-        setattr(kernels, kernel, saved)
+        for name, value in saved.items():
+            setattr(op.module, name, value)
     return row
 
 
-def tune(kernel: str, shape_name: str, shape, args) -> List[dict]:
-    q, k, v, do = _inputs(shape, args.dtype, args.device)
+def tune(name: str, shape_name: str, shape: tuple, args) -> List[dict]:
+    tunable = TUNABLES[name]
+    op = OPS[tunable.op]
+    inputs = op.inputs(shape, args.dtype, args.device)
     scale = shape[3] ** -0.5
-    want = _reference(q, k, v, do, scale)
-    splits = (False, True) if shape[3] & (shape[3] - 1) else (False,)
-    cands = candidates(kernel)[:args.limit] if args.limit else candidates(kernel)
+    want = op.reference(*inputs, scale)
+    cands = tunable.candidates(shape[3])[:args.limit or None]
     rows, shipped_error = [], None
-    for split, config in itertools.product(splits, cands):
+    for i, candidate in enumerate(cands):
         if time.monotonic() > args.deadline:
-            row = dict(kernel=kernel, config=config, split=split, status="not run (time budget)")
+            row = dict(candidate=candidate, status="not run (time budget)")
         else:
-            row = measure(kernel, config, split, (q, k, v, do, scale), want, shipped_error, args)
-        row.update(shape=shape_name, dims="x".join(map(str, shape)),
-                   shipped=config == getattr(kernels, kernel) and split == kernels.SPLIT_HEAD_DIM)
-        if row["shipped"]:
+            row = measure(tunable, candidate, inputs, want, scale, shipped_error, args)
+        row.update(tunable=name, shape=shape_name, dims="x".join(map(str, shape)), shipped=i == 0)
+        if i == 0:
             shipped_error = row.get("error")
         rows.append(row)
         print(_line(row), flush=True)
-    base = next((r["us"] for r in rows if r["shipped"] and "us" in r), None)
+    base = rows[0].get("us")
     for r in rows:
         if base and "us" in r:
             r["speedup"] = base / r["us"]
     return rows
 
 
-def _config_text(config: dict) -> str:
-    return " ".join(f"{k.replace('BLOCK_', '').lower()}{v}" if k.startswith("BLOCK") else
-                    f"{k.replace('num_', '')[0]}{v}" for k, v in config.items())
+def _value_text(value) -> str:
+    if isinstance(value, dict):  # a kernel's tile dict
+        return " ".join(f"{k.replace('BLOCK_', '').lower()}{v}" if k.startswith("BLOCK") else
+                        f"{k.replace('num_', '')[0]}{v}" for k, v in value.items())
+    return str(value)
+
+
+def _candidate_text(candidate: dict) -> str:
+    return ", ".join(f"{name}={_value_text(value)}" for name, value in candidate.items())
 
 
 def _line(r: dict) -> str:
     us = f"{r['us']:.1f} us" if "us" in r else r["status"]
-    return f"{r['kernel']} {r['shape']} {_config_text(r['config'])} split={r['split']}: {us}"
+    return f"{r['tunable']} {r['shape']} {_candidate_text(r['candidate'])}: {us}"
 
 
 def report(rows: List[dict]) -> str:
     lines = []
-    for (kernel, shape), group in itertools.groupby(rows, key=lambda r: (r["kernel"], r["shape"])):
+    for (name, shape), group in itertools.groupby(rows, key=lambda r: (r["tunable"], r["shape"])):
         group = sorted(group, key=lambda r: r.get("us", math.inf))
-        lines += [f"### {kernel} at {shape} ({group[0]['dims']})", "",
-                  "| config | split | us | speedup vs shipped | max error | status |", "|---|---|---|---|---|---|"]
+        lines += [f"### {name} at {shape} ({group[0]['dims']})", "",
+                  "| candidate | us | speedup vs shipped | max error | status |", "|---|---|---|---|---|"]
         for r in group:
-            cells = [_config_text(r["config"]) + (" (shipped)" if r["shipped"] else ""), str(r["split"]),
+            cells = [_candidate_text(r["candidate"]) + (" (shipped)" if r["shipped"] else ""),
                      f"{r['us']:.1f}" if "us" in r else "", f"{r['speedup']:.2f}" if "speedup" in r else "",
                      f"{r['error']:.3g}" if "error" in r else "", r["status"]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -152,12 +232,12 @@ def report(rows: List[dict]) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="FWD,BWD_Q,BWD_KV", help="comma list out of FWD, BWD_Q, BWD_KV")
-    p.add_argument("--shapes", help=f"comma list out of {','.join(SHAPES)} (default {','.join(DEFAULT_SHAPES)})")
+    p.add_argument("--tunables", default=",".join(TUNABLES), help=f"comma list out of {', '.join(TUNABLES)}")
+    p.add_argument("--shapes", help="comma list of the ops' bench shapes (default: two per op)")
     p.add_argument("--dtype", choices=("bf16", "fp16"),
                    help="default bf16; fp16 on CPU (the interpreter's tl.dot cannot do bf16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--limit", type=int, default=0, help="only the first N candidates per kernel (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N candidates per tunable (0: all)")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=100)
     p.add_argument("--time-budget", type=float, default=0,
@@ -167,23 +247,29 @@ def main(argv=None):
     args.device = torch.device(args.device)
     args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("fp16" if args.device.type == "cpu" else "bf16")]
-    selected = args.kernels.split(",")
-    if set(selected) - {"FWD", "BWD_Q", "BWD_KV"}:
-        raise SystemExit(f"--kernels: unknown {sorted(set(selected) - {'FWD', 'BWD_Q', 'BWD_KV'})}")
+    selected = args.tunables.split(",")
+    if set(selected) - set(TUNABLES):
+        raise SystemExit(f"--tunables: unknown {sorted(set(selected) - set(TUNABLES))}; choose from {list(TUNABLES)}")
     if args.device.type == "cpu":  # the interpreter: one tiny shape, two candidates
-        shapes: Dict[str, tuple] = {"smoke": (1, 2, 9, 48)}
         args.limit, args.rep_ms = args.limit or 2, min(args.rep_ms, 1)
-    else:
-        names = args.shapes.split(",") if args.shapes else DEFAULT_SHAPES
-        if set(names) - set(SHAPES):
-            raise SystemExit(f"--shapes: unknown {sorted(set(names) - set(SHAPES))}; choose from {list(SHAPES)}")
-        shapes = {n: SHAPES[n] for n in names}
+    plan = []
+    for name in selected:
+        op = OPS[TUNABLES[name].op]
+        if args.device.type == "cpu":
+            shapes = {"smoke": op.smoke_shape}
+        else:
+            names = [s for s in args.shapes.split(",") if s in op.shapes] if args.shapes else op.default_shapes
+            shapes = {s: op.shapes[s] for s in names}
+        plan += [(name, s, shape) for s, shape in shapes.items()]
+    if args.shapes and args.device.type != "cpu":
+        unknown = set(args.shapes.split(",")) - {s for op in OPS.values() for s in op.shapes}
+        if unknown:
+            raise SystemExit(f"--shapes: unknown {sorted(unknown)}")
     args.deadline = time.monotonic() + (args.time_budget or math.inf)
     env = common.environment(args.device)
-    rows = [r for kernel in selected for name, shape in shapes.items() for r in tune(kernel, name, shape, args)]
+    rows = [r for name, s, shape in plan for r in tune(name, s, shape, args)]
     text = (f"# bench.tune: {env['device']}, {env['date']}, torch {env['torch']}, triton {env['triton']}, "
-            f"git {env['git']}\n\n"
-            + report(rows))
+            f"git {env['git']}\n\n" + report(rows))
     print("\n" + text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

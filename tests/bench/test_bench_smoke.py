@@ -173,16 +173,17 @@ def test_profile(tmp_path):
 
 
 def test_tune(tmp_path):
-    # Two candidates per kernel at a tiny fp16 shape (head dim 48: masked and split blocks).
-    out = run("bench.tune", "--kernels", "FWD,BWD_KV", "--out", str(tmp_path / "tune"))
+    # Two candidates per tunable at a tiny fp16 shape, the shipped one first.
+    out = run("bench.tune", "--tunables", "attention.FWD,class_attention.bwd", "--out", str(tmp_path / "tune"))
     rows = [json.loads(line) for line in open(tmp_path / "tune.jsonl")][1:]
-    assert [(r["kernel"], r["split"]) for r in rows] == [("FWD", False)] * 2 + [("FWD", True)] * 2 + \
-        [("BWD_KV", False)] * 2 + [("BWD_KV", True)] * 2
+    assert [r["tunable"] for r in rows] == ["attention.FWD"] * 2 + ["class_attention.bwd"] * 2
     for r in rows:
         assert r["status"] == "ok" and r["error"] < 1e-2, r
         positive(r, "us", "speedup")
-    assert [r["shipped"] for r in rows] == [True, False, False, False] * 2
-    assert "### FWD at smoke (1x2x9x48)" in out and "(shipped)" in (tmp_path / "tune.md").read_text()
+    assert [r["shipped"] for r in rows] == [True, False] * 2
+    assert set(rows[0]["candidate"]) == {"FWD", "SPLIT_HEAD_DIM"}  # D=48: split tried too
+    assert set(rows[2]["candidate"]) == {"BWD_TILE", "NUM_WARPS", "PROGRAMS_PER_SM"}
+    assert "### attention.FWD at smoke (1x2x9x48)" in out and "(shipped)" in (tmp_path / "tune.md").read_text()
 
 
 def test_tune_candidate_that_fails_is_a_row_and_the_shipped_config_stays():
@@ -191,9 +192,10 @@ def test_tune_candidate_that_fails_is_a_row_and_the_shipped_config_stays():
     from bench import tune
     from deit_fast.kernels import attention
     shipped = dict(attention.FWD)
-    q, k, v, do = tune._inputs((1, 1, 5, 16), torch.float16, torch.device("cpu"))
-    want = tune._reference(q, k, v, do, 0.25)
+    op, tunable = tune.OPS["attention"], tune.TUNABLES["attention.FWD"]
+    inputs = op.inputs((1, 1, 5, 16), torch.float16, torch.device("cpu"))
+    want = op.reference(*inputs, 0.25)
     args = argparse.Namespace(device=torch.device("cpu"), warmup_ms=1, rep_ms=1)
-    row = tune.measure("FWD", dict(shipped, BLOCK_M=48), False, (q, k, v, do, 0.25), want, None, args)
+    row = tune.measure(tunable, {"FWD": dict(shipped, BLOCK_M=48)}, inputs, want, 0.25, None, args)
     assert row["status"].startswith("failed: ") and "us" not in row
     assert attention.FWD == shipped
