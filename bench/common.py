@@ -548,16 +548,18 @@ SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_A
                  "sdpa_math": "MATH", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
 
-def with_flag(module, name: str, thunk: Callable[[], Timed]) -> Callable[[], Timed]:
+def with_flag(module, name: str, thunk: Callable[[], Timed], value=True) -> Callable[[], Timed]:
     """A setup thunk whose setup (graphs built for bwd) and every timed call run with the kernel
-    module's switch `name` on (SPLIT_HEAD_DIM, TENSOR_CORE_MIXING): a variant under measurement."""
+    module's switch `name` set to `value` (SPLIT_HEAD_DIM, TENSOR_CORE_MIXING), restored after
+    each: a variant under measurement."""
     def flagged(fn):
         def call():
-            setattr(module, name, True)
+            previous = getattr(module, name)
+            setattr(module, name, value)
             try:
                 return fn()
             finally:
-                setattr(module, name, False)
+                setattr(module, name, previous)
         return call
     return lambda: (lambda t: dataclasses.replace(t, fn=flagged(t.fn)))(flagged(thunk)())
 

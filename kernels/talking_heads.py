@@ -246,9 +246,21 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
 # 8 heads the backward took 7.2 ms at 256x8x196x48 on an H200, slower than timm eager (4.1 ms).
 # Here every [HP, rows, D] tile holds all heads (one strided load), the per-head products are
 # batched 3D dots, and each mixing is one [HP, HP] x [HP, M*N] dot; HP = 16 (the smallest dot
-# dimension), the padded heads being zero weights. Switchable (TENSOR_CORE_MIXING) until the GPU
-# bench decides: at 4 heads three quarters of each batched product is padding.
-TENSOR_CORE_MIXING = False
+# dimension), the padded heads being zero weights.
+# Which family runs: TENSOR_CORE_MIXING True or False forces one; None (the default) picks tensor
+# cores above TC_ABOVE_HEADS heads. The choice rests on SASS, not yet on GPU time (both families
+# do far more CUDA-core work per score than MMA work): instructions a thread issues per real
+# (g, i, j) score, bf16,
+# D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), forward / backward:
+#   H=4:  CUDA cores 101 / 365,   tensor cores 224 / 598  (three quarters of HP = 16 is padding)
+#   H=8:  CUDA cores 208 / 882,   tensor cores 112 / 299
+#   H=16: CUDA cores 577 / 2104,  tensor cores  56 / 149
+# From H=4 to H=8 (2x the scores) the CUDA-core kernels' H200 times grew 2.8x (fwd) and 3.0x
+# (bwd), where these counts predict 4.1x and 4.8x: issue is not the whole cost, but the counts
+# order the two shapes as the clock did. bench.ops.talking_heads times both families (impls
+# triton: CUDA cores, triton_tc: tensor cores).
+TENSOR_CORE_MIXING = None
+TC_ABOVE_HEADS = 4
 
 
 def _tiles_tc():
@@ -420,8 +432,10 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
 
 def _family(heads: int, tc):
     """((fwd, dq, dkdv kernels), tiles) of a mixing strategy: tensor cores when tc (default
-    TENSOR_CORE_MIXING), else the CUDA-core kernels at `heads` heads."""
-    if TENSOR_CORE_MIXING if tc is None else tc:
+    TENSOR_CORE_MIXING, and where that is None, heads > TC_ABOVE_HEADS), else the CUDA-core
+    kernels at `heads` heads."""
+    tc = TENSOR_CORE_MIXING if tc is None else tc
+    if heads > TC_ABOVE_HEADS if tc is None else tc:
         return (_th_fwd_tc, _th_bwd_dq_tc, _th_bwd_dkdv_tc), _tiles_tc()
     return (_th_fwd, _th_bwd_dq, _th_bwd_dkdv), _tiles(heads)
 
@@ -429,7 +443,7 @@ def _family(heads: int, tc):
 def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     """q, k, v: (B, H, N, D) -> (out (B, H, N, D) token-major in memory, as the attention
     kernels write it, lse fp32 (B, H, N) in log2 units).
-    tc: mix the heads on tensor cores (default TENSOR_CORE_MIXING)."""
+    tc: mix the heads on tensor cores (default: _family's choice)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
     (fwd, _, _), (hp, block_m, block_n, warps) = _family(H, tc)

@@ -7,9 +7,10 @@ math (eager, which materialises B x H x N x N logits twice) and torch.compile of
 q, k, v are strided views of one (B, N, 3, H, D) projection; the head-mixing weights are fp32
 (H, H) matrices and (H,) biases, as proj_l / proj_w under autocast. Targets (the attention issue):
 fwd+bwd >= 2.5x timm eager and >= 1.5x torch.compile of it, with peak memory O(B*H*N*D); the run
-appends the speedups to the .md, and peak_mib is in every CUDA row. triton_tc is the triton
-backend with the head mixing on tensor cores (kernels.talking_heads.TENSOR_CORE_MIXING), the
-variant this bench decides on.
+appends the speedups to the .md, and peak_mib is in every CUDA row. triton is the triton backend
+with the head mixing on CUDA cores, triton_tc with it on tensor cores (each forced through
+kernels.talking_heads.TENSOR_CORE_MIXING); the backend's default takes tensor cores above 4
+heads, from SASS counts this bench is to confirm.
 """
 
 import torch
@@ -72,8 +73,9 @@ def setup(case: common.Case, impl: str, args):
 
     thunks = common.directions(call, leaves, sets, lambda: torch.randn(B, H, N, D, device=device, dtype=dtype),
                                fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
-    if impl == "triton_tc":  # the head mixing on tensor cores (kernels.talking_heads)
-        return {d: common.with_flag(th_kernels, "TENSOR_CORE_MIXING", t) for d, t in thunks.items()}
+    if impl in OURS:  # each mixing family forced, whichever the default picks at this H
+        tc = impl == "triton_tc"
+        return {d: common.with_flag(th_kernels, "TENSOR_CORE_MIXING", t, tc) for d, t in thunks.items()}
     return thunks
 
 

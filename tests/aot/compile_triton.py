@@ -54,6 +54,12 @@ def _sass(cubin: bytes):
 def loop_instructions(cubin: bytes) -> list:
     """Per loop (a backward BRA), its instructions less those a taken forward branch inside it
     skips: what one iteration of the straight path issues per thread."""
+    return [count for _, _, count in loops(cubin)]
+
+
+def loops(cubin: bytes) -> list:
+    """[(start, end, instructions)] per loop, as loop_instructions counts them, with the address
+    range that tells which loops nest in which."""
     sass = _sass(cubin)
     target = lambda t: re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", t)  # noqa: E731
     counts = []
@@ -68,7 +74,7 @@ def loop_instructions(cubin: bytes) -> list:
             fwd = target(t) if re.match(r"@!?P\d+\s+BRA", t) else None
             if fwd and a < int(fwd.group(1), 16) <= end:
                 skipped.update(a2 for a2, _ in body if a < a2 < int(fwd.group(1), 16))
-        counts.append(len(body) - len(skipped))
+        counts.append((start, end, len(body) - len(skipped)))
     return counts
 
 

@@ -1,0 +1,56 @@
+"""SASS instructions a thread issues per real (g, i, j) score of the talking-heads kernels, per
+mixing family and head count: the static measure behind kernels.talking_heads' default family
+(the kernels are bound by instruction issue; no GPU needed).
+
+    python tests/aot/census.py        # PYTHONPATH=<a triton 3.6 copy> for the GPU machine's
+
+Per kernel: the instructions of one outer-loop iteration (a key or query tile), its inner loops
+over the heads counted H times (compile_triton.loops gives each loop and its address range),
+divided by the scores a thread owns in that tile, and by H / HP for the padded heads.
+"""
+import sys
+
+import triton
+from triton.compiler import ASTSource
+
+import compile_triton
+from deit_fast.kernels import talking_heads as th
+
+
+def per_tile(loops, heads: int) -> int:
+    """Sum over the outermost loops of (own instructions + heads x their inner loops')."""
+    def inside(a, b):
+        return b[0] <= a[0] and a[1] <= b[1] and a[:2] != b[:2]
+    total = 0
+    for loop in loops:
+        if any(inside(loop, other) for other in loops):
+            continue
+        inner = sum(n for (*r, n) in loops if inside((*r, n), loop))
+        total += loop[2] - inner + heads * inner
+    return total
+
+
+def main(block_d: int = 64) -> None:
+    for heads in (4, 8, 16):
+        for tc in (False, True):
+            (fwd, dq, dkdv), (hp, block_m, block_n, warps) = th._family(heads, tc)
+            counts = {}
+            for name, kernel, extra in (("fwd", fwd, {}), ("dq", dq, {}), ("dk", dkdv, {"DK": True}),
+                                        ("dv", dkdv, {"DK": False})):
+                cfg = next(c for c in th.aot_configs("bf16") if c["kernel"] is kernel
+                           and c["constexprs"]["HP"] == hp and c["constexprs"]["BLOCK_D"] == block_d
+                           and all(c["constexprs"].get(a) == v for a, v in extra.items()))
+                sig = cfg["signature"]
+                attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
+                         if sig[a].startswith("*") or a in cfg["aligned"]}
+                compiled = triton.compile(ASTSource(kernel, sig, cfg["constexprs"], attrs),
+                                          target=compile_triton.TARGET, options={"num_warps": warps})
+                scores = hp * block_m * block_n / (32 * warps) * heads / hp  # real scores a thread owns
+                counts[name] = per_tile(compile_triton.loops(compiled.asm["cubin"]), heads) / scores
+            print(f"H={heads} {'tensor cores' if tc else 'CUDA cores  '}: fwd {counts['fwd']:.0f}, "
+                  f"bwd {counts['dq'] + counts['dk'] + counts['dv']:.0f} (dq {counts['dq']:.0f}, "
+                  f"dk {counts['dk']:.0f}, dv {counts['dv']:.0f})", flush=True)
+
+
+if __name__ == "__main__":
+    main(*map(int, sys.argv[1:]))
