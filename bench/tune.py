@@ -250,9 +250,13 @@ def main(argv=None):
     selected = args.tunables.split(",")
     if set(selected) - set(TUNABLES):
         raise SystemExit(f"--tunables: unknown {sorted(set(selected) - set(TUNABLES))}; choose from {list(TUNABLES)}")
+    if args.shapes and args.device.type != "cpu":
+        unknown = set(args.shapes.split(",")) - {s for op in OPS.values() for s in op.shapes}
+        if unknown:
+            raise SystemExit(f"--shapes: unknown {sorted(unknown)}")
     if args.device.type == "cpu":  # the interpreter: one tiny shape, two candidates
         args.limit, args.rep_ms = args.limit or 2, min(args.rep_ms, 1)
-    plan = []
+    plan = []  # (tunable, shape name, shape): each tunable at its op's shapes among --shapes
     for name in selected:
         op = OPS[TUNABLES[name].op]
         if args.device.type == "cpu":
@@ -261,10 +265,6 @@ def main(argv=None):
             names = [s for s in args.shapes.split(",") if s in op.shapes] if args.shapes else op.default_shapes
             shapes = {s: op.shapes[s] for s in names}
         plan += [(name, s, shape) for s, shape in shapes.items()]
-    if args.shapes and args.device.type != "cpu":
-        unknown = set(args.shapes.split(",")) - {s for op in OPS.values() for s in op.shapes}
-        if unknown:
-            raise SystemExit(f"--shapes: unknown {sorted(unknown)}")
     args.deadline = time.monotonic() + (args.time_budget or math.inf)
     env = common.environment(args.device)
     rows = [r for name, s, shape in plan for r in tune(name, s, shape, args)]
