@@ -45,3 +45,20 @@ def test_matmul_kernels_use_wgmma(compiled):
     for row in compiled:
         if row["matmul"]:
             assert row["wgmma"], row
+
+
+def test_loop_instructions_are_counted(compiled):
+    """Every kernel that streams tiles has a loop in its SASS, each with a positive count (the
+    static speed measure of compile_triton.loop_instructions). The combine kernels have none."""
+    for row in compiled:
+        assert all(isinstance(n, int) and n > 0 for n in row["loop_instructions"]), row
+        if row["matmul"]:
+            assert row["loop_instructions"], row
+
+
+def test_census_counts_inner_loops_once_per_head():
+    """tests/aot/census.py: an outer loop's own instructions, plus H times each loop inside it."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import census
+    loops = [(0x100, 0x900, 50), (0x200, 0x300, 8), (0x400, 0x500, 6), (0xa00, 0xb00, 20)]
+    assert census.per_tile(loops, 4) == (50 - 14 + 4 * 14) + 20
