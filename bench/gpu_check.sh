@@ -117,6 +117,7 @@ done
 declare -A extra=(
   [attention]="--impls triton,triton_split,cuda,sdpa_cudnn,sdpa_flash,sdpa_efficient --shapes d48_h8_n197,d48_h4_n196,deit_small_224,deit_base_224,deit_tiny_224,deit_small_distilled_224,d48_h8_n576,deit_base_384"
   [class_attention]="--impls triton,cuda,eager,sdpa_cudnn"
+  [talking_heads]="--shapes cait_s_224,cait_xxs_224,cait_m_224"  # 8 heads first: which family wins
 )
 declare -A caps=([attention]=60 [talking_heads]=50)  # the most cases and impls; the rest 40 s
 want ops || order=()
