@@ -27,13 +27,14 @@ MAX_HEADS = 16
 
 
 def _tiles(heads: int):
-    """(HP, BLOCK_M, BLOCK_N, num_warps): at most 4096 fp32 per [HP, M, N] tile; 16 is the
-    smallest dot dimension. 8 warps: at 4, triton 3.6 (the GPU machine's) spilled up to 1.7 KB
-    per thread in the backward (HP 8, BLOCK_D 64: CaiT-S); at 8 it spills nothing but 32 bytes
-    in one forward variant (HP 16, BLOCK_D 64), nor does 3.8."""
+    """(HP, BLOCK_M, BLOCK_N, num_warps, num_stages): at most 4096 fp32 per [HP, M, N] tile; 16
+    is the smallest dot dimension. 8 warps: at 4, triton 3.6 (the GPU machine's) spilled up to
+    1.7 KB per thread in the backward (HP 8, BLOCK_D 64: CaiT-S); at 8 it spills nothing but 32
+    bytes in one forward variant (HP 16, BLOCK_D 64), nor does 3.8. Triton's default 3 stages
+    (at most 25 KB of shared memory)."""
     hp = max(2, triton.next_power_of_2(heads))
     block_m = 32 if hp <= 4 else 16
-    return hp, block_m, max(16, min(32, 4096 // (hp * block_m))), 8
+    return hp, block_m, max(16, min(32, 4096 // (hp * block_m))), 8, 3
 
 
 @triton.jit
@@ -252,9 +253,9 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
 # do far more CUDA-core work per score than MMA work): instructions a thread issues per real
 # (g, i, j) score, bf16,
 # D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), forward / backward:
-#   H=4:  CUDA cores 101 / 365,   tensor cores 224 / 598  (three quarters of HP = 16 is padding)
-#   H=8:  CUDA cores 208 / 882,   tensor cores 112 / 299
-#   H=16: CUDA cores 577 / 2104,  tensor cores  56 / 149
+#   H=4:  CUDA cores 101 / 365,   tensor cores 217 / 583  (three quarters of HP = 16 is padding)
+#   H=8:  CUDA cores 208 / 882,   tensor cores 109 / 292
+#   H=16: CUDA cores 577 / 2104,  tensor cores  54 / 146
 # From H=4 to H=8 (2x the scores) the CUDA-core kernels' H200 times grew 2.8x (fwd) and 3.0x
 # (bwd), where these counts predict 4.1x and 4.8x: issue is not the whole cost, but the counts
 # order the two shapes as the clock did. bench.ops.talking_heads times both families (impls
@@ -264,10 +265,13 @@ TC_ABOVE_HEADS = 4
 
 
 def _tiles_tc():
-    """(HP, BLOCK_M, BLOCK_N, num_warps) of the tensor-core kernels, for any H <= 16. 8 warps: at 4,
-    the [16, 16, 64] fp32 accumulators took 544-808 stack bytes per thread under triton 3.6 (the
-    GPU machine's) at sm_90; at 8, 161-252 registers and no stack (3.8: at most 16 bytes)."""
-    return 16, 16, 16, 8
+    """(HP, BLOCK_M, BLOCK_N, num_warps, num_stages) of the tensor-core kernels, for any H <= 16.
+    8 warps: at 4, the [16, 16, 64] fp32 accumulators took 544-808 stack bytes per thread under
+    triton 3.6 (the GPU machine's) at sm_90; at 8, 161-252 registers and no stack (3.8: at most
+    16 bytes). 2 stages: at Triton's default 3 the dq kernel at BLOCK_D 64 (CaiT's head dim 48)
+    wanted 243 KB of shared memory, past the 227 KB an sm_90 block may have (it would fail to
+    launch); at 2 it takes 179 KB, with the same SASS count per tile."""
+    return 16, 16, 16, 8, 2
 
 
 @triton.jit
@@ -446,13 +450,14 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     tc: mix the heads on tensor cores (default: _family's choice)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
-    (fwd, _, _), (hp, block_m, block_n, warps) = _family(H, tc)
+    (fwd, _, _), (hp, block_m, block_n, warps, stages) = _family(H, tc)
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     fwd[(triton.cdiv(N, block_m), B)](
         q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, N, D, scale * LOG2E, HP=hp, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype), num_warps=warps)
+        BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype), num_warps=warps,
+        num_stages=stages)
     return o, lse
 
 
@@ -461,9 +466,9 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
     write dq, dk, dv, as in attention.backward (one set of strides, unit last stride)."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
-    (_, dq_kernel, dkdv_kernel), (hp, block_m, block_n, warps) = _family(H, tc)
+    (_, dq_kernel, dkdv_kernel), (hp, block_m, block_n, warps, stages) = _family(H, tc)
     meta = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-                PRECISION=_precision(q.dtype), num_warps=warps)
+                PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), H, N, D,
             scale * LOG2E, scale)
@@ -490,11 +495,11 @@ def aot_configs(dtype: str):
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["WL", "WW", "BW", "LSE", "DELTA", "PART"], "*fp32"))
     for kernels, tiles in [_family(heads, False) for heads in (4, 8, 16)] + [_family(16, True)]:
-        hp, block_m, block_n, warps = tiles
+        hp, block_m, block_n, warps, stages = tiles
         fwd, dq, dkdv = kernels
         for block_d in (32, 64):
             base = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION="tf32")
             for kernel, extra in ((fwd, {}), (dq, {}), (dkdv, {"DK": True}), (dkdv, {"DK": False})):
                 sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
                 yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
-                           num_warps=warps, aligned=(*strides, "D"), matmul=False)
+                           num_warps=warps, num_stages=stages, aligned=(*strides, "D"), matmul=False)

@@ -33,7 +33,7 @@ def per_tile(loops, heads: int) -> int:
 def main(block_d: int = 64) -> None:
     for heads in (4, 8, 16):
         for tc in (False, True):
-            (fwd, dq, dkdv), (hp, block_m, block_n, warps) = th._family(heads, tc)
+            (fwd, dq, dkdv), (hp, block_m, block_n, warps, stages) = th._family(heads, tc)
             counts = {}
             for name, kernel, extra in (("fwd", fwd, {}), ("dq", dq, {}), ("dk", dkdv, {"DK": True}),
                                         ("dv", dkdv, {"DK": False})):
@@ -44,7 +44,8 @@ def main(block_d: int = 64) -> None:
                 attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
                          if sig[a].startswith("*") or a in cfg["aligned"]}
                 compiled = triton.compile(ASTSource(kernel, sig, cfg["constexprs"], attrs),
-                                          target=compile_triton.TARGET, options={"num_warps": warps})
+                                          target=compile_triton.TARGET,
+                                          options={"num_warps": warps, "num_stages": stages})
                 scores = hp * block_m * block_n / (32 * warps) * heads / hp  # real scores a thread owns
                 counts[name] = per_tile(compile_triton.loops(compiled.asm["cubin"]), heads) / scores
             print(f"H={heads} {'tensor cores' if tc else 'CUDA cores  '}: fwd {counts['fwd']:.0f}, "

@@ -41,6 +41,17 @@ def test_no_register_spills(compiled):
     assert not spilled, spilled
 
 
+# What one sm_90 block may have (227 KB): past it a kernel compiles but fails to launch ("out of
+# resource: shared memory"), which only a GPU would show. The tensor-core talking-heads dq
+# kernel wanted 243 KB at Triton's default 3 stages.
+SM90_MAX_SHARED = 232448
+
+
+def test_shared_memory_fits_an_sm90_block(compiled):
+    too_big = [row for row in compiled if row["shared"] > SM90_MAX_SHARED]
+    assert not too_big, too_big
+
+
 def test_matmul_kernels_use_wgmma(compiled):
     for row in compiled:
         if row["matmul"]:
