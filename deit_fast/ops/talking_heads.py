@@ -112,7 +112,7 @@ def _backend_for(q: Tensor, k: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_
     from deit_fast.kernels.talking_heads import HEAD_DIMS, MAX_HEADS
     _checks.kernel_dtypes(backend, q=q, w_l=w_l, b_l=b_l, w_w=w_w, b_w=b_w)
     _checks.dot_dtype(backend, name, q)
-    check_head_dim(backend, q, HEAD_DIMS)
+    check_head_dim(backend, q, HEAD_DIMS, name)
     if heads > MAX_HEADS:
         raise ValueError(f"q has H={heads} heads; the {backend} kernel holds all heads of a tile "
                          f"in registers and takes H <= {MAX_HEADS}: use the torch backend")

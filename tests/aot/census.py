@@ -10,9 +10,6 @@ divided by the scores a thread owns in that tile, and by H / HP for the padded h
 """
 import sys
 
-import triton
-from triton.compiler import ASTSource
-
 import compile_triton
 from deit_fast.kernels import talking_heads as th
 
@@ -33,19 +30,14 @@ def per_tile(loops, heads: int) -> int:
 def main(block_d: int = 64) -> None:
     for heads in (4, 8, 16):
         for tc in (False, True):
-            (fwd, dq, dkdv), (hp, block_m, block_n, warps, stages) = th._family(heads, tc)
+            (fwd, dq, dkdv), (hp, block_m, block_n, warps, _) = th._family(heads, tc)
             counts = {}
             for name, kernel, extra in (("fwd", fwd, {}), ("dq", dq, {}), ("dk", dkdv, {"DK": True}),
                                         ("dv", dkdv, {"DK": False})):
                 cfg = next(c for c in th.aot_configs("bf16") if c["kernel"] is kernel
                            and c["constexprs"]["HP"] == hp and c["constexprs"]["BLOCK_D"] == block_d
                            and all(c["constexprs"].get(a) == v for a, v in extra.items()))
-                sig = cfg["signature"]
-                attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
-                         if sig[a].startswith("*") or a in cfg["aligned"]}
-                compiled = triton.compile(ASTSource(kernel, sig, cfg["constexprs"], attrs),
-                                          target=compile_triton.TARGET,
-                                          options={"num_warps": warps, "num_stages": stages})
+                compiled = compile_triton.compile_variant(cfg)  # the family's warps and stages
                 scores = hp * block_m * block_n / (32 * warps) * heads / hp  # real scores a thread owns
                 counts[name] = per_tile(compile_triton.loops(compiled.asm["cubin"]), heads) / scores
             print(f"H={heads} {'tensor cores' if tc else 'CUDA cores  '}: fwd {counts['fwd']:.0f}, "

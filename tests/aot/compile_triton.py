@@ -79,17 +79,21 @@ def loops(cubin: bytes) -> list:
     return counts
 
 
+def compile_variant(cfg: dict):
+    """One aot_configs() variant compiled for sm_90, as the JIT would at run time: pointers and
+    the `aligned` ints get tt.divisibility=16."""
+    kernel, signature = cfg["kernel"], cfg["signature"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if signature[name].startswith("*") or name in cfg["aligned"]}
+    return triton.compile(ASTSource(kernel, signature, cfg["constexprs"], attrs), target=TARGET,
+                          options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 3)})
+
+
 def main(module_name: str) -> None:
     module = importlib.import_module(f"deit_fast.kernels.{module_name}")
     for dtype in ("fp16", "bf16"):
         for cfg in module.aot_configs(dtype):
-            kernel, signature = cfg["kernel"], cfg["signature"]
-            # As the JIT does at run time: pointers and 16-multiples get tt.divisibility=16.
-            attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-                     if signature[name].startswith("*") or name in cfg["aligned"]}
-            compiled = triton.compile(ASTSource(kernel, signature, cfg["constexprs"], attrs),
-                                      target=TARGET, options={"num_warps": cfg["num_warps"],
-                                                     "num_stages": cfg.get("num_stages", 3)})
+            kernel, compiled = cfg["kernel"], compile_variant(cfg)
             row = {"kernel": kernel.__name__, "dtype": dtype, "num_warps": cfg["num_warps"],
                    "constexprs": cfg["constexprs"], "aligned": bool(cfg["aligned"]),
                    "matmul": cfg["matmul"], "wgmma": "wgmma" in compiled.asm["ptx"]}
