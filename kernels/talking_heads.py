@@ -4,9 +4,11 @@
     P'[g] = sum_h w_w[g,h] P[h] + b_w[g] ;  out[g] = P'[g] v_g
 
 Every program holds all H heads of a tile of query rows (or, in the dk/dv backward, of key rows)
-as [HP, rows, cols] register tensors (HP = H rounded up to a power of two), because the mixing
-couples every head at every (i, j). The per-head products are ordinary 2D tl.dot calls; the
-mixing is a broadcast multiply-add over the head axis (H <= 16 in every CaiT).
+as [HP, rows, cols] register tensors, because the mixing couples every head at every (i, j). Two
+kernel families: the default mixes on tensor cores (16 slots of heads x row blocks, batched 3D
+dots, one block-diagonal [16, 16] product per mixing); the other (HP = H rounded up to a power
+of two) runs one 2D tl.dot per head and mixes with broadcast multiply-adds on CUDA cores. H <= 16
+in every CaiT.
 
 b_l adds the same constant to a whole softmax row, so it changes nothing: the kernels ignore it
 and its gradient is exactly zero. The forward makes two passes over the keys: the first for the
@@ -27,14 +29,20 @@ MAX_HEADS = 16
 
 
 def _tiles(heads: int):
-    """(HP, BLOCK_M, BLOCK_N, num_warps, num_stages): at most 4096 fp32 per [HP, M, N] tile; 16
+    """Constexprs and launch options: at most 4096 fp32 per [HP, M, N] tile; 16
     is the smallest dot dimension. 8 warps: at 4, triton 3.6 (the GPU machine's) spilled up to
     1.7 KB per thread in the backward (HP 8, BLOCK_D 64: CaiT-S); at 8 it spills nothing but 32
     bytes in one forward variant (HP 16, BLOCK_D 64), nor does 3.8. Triton's default 3 stages
     (at most 25 KB of shared memory)."""
     hp = max(2, triton.next_power_of_2(heads))
     block_m = 32 if hp <= 4 else 16
-    return hp, block_m, max(16, min(32, 4096 // (hp * block_m))), 8, 3
+    return dict(HP=hp, BLOCK_M=block_m, BLOCK_N=max(16, min(32, 4096 // (hp * block_m))),
+                num_warps=8, num_stages=3)
+
+
+def _groups(tiles) -> int:
+    """Row blocks per program: HP // HG for the tensor-core kernels, else 1."""
+    return tiles["HP"] // tiles.get("HG", tiles["HP"])
 
 
 @triton.jit
@@ -55,7 +63,8 @@ def _mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, 
 
 @triton.jit
 def _probs(mixed, lse, rows, cols, N):
-    valid = (rows[None, :, None] < N) & (cols[None, None, :] < N)
+    """exp2(mixed - lse), zero past N; rows [HP or 1, M] and cols [HP or 1, N] per slot."""
+    valid = (rows[:, :, None] < N) & (cols[:, None, :] < N)
     return tl.where(valid, tl.exp2(mixed - lse[:, :, None]), 0.0)
 
 
@@ -76,10 +85,11 @@ def _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H,
 
 
 @triton.jit
-def _load_rows(PTR, off_b, rows, H, N, HP: tl.constexpr):
-    hh = tl.arange(0, HP)
-    ptrs = PTR + (off_b * H + hh)[:, None] * N + rows[None, :]
-    return tl.load(ptrs, mask=(hh[:, None] < H) & (rows[None, :] < N), other=0.0)
+def _load_rows(PTR, off_b, head, rows, H, N):
+    """[HP, M] per-row statistics from a contiguous (B, H, N) fp32 tensor: slot s is head[s] at
+    rows[s] ([HP or 1, M]), zero past H and N."""
+    ptrs = PTR + (off_b * H + head)[:, None] * N + rows
+    return tl.load(ptrs, mask=(head[:, None] < H) & (rows < N), other=0.0)
 
 
 @triton.jit
@@ -90,23 +100,21 @@ def _online_stats(m, l, mixed):
 
 
 @triton.jit
-def _store_heads(PTR, value, off_b, rows, sb, sh, sn, H, N, D, HP: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """[HP, rows, BLOCK_D] of every head into a (B, H, N, D) tensor of strides (sb, sh, sn, 1)."""
-    hh = tl.arange(0, HP)
+def _store_heads(PTR, value, off_b, head, rows, sb, sh, sn, H, N, D, BLOCK_D: tl.constexpr):
+    """[HP, M, BLOCK_D] into a (B, H, N, D) tensor of strides (sb, sh, sn, 1): slot s is head[s]
+    at rows[s] ([HP or 1, M])."""
     d = tl.arange(0, BLOCK_D)
-    ptrs = (PTR + off_b * sb + hh.to(tl.int64)[:, None, None] * sh
-            + rows.to(tl.int64)[None, :, None] * sn + d[None, None, :])
-    mask = (hh[:, None, None] < H) & (rows[None, :, None] < N) & (d[None, None, :] < D)
+    ptrs = (PTR + off_b * sb + head.to(tl.int64)[:, None, None] * sh
+            + rows.to(tl.int64)[:, :, None] * sn + d[None, None, :])
+    mask = (head[:, None, None] < H) & (rows[:, :, None] < N) & (d[None, None, :] < D)
     tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _store_rows(PTR, value, off_b, rows, H, N, HP: tl.constexpr):
-    """[HP, rows] per-row statistics into a contiguous (B, H, N) fp32 tensor."""
-    hh = tl.arange(0, HP)
-    tl.store(PTR + (off_b * H + hh)[:, None] * N + rows[None, :], value,
-             mask=(hh[:, None] < H) & (rows[None, :] < N))
+def _store_rows(PTR, value, off_b, head, rows, H, N):
+    """[HP, M] per-row statistics into a contiguous (B, H, N) fp32 tensor (slots as _load_rows)."""
+    tl.store(PTR + (off_b * H + head)[:, None] * N + rows, value,
+             mask=(head[:, None] < H) & (rows < N))
 
 
 @triton.jit
@@ -141,15 +149,15 @@ def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh,
         cols = start + tl.arange(0, BLOCK_N)
         mixed = _mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N, D,
                               qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        p = _probs(mixed, lse, rows, cols, N)
+        p = _probs(mixed, lse, rows[None, :], cols[None, :], N)
         for g in range(H):
             w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)
             pg = tl.sum(w[:, None, None] * p, axis=0) + tl.load(BW + g).to(tl.float32)
             v = _tile(V, cols, svb, svh, svn, off_b, g, N, D, 0, BLOCK_D)  # zero past N
             pv = tl.dot(pg.to(v.dtype), v, input_precision=PRECISION)
             acc = tl.where(hh[:, None, None] == g, acc + pv[None, :, :], acc)
-    _store_heads(O, acc, off_b, rows, sob, soh, son, H, N, D, HP, BLOCK_D)
-    _store_rows(LSE, lse, off_b, rows, H, N, HP)
+    _store_heads(O, acc, off_b, hh, rows[None, :], sob, soh, son, H, N, D, BLOCK_D)
+    _store_rows(LSE, lse, off_b, hh, rows[None, :], H, N)
 
 
 @triton.jit
@@ -162,16 +170,16 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     hh = tl.arange(0, HP)
-    lse = _load_rows(LSE, off_b, rows, H, N, HP)
+    lse = _load_rows(LSE, off_b, hh, rows[None, :], H, N)
     delta = tl.zeros([HP, BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):  # pass 1: delta = rowsum(dP * P) per head
         cols = start + tl.arange(0, BLOCK_N)
         p = _probs(_mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N,
-                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows, cols, N)
+                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows[None, :], cols[None, :], N)
         dp = _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H, N, D,
                            HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         delta += tl.sum(dp * p, axis=2)
-    _store_rows(DELTA, delta, off_b, rows, H, N, HP)
+    _store_rows(DELTA, delta, off_b, hh, rows[None, :], H, N)
     dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     dwl = tl.zeros([HP, HP], tl.float32)
     dww = tl.zeros([HP, HP], tl.float32)
@@ -179,7 +187,7 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
     for start in range(0, N, BLOCK_N):  # pass 2: dq and the head-mixing weight grads
         cols = start + tl.arange(0, BLOCK_N)
         p = _probs(_mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N,
-                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows, cols, N)
+                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows[None, :], cols[None, :], N)
         dp = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.float32)
         for g in range(H):
             do = _tile(DO, rows, sdb, sdh, sdn, off_b, g, N, D, 0, BLOCK_D)
@@ -199,7 +207,7 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
             dwl = tl.where(hh[None, :] == h, dwl + tl.sum(tl.sum(ds * s[None, :, :], 2), 1)[:, None], dwl)
             dqh = tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
             dq = tl.where(hh[:, None, None] == h, dq + dqh[None, :, :], dq)
-    _store_heads(DQ, dq * scale, off_b, rows, sgb, sgh, sgn, H, N, D, HP, BLOCK_D)
+    _store_heads(DQ, dq * scale, off_b, hh, rows[None, :], sgb, sgh, sgn, H, N, D, BLOCK_D)
     _store_parts(PART, pid, dwl, dww, dbw, HP)
 
 
@@ -216,13 +224,13 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
     acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        lse = _load_rows(LSE, off_b, rows, H, N, HP)
+        lse = _load_rows(LSE, off_b, hh, rows[None, :], H, N)
         p = _probs(_mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N,
-                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows, cols, N)
+                                 D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), lse, rows[None, :], cols[None, :], N)
         if DK:
             dp = _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H, N, D,
                                HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-            ds = p * (dp - _load_rows(DELTA, off_b, rows, H, N, HP)[:, :, None])
+            ds = p * (dp - _load_rows(DELTA, off_b, hh, rows[None, :], H, N)[:, :, None])
             for h in range(H):
                 w = tl.load(WL + hh * H + h, mask=hh < H, other=0.0).to(tl.float32)
                 dsh = tl.sum(w[:, None, None] * ds, axis=0)
@@ -238,72 +246,97 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
                 acc = tl.where(hh[:, None, None] == g, acc + dvg[None, :, :], acc)
     if DK:
         acc = acc * scale
-    _store_heads(DKV, acc, off_b, cols, sgb, sgh, sgn, H, N, D, HP, BLOCK_D)
+    _store_heads(DKV, acc, off_b, hh, cols[None, :], sgb, sgh, sgn, H, N, D, BLOCK_D)
 
 
 # ---- the same, with the head mixing on tensor cores ------------------------------------------
 # Above, each head's product is its own 2D dot and the H x H mixing is a broadcast multiply-add
 # (CUDA cores, O(H^2) per (i, j), plus a where-scatter per head into [HP, ...] accumulators): at
 # 8 heads the backward took 7.2 ms at 256x8x196x48 on an H200, slower than timm eager (4.1 ms).
-# Here every [HP, rows, D] tile holds all heads (one strided load), the per-head products are
-# batched 3D dots, and each mixing is one [HP, HP] x [HP, M*N] dot; HP = 16 (the smallest dot
-# dimension), the padded heads being zero weights.
-# Which family runs: TENSOR_CORE_MIXING True or False forces one; None (the default) picks tensor
-# cores above TC_ABOVE_HEADS heads. The choice rests on SASS, not yet on GPU time (both families
-# do far more CUDA-core work per score than MMA work): instructions a thread issues per real
-# (g, i, j) score, bf16,
-# D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), forward / backward:
-#   H=4:  CUDA cores 101 / 365,   tensor cores 217 / 583  (three quarters of HP = 16 is padding)
-#   H=8:  CUDA cores 208 / 882,   tensor cores 109 / 292
-#   H=16: CUDA cores 577 / 2104,  tensor cores  54 / 146
-# From H=4 to H=8 (2x the scores) the CUDA-core kernels' H200 times grew 2.8x (fwd) and 3.0x
-# (bwd), where these counts predict 4.1x and 4.8x: issue is not the whole cost, but the counts
-# order the two shapes as the clock did. bench.ops.talking_heads times both families (impls
-# triton: CUDA cores, triton_tc: tensor cores).
-TENSOR_CORE_MIXING = None
-TC_ABOVE_HEADS = 4
+# Here every [16, rows, D] tile holds all heads of one or more row blocks (one strided load), the
+# per-head products are batched 3D dots, and each mixing is one [16, 16] x [16, M*N] dot with a
+# block-diagonal weight (see _tiles_tc). Instructions a thread issues per real (g, i, j) score,
+# bf16, D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), fwd / bwd:
+#   heads                  2          4          6          8          16
+#   CUDA cores          82 / 244  101 / 365  212 / 866  208 / 882  577 / 2104
+#   tensor cores        54 / 150   54 / 150   72 / 199   54 / 149   54 / 146
+# (Before the row blocks shared the 16 slots, the tensor-core kernels padded 4 heads to 16: 217 /
+# 583, and 8 heads: 109 / 292.) So tensor cores run by default at every head count
+# (TENSOR_CORE_MIXING True); False forces the CUDA-core kernels, the only family timed on a GPU
+# so far. From H=4 to H=8 (2x the scores) the CUDA-core kernels' H200 times grew 2.8x (fwd) and
+# 3.0x (bwd), where these counts predict 4.1x and 4.8x: issue is not the whole cost, but the
+# counts ordered the two shapes as the clock did. bench.ops.talking_heads times both families
+# (impls triton: CUDA cores, triton_tc: tensor cores).
+TENSOR_CORE_MIXING = True
 
 
-def _tiles_tc():
-    """(HP, BLOCK_M, BLOCK_N, num_warps, num_stages) of the tensor-core kernels, for any H <= 16.
-    8 warps: at 4, the [16, 16, 64] fp32 accumulators took 544-808 stack bytes per thread under
-    triton 3.6 (the GPU machine's) at sm_90; at 8, 161-252 registers and no stack (3.8: at most
-    16 bytes). 2 stages: at Triton's default 3 the dq kernel at BLOCK_D 64 (CaiT's head dim 48)
-    wanted 243 KB of shared memory, past the 227 KB an sm_90 block may have (it would fail to
-    launch); at 2 it takes 179 KB, with the same SASS count per tile."""
-    return 16, 16, 16, 8, 2
+def _tiles_tc(heads: int):
+    """Constexprs and launch options of the tensor-core kernels, for any H <= 16. A program's
+    [HP, rows, cols] tiles hold HP = 16 slots (16 is the smallest dot dimension): HP // HG groups
+    of HG = H rounded up to a power of two heads, each group its own block of BLOCK_M query rows
+    (BLOCK_N key rows in dk/dv). So at 8 heads two row blocks fill the 16 slots where they used to
+    be half padding, and at 4 heads four do; the mixing weights are block-diagonal (one H x H block
+    per group). 8 warps: at 4, the [16, 16, 64] fp32 accumulators took 544-808 stack bytes per
+    thread under triton 3.6 (the GPU machine's) at sm_90; at 8, no stack. 2 stages: at Triton's
+    default 3 the dq kernel at BLOCK_D 64 (CaiT's head dim 48) wanted 243 KB of shared memory,
+    past the 227 KB an sm_90 block may have (it would fail to launch); at 2, 179 KB."""
+    return dict(HP=16, HG=max(1, triton.next_power_of_2(heads)), BLOCK_M=16, BLOCK_N=16,
+                num_warps=8, num_stages=2)
 
 
 @triton.jit
-def _heads(PTR, rows, sb, sh, sn, off_b, H, n_rows, D, HP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[HP, rows, BLOCK_D] tile of every head of one batch, zero past H, n_rows and D."""
-    hh = tl.arange(0, HP)
+def _slots(HP: tl.constexpr, HG: tl.constexpr):
+    """(head, group) of each of the HP slots."""
+    s = tl.arange(0, HP)
+    return s % HG, s // HG
+
+
+@triton.jit
+def _span(start, group, BLOCK: tl.constexpr):
+    """[HP, BLOCK] rows of each slot: group g owns rows start + g * BLOCK + (0 .. BLOCK-1)."""
+    return start + group[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+
+
+@triton.jit
+def _heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constexpr):
+    """[HP, M, BLOCK_D] tile of one batch, slot s holding head[s] at rows[s] ([HP or 1, M]);
+    zero past H, n_rows and D."""
     d = tl.arange(0, BLOCK_D)
-    ptrs = (PTR + off_b * sb + hh.to(tl.int64)[:, None, None] * sh
-            + rows.to(tl.int64)[None, :, None] * sn + d[None, None, :])
-    mask = (hh[:, None, None] < H) & (rows[None, :, None] < n_rows) & (d[None, None, :] < D)
+    ptrs = (PTR + off_b * sb + head.to(tl.int64)[:, None, None] * sh
+            + rows.to(tl.int64)[:, :, None] * sn + d[None, None, :])
+    mask = (head[:, None, None] < H) & (rows[:, :, None] < n_rows) & (d[None, None, :] < D)
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _weights(W, H, HP: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """The [HP, HP] fp32 mixing matrix W (or W^T), zero past H."""
-    g = tl.arange(0, HP)[:, None]
-    h = tl.arange(0, HP)[None, :]
+def _weights(W, H, head, group, TRANSPOSE: tl.constexpr):
+    """The [HP, HP] block-diagonal fp32 mixing matrix: W[head[s], head[t]] (W^T when TRANSPOSE)
+    where slots s and t are in one group, zero elsewhere and past H."""
+    g = head[:, None]
+    h = head[None, :]
     ptrs = W + h * H + g if TRANSPOSE else W + g * H + h
-    return tl.load(ptrs, mask=(g < H) & (h < H), other=0.0).to(tl.float32)
+    mask = (group[:, None] == group[None, :]) & (g < H) & (h < H)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fold(x, group, HP: tl.constexpr, HG: tl.constexpr):
+    """[HP, HP] -> [HG, HG]: the sum of the diagonal blocks, a mixing-weight grad over all the
+    groups' rows (the off-diagonal blocks pair slots of different rows and mean nothing)."""
+    x = tl.where(group[:, None] == group[None, :], x, 0.0)
+    return tl.sum(tl.sum(tl.reshape(x, [HP // HG, HG, HP // HG, HG]), 2), 0)
 
 
 @triton.jit
 def _mix(w, x, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
-    """out[g] = sum_h w[g, h] x[h] for x [HP, M, N]: one product over the head axis."""
+    """out[s] = sum_t w[s, t] x[t] for x [HP, M, N]: one product over the slot axis."""
     flat = tl.dot(w, tl.reshape(x, [HP, M * N]), input_precision=PRECISION)
     return tl.reshape(flat, [HP, M, N])
 
 
 @triton.jit
 def _contract(a, b, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
-    """[HP, HP] sum over (i, j) of a[g] * b[h]: the grad of a mixing matrix."""
+    """[HP, HP] sum over (i, j) of a[s] * b[t]: the grad of a mixing matrix (before _fold)."""
     return tl.dot(tl.reshape(a, [HP, M * N]), tl.trans(tl.reshape(b, [HP, M * N])),
                   input_precision=PRECISION)
 
@@ -318,70 +351,72 @@ def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRE
 
 @triton.jit
 def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-               sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+               sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, HG: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               PRECISION: tl.constexpr):
     off_b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    hh = tl.arange(0, HP)
-    wl = _weights(WL, H, HP, False)
-    ww = _weights(WW, H, HP, False)
-    bw = tl.load(BW + hh, mask=hh < H, other=0.0).to(tl.float32)
+    head, group = _slots(HP, HG)
+    rows = _span(tl.program_id(0) * (HP // HG) * BLOCK_M, group, BLOCK_M)
+    wl = _weights(WL, H, head, group, False)
+    ww = _weights(WW, H, head, group, False)
+    bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
     m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([HP, BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):  # pass 1: row statistics of the mixed logits
-        cols = start + tl.arange(0, BLOCK_N)
-        q = _heads(Q, rows, sqb, sqh, sqn, off_b, H, N, D, HP, BLOCK_D)
-        k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_N)[None, :]  # the same keys in every slot
+        q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
+        k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
         mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale
-        mixed = tl.where(cols[None, None, :] < N, mixed, float("-inf"))
+        mixed = tl.where(cols[:, None, :] < N, mixed, float("-inf"))
         m, l = _online_stats(m, l, mixed)
     lse = m + tl.log2(l)
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):  # pass 2: mixed probabilities times V
-        cols = start + tl.arange(0, BLOCK_N)
-        q = _heads(Q, rows, sqb, sqh, sqn, off_b, H, N, D, HP, BLOCK_D)
-        k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_N)[None, :]
+        q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
+        k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
         mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale
         p = _probs(mixed, lse, rows, cols, N)
         pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]  # P'
-        v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)  # zero past N
+        v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)  # zero past N
         acc += tl.dot(pm.to(v.dtype), v, input_precision=PRECISION)
-    _store_heads(O, acc, off_b, rows, sob, soh, son, H, N, D, HP, BLOCK_D)
-    _store_rows(LSE, lse, off_b, rows, H, N, HP)
+    _store_heads(O, acc, off_b, head, rows, sob, soh, son, H, N, D, BLOCK_D)
+    _store_rows(LSE, lse, off_b, head, rows, H, N)
 
 
 @triton.jit
 def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, skh, skn,
                   svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, programs,
-                  HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HP: tl.constexpr, HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    # PART: (programs_total, 3, HP, HP) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
+    # PART: (programs_total, 3, HG, HG) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
     off_b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    wl = _weights(WL, H, HP, False)
-    wl_t = _weights(WL, H, HP, True)
-    ww_t = _weights(WW, H, HP, True)
-    lse = _load_rows(LSE, off_b, rows, H, N, HP)
-    q = _heads(Q, rows, sqb, sqh, sqn, off_b, H, N, D, HP, BLOCK_D)
-    do = _heads(DO, rows, sdb, sdh, sdn, off_b, H, N, D, HP, BLOCK_D)
+    head, group = _slots(HP, HG)
+    rows = _span(tl.program_id(0) * (HP // HG) * BLOCK_M, group, BLOCK_M)
+    wl = _weights(WL, H, head, group, False)
+    wl_t = _weights(WL, H, head, group, True)
+    ww_t = _weights(WW, H, head, group, True)
+    lse = _load_rows(LSE, off_b, head, rows, H, N)
+    q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
+    do = _heads(DO, head, rows, sdb, sdh, sdn, off_b, H, N, D, BLOCK_D)
     delta = tl.zeros([HP, BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):  # pass 1: delta = rowsum(dP * P) per head
-        cols = start + tl.arange(0, BLOCK_N)
-        k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
-        v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_N)[None, :]
+        k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
+        v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)
         p = _probs(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale, lse, rows, cols, N)
         dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)  # dP'
         delta += tl.sum(_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) * p, axis=2)
-    _store_rows(DELTA, delta, off_b, rows, H, N, HP)
+    _store_rows(DELTA, delta, off_b, head, rows, H, N)
     dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     dwl = tl.zeros([HP, HP], tl.float32)
     dww = tl.zeros([HP, HP], tl.float32)
     dbw = tl.zeros([HP], tl.float32)
     for start in range(0, N, BLOCK_N):  # pass 2: dq and the head-mixing weight grads
-        cols = start + tl.arange(0, BLOCK_N)
-        k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
-        v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_N)[None, :]
+        k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
+        v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)
         s, mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)
         p = _probs(mixed * qk_scale, lse, rows, cols, N)
         dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
@@ -391,39 +426,40 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
         dwl += _contract(ds, s * scale, HP, BLOCK_M, BLOCK_N, PRECISION)
         dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)  # grad of S[h]
         dq += tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
-    _store_heads(DQ, dq * scale, off_b, rows, sgb, sgh, sgn, H, N, D, HP, BLOCK_D)
-    _store_parts(PART, pid, dwl, dww, dbw, HP)
+    _store_heads(DQ, dq * scale, off_b, head, rows, sgb, sgh, sgn, H, N, D, BLOCK_D)
+    _store_parts(PART, pid, _fold(dwl, group, HP, HG), _fold(dww, group, HP, HG),
+                 tl.sum(tl.reshape(dbw, [HP // HG, HG]), 0), HG)
 
 
 @triton.jit
 def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, skh, skn,
-                    svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, HP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, DK: tl.constexpr):
-    """One key tile, all heads, looping over the queries: dk when DK else dv."""
+                    svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale,
+                    HP: tl.constexpr, HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DK: tl.constexpr):
+    """One key tile per group, all heads, looping over the queries: dk when DK else dv."""
     off_b = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    hh = tl.arange(0, HP)
-    wl = _weights(WL, H, HP, False)
-    k = _heads(K, cols, skb, skh, skn, off_b, H, N, D, HP, BLOCK_D)
+    head, group = _slots(HP, HG)
+    cols = _span(tl.program_id(0) * (HP // HG) * BLOCK_N, group, BLOCK_N)
+    wl = _weights(WL, H, head, group, False)
+    k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
     if DK:
-        wl_t = _weights(WL, H, HP, True)
-        ww_t = _weights(WW, H, HP, True)
-        v = _heads(V, cols, svb, svh, svn, off_b, H, N, D, HP, BLOCK_D)
+        wl_t = _weights(WL, H, head, group, True)
+        ww_t = _weights(WW, H, head, group, True)
+        v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)
     else:
-        ww = _weights(WW, H, HP, False)
-        bw = tl.load(BW + hh, mask=hh < H, other=0.0).to(tl.float32)
+        ww = _weights(WW, H, head, group, False)
+        bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
     acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        q = _heads(Q, rows, sqb, sqh, sqn, off_b, H, N, D, HP, BLOCK_D)
-        do = _heads(DO, rows, sdb, sdh, sdn, off_b, H, N, D, HP, BLOCK_D)  # zero past N
-        lse = _load_rows(LSE, off_b, rows, H, N, HP)
+        rows = start + tl.arange(0, BLOCK_M)[None, :]  # the same queries in every slot
+        q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
+        do = _heads(DO, head, rows, sdb, sdh, sdn, off_b, H, N, D, BLOCK_D)  # zero past N
+        lse = _load_rows(LSE, off_b, head, rows, H, N)
         p = _probs(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale, lse, rows, cols, N)
         if DK:
             dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
             dp = _mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION)
-            ds = p * (dp - _load_rows(DELTA, off_b, rows, H, N, HP)[:, :, None])
+            ds = p * (dp - _load_rows(DELTA, off_b, head, rows, H, N)[:, :, None])
             dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)
             acc += tl.dot(tl.permute(dsh, (0, 2, 1)).to(q.dtype), q, input_precision=PRECISION)
         else:
@@ -431,16 +467,14 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
             acc += tl.dot(tl.permute(pm, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)
     if DK:
         acc = acc * scale
-    _store_heads(DKV, acc, off_b, cols, sgb, sgh, sgn, H, N, D, HP, BLOCK_D)
+    _store_heads(DKV, acc, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D)
 
 
 def _family(heads: int, tc):
-    """((fwd, dq, dkdv kernels), tiles) of a mixing strategy: tensor cores when tc (default
-    TENSOR_CORE_MIXING, and where that is None, heads > TC_ABOVE_HEADS), else the CUDA-core
-    kernels at `heads` heads."""
-    tc = TENSOR_CORE_MIXING if tc is None else tc
-    if heads > TC_ABOVE_HEADS if tc is None else tc:
-        return (_th_fwd_tc, _th_bwd_dq_tc, _th_bwd_dkdv_tc), _tiles_tc()
+    """((fwd, dq, dkdv kernels), tiles) of a mixing strategy at `heads` heads: tensor cores when
+    tc (None: TENSOR_CORE_MIXING), else CUDA cores."""
+    if TENSOR_CORE_MIXING if tc is None else tc:
+        return (_th_fwd_tc, _th_bwd_dq_tc, _th_bwd_dkdv_tc), _tiles_tc(heads)
     return (_th_fwd, _th_bwd_dq, _th_bwd_dkdv), _tiles(heads)
 
 
@@ -450,14 +484,13 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     tc: mix the heads on tensor cores (default: _family's choice)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
-    (fwd, _, _), (hp, block_m, block_n, warps, stages) = _family(H, tc)
+    (fwd, _, _), tiles = _family(H, tc)
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    fwd[(triton.cdiv(N, block_m), B)](
+    fwd[(triton.cdiv(N, tiles["BLOCK_M"] * _groups(tiles)), B)](
         q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, N, D, scale * LOG2E, HP=hp, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype), num_warps=warps,
-        num_stages=stages)
+        H, N, D, scale * LOG2E, BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype),
+        **tiles)
     return o, lse
 
 
@@ -466,19 +499,19 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
     write dq, dk, dv, as in attention.backward (one set of strides, unit last stride)."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
-    (_, dq_kernel, dkdv_kernel), (hp, block_m, block_n, warps, stages) = _family(H, tc)
-    meta = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-                PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    (_, dq_kernel, dkdv_kernel), tiles = _family(H, tc)
+    meta = dict(tiles, BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype))
+    hg = tiles.get("HG", tiles["HP"])  # the weight grads' partial sums are [hg, hg]
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), H, N, D,
             scale * LOG2E, scale)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    q_tiles = triton.cdiv(N, block_m)
-    part = torch.empty((q_tiles * B, 3, hp, hp), dtype=torch.float32, device=q.device)
+    q_tiles = triton.cdiv(N, tiles["BLOCK_M"] * _groups(tiles))
+    part = torch.empty((q_tiles * B, 3, hg, hg), dtype=torch.float32, device=q.device)
     dq_kernel[(q_tiles, B)](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, q_tiles, **meta)
+    k_tiles = triton.cdiv(N, tiles["BLOCK_N"] * _groups(tiles))
     for dst, is_dk in ((dk, True), (dv, False)):
-        dkdv_kernel[(triton.cdiv(N, block_n), B)](q, k, v, do, w_l, w_w, b_w, lse, delta, dst,
-                                                  *args, DK=is_dk, **meta)
+        dkdv_kernel[(k_tiles, B)](q, k, v, do, w_l, w_w, b_w, lse, delta, dst, *args, DK=is_dk, **meta)
     sums = part.sum(0)  # fixed-order sum over programs: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
         (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))
@@ -486,20 +519,21 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
 
 
 def aot_configs(dtype: str):
-    """Every shipped variant (head counts 4, 8, 16 of CaiT, and the tensor-core mixing kernels,
-    which take any H <= 16; head-dim tiles 32 and 64) for the sm_90 AOT test. The products are
-    dots of 16-32 rows: mma.sync, not wgmma. D is aligned as in attention.aot_configs."""
+    """Every shipped variant (head counts 4, 8, 16 of CaiT, in both mixing families; head-dim
+    tiles 32 and 64) for the sm_90 AOT test. The products are dots of 16-32 rows: mma.sync, not
+    wgmma. D is aligned as in attention.aot_configs."""
     strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
     ints = dict.fromkeys(["H", "N", "D", "programs"] + strides, "i32")
     ints.update(qk_scale="fp32", scale="fp32")
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["WL", "WW", "BW", "LSE", "DELTA", "PART"], "*fp32"))
-    for kernels, tiles in [_family(heads, False) for heads in (4, 8, 16)] + [_family(16, True)]:
-        hp, block_m, block_n, warps, stages = tiles
-        fwd, dq, dkdv = kernels
-        for block_d in (32, 64):
-            base = dict(HP=hp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION="tf32")
-            for kernel, extra in ((fwd, {}), (dq, {}), (dkdv, {"DK": True}), (dkdv, {"DK": False})):
-                sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
-                yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
-                           num_warps=warps, num_stages=stages, aligned=(*strides, "D"), matmul=False)
+    for heads in (4, 8, 16):
+        for (fwd, dq, dkdv), tiles in (_family(heads, False), _family(heads, True)):
+            consts = {k: v for k, v in tiles.items() if not k.startswith("num_")}
+            for block_d in (32, 64):
+                base = dict(consts, BLOCK_D=block_d, PRECISION="tf32")
+                for kernel, extra in ((fwd, {}), (dq, {}), (dkdv, {"DK": True}), (dkdv, {"DK": False})):
+                    sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
+                    yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
+                               num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+                               aligned=(*strides, "D"), matmul=False)

@@ -9,8 +9,8 @@ q, k, v are strided views of one (B, N, 3, H, D) projection; the head-mixing wei
 fwd+bwd >= 2.5x timm eager and >= 1.5x torch.compile of it, with peak memory O(B*H*N*D); the run
 appends the speedups to the .md, and peak_mib is in every CUDA row. triton is the triton backend
 with the head mixing on CUDA cores, triton_tc with it on tensor cores (each forced through
-kernels.talking_heads.TENSOR_CORE_MIXING); the backend's default takes tensor cores above 4
-heads, from SASS counts this bench is to confirm.
+kernels.talking_heads.TENSOR_CORE_MIXING); the backend's default is tensor cores at every head
+count, from SASS counts this bench is to confirm.
 """
 
 import torch

@@ -6,7 +6,7 @@ mixing family and head count: the static measure behind kernels.talking_heads' d
 
 Per kernel: the instructions of one outer-loop iteration (a key or query tile), its inner loops
 over the heads counted H times (compile_triton.loops gives each loop and its address range),
-divided by the scores a thread owns in that tile, and by H / HP for the padded heads.
+divided by the scores a thread owns in that tile, less the padded head slots (H of every HG).
 """
 import sys
 
@@ -30,15 +30,18 @@ def per_tile(loops, heads: int) -> int:
 def main(block_d: int = 64) -> None:
     for heads in (4, 8, 16):
         for tc in (False, True):
-            (fwd, dq, dkdv), (hp, block_m, block_n, warps, _) = th._family(heads, tc)
+            (fwd, dq, dkdv), tiles = th._family(heads, tc)
+            hp, hg = tiles["HP"], tiles.get("HG", tiles["HP"])
+            consts = {k: v for k, v in tiles.items() if not k.startswith("num_")}
             counts = {}
             for name, kernel, extra in (("fwd", fwd, {}), ("dq", dq, {}), ("dk", dkdv, {"DK": True}),
                                         ("dv", dkdv, {"DK": False})):
+                want = dict(consts, BLOCK_D=block_d, **extra)
                 cfg = next(c for c in th.aot_configs("bf16") if c["kernel"] is kernel
-                           and c["constexprs"]["HP"] == hp and c["constexprs"]["BLOCK_D"] == block_d
-                           and all(c["constexprs"].get(a) == v for a, v in extra.items()))
+                           and all(c["constexprs"].get(a) == v for a, v in want.items()))
                 compiled = compile_triton.compile_variant(cfg)  # the family's warps and stages
-                scores = hp * block_m * block_n / (32 * warps) * heads / hp  # real scores a thread owns
+                # real scores a thread owns: slots holding a head below H (HG of HP are heads)
+                scores = hp * tiles["BLOCK_M"] * tiles["BLOCK_N"] / (32 * tiles["num_warps"]) * heads / hg
                 counts[name] = per_tile(compile_triton.loops(compiled.asm["cubin"]), heads) / scores
             print(f"H={heads} {'tensor cores' if tc else 'CUDA cores  '}: fwd {counts['fwd']:.0f}, "
                   f"bwd {counts['dq'] + counts['dk'] + counts['dv']:.0f} (dq {counts['dq']:.0f}, "
