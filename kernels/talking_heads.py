@@ -100,6 +100,15 @@ def _online_stats(m, l, mixed):
 
 
 @triton.jit
+def _normalised(delta, psum):
+    """delta / rowsum(p), 0 for rows without keys. The recomputed p carries lse's rounding: each
+    row sums to 1 + e (e ~ 1e-5 where |lse| ~ 150). delta = rowsum(dP * p) carries the same
+    factor, so ds = p (dP - delta) would not sum to zero over the row by about e * delta, and dq
+    (which sums ds times k, whose shared component can dwarf the rest) would keep that error."""
+    return tl.where(psum > 0, delta / psum, 0.0)
+
+
+@triton.jit
 def _store_heads(PTR, value, off_b, head, rows, sb, sh, sn, H, N, D, BLOCK_D: tl.constexpr):
     """[HP, M, BLOCK_D] into a (B, H, N, D) tensor of strides (sb, sh, sn, 1): slot s is head[s]
     at rows[s] ([HP or 1, M])."""
@@ -172,6 +181,7 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
     hh = tl.arange(0, HP)
     lse = _load_rows(LSE, off_b, hh, rows[None, :], H, N)
     delta = tl.zeros([HP, BLOCK_M], tl.float32)
+    psum = tl.zeros([HP, BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):  # pass 1: delta = rowsum(dP * P) per head
         cols = start + tl.arange(0, BLOCK_N)
         p = _probs(_mixed_logits(Q, K, WL, off_b, rows, cols, sqb, sqh, sqn, skb, skh, skn, H, N,
@@ -179,6 +189,8 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
         dp = _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H, N, D,
                            HP, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         delta += tl.sum(dp * p, axis=2)
+        psum += tl.sum(p, axis=2)
+    delta = _normalised(delta, psum)
     _store_rows(DELTA, delta, off_b, hh, rows[None, :], H, N)
     dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     dwl = tl.zeros([HP, HP], tl.float32)
@@ -258,10 +270,11 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
 # block-diagonal weight (see _tiles_tc). Instructions a thread issues per real (g, i, j) score,
 # bf16, D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), fwd / bwd:
 #   heads                  2          4          6          8          16
-#   CUDA cores          82 / 244  101 / 365  212 / 866  208 / 882  577 / 2104
-#   tensor cores        54 / 150   54 / 150   72 / 199   54 / 149   54 / 146
+#   CUDA cores          82 / 255  101 / 376  212 / 880  208 / 893  577 / 2115
+#   tensor cores        44 / 137   44 / 139   59 / 182   44 / 137   44 / 138
 # (Before the row blocks shared the 16 slots, the tensor-core kernels padded 4 heads to 16: 217 /
-# 583, and 8 heads: 109 / 292.) So tensor cores run by default at every head count
+# 583, and 8 heads: 109 / 292; streamed pointers and masks on the last tile only took 54 / 150 to
+# 44 / 138.) So tensor cores run by default at every head count
 # (TENSOR_CORE_MIXING True); False forces the CUDA-core kernels, the only family timed on a GPU
 # so far. From H=4 to H=8 (2x the scores) the CUDA-core kernels' H200 times grew 2.8x (fwd) and
 # 3.0x (bwd), where these counts predict 4.1x and 4.8x: issue is not the whole cost, but the
@@ -298,14 +311,28 @@ def _span(start, group, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constexpr):
-    """[HP, M, BLOCK_D] tile of one batch, slot s holding head[s] at rows[s] ([HP or 1, M]);
-    zero past H, n_rows and D."""
+def _slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D: tl.constexpr):
+    """Pointers of a [HP, M, BLOCK_D] tile of one batch, slot s holding head[s] at rows[s]
+    ([HP or 1, M]). A loop streaming a tensor computes them once and adds one step per tile:
+    recomputing them cost 64-bit multiplies per row (these loops are bound by instruction issue)."""
     d = tl.arange(0, BLOCK_D)
-    ptrs = (PTR + off_b * sb + head.to(tl.int64)[:, None, None] * sh
+    return (PTR + off_b * sb + head.to(tl.int64)[:, None, None] * sh
             + rows.to(tl.int64)[:, :, None] * sn + d[None, None, :])
+
+
+@triton.jit
+def _slot_load(ptrs, head, rows, H, n_rows, D, BLOCK_D: tl.constexpr):
+    """The tile at ptrs (_slot_ptrs), zero past H, n_rows and D."""
+    d = tl.arange(0, BLOCK_D)
     mask = (head[:, None, None] < H) & (rows[:, :, None] < n_rows) & (d[None, None, :] < D)
     return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constexpr):
+    """[HP, M, BLOCK_D] tile of one batch (slots as _slot_ptrs), zero past H, n_rows and D."""
+    return _slot_load(_slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D), head, rows, H,
+                      n_rows, D, BLOCK_D)
 
 
 @triton.jit
@@ -349,6 +376,13 @@ def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRE
     return s, _mix(wl, s, HP, M, N, PRECISION)
 
 
+# Padding in the loops below, without per-score masks where the zeros make them harmless (the
+# loops are issue-bound): rows past N and slots past H load zero q, k, v and dO, so their logits
+# are 0, their lse (loaded as 0) finite, their dP' and ds zero, and nothing of theirs is stored.
+# Keys past N need a mask only on the last key tile (in dk/dv: in the programs that own any): -inf
+# in the row statistics, and p = 0, not exp2(-lse), which overflows to inf for lse < -128 (inf
+# times a zero row of V, or a zero mixing weight, is NaN).
+
 @triton.jit
 def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, HG: tl.constexpr,
@@ -357,29 +391,38 @@ def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, s
     off_b = tl.program_id(1).to(tl.int64)
     head, group = _slots(HP, HG)
     rows = _span(tl.program_id(0) * (HP // HG) * BLOCK_M, group, BLOCK_M)
+    keys = tl.arange(0, BLOCK_N)[None, :]  # the same keys in every slot, from `start`
     wl = _weights(WL, H, head, group, False)
     ww = _weights(WW, H, head, group, False)
     bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
+    q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
     m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([HP, BLOCK_M], tl.float32)
+    kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
     for start in range(0, N, BLOCK_N):  # pass 1: row statistics of the mixed logits
-        cols = start + tl.arange(0, BLOCK_N)[None, :]  # the same keys in every slot
-        q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
-        k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
-        mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale
-        mixed = tl.where(cols[:, None, :] < N, mixed, float("-inf"))
-        m, l = _online_stats(m, l, mixed)
+        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D)
+        mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1]  # unscaled
+        if start + BLOCK_N > N:
+            mixed = tl.where(keys[:, None, :] < N - start, mixed, float("-inf"))
+        # the scale rides in the exponent's FFMA: max(x) * scale == max(x * scale), scale > 0
+        m_new = tl.maximum(m, tl.max(mixed, axis=2) * qk_scale)
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(mixed * qk_scale - m_new[:, :, None]), axis=2)
+        m = m_new
+        kp += BLOCK_N * skn
     lse = m + tl.log2(l)
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
+    kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
+    vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
     for start in range(0, N, BLOCK_N):  # pass 2: mixed probabilities times V
-        cols = start + tl.arange(0, BLOCK_N)[None, :]
-        q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
-        k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
-        mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale
-        p = _probs(mixed, lse, rows, cols, N)
+        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D)
+        p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
+        if start + BLOCK_N > N:
+            p = tl.where(keys[:, None, :] < N - start, p, 0.0)
         pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]  # P'
-        v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)  # zero past N
+        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D)
         acc += tl.dot(pm.to(v.dtype), v, input_precision=PRECISION)
+        kp += BLOCK_N * skn
+        vp += BLOCK_N * svn
     _store_heads(O, acc, off_b, head, rows, sob, soh, son, H, N, D, BLOCK_D)
     _store_rows(LSE, lse, off_b, head, rows, H, N)
 
@@ -394,6 +437,7 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     head, group = _slots(HP, HG)
     rows = _span(tl.program_id(0) * (HP // HG) * BLOCK_M, group, BLOCK_M)
+    keys = tl.arange(0, BLOCK_N)[None, :]
     wl = _weights(WL, H, head, group, False)
     wl_t = _weights(WL, H, head, group, True)
     ww_t = _weights(WW, H, head, group, True)
@@ -401,33 +445,46 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
     q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
     do = _heads(DO, head, rows, sdb, sdh, sdn, off_b, H, N, D, BLOCK_D)
     delta = tl.zeros([HP, BLOCK_M], tl.float32)
+    psum = tl.zeros([HP, BLOCK_M], tl.float32)
+    kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
+    vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
     for start in range(0, N, BLOCK_N):  # pass 1: delta = rowsum(dP * P) per head
-        cols = start + tl.arange(0, BLOCK_N)[None, :]
-        k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
-        v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)
-        p = _probs(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale, lse, rows, cols, N)
+        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D)
+        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D)
+        p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
+        if start + BLOCK_N > N:
+            p = tl.where(keys[:, None, :] < N - start, p, 0.0)
         dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)  # dP'
         delta += tl.sum(_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) * p, axis=2)
+        psum += tl.sum(p, axis=2)
+        kp += BLOCK_N * skn
+        vp += BLOCK_N * svn
+    delta = _normalised(delta, psum)
     _store_rows(DELTA, delta, off_b, head, rows, H, N)
     dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     dwl = tl.zeros([HP, HP], tl.float32)
     dww = tl.zeros([HP, HP], tl.float32)
     dbw = tl.zeros([HP], tl.float32)
+    kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
+    vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
     for start in range(0, N, BLOCK_N):  # pass 2: dq and the head-mixing weight grads
-        cols = start + tl.arange(0, BLOCK_N)[None, :]
-        k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
-        v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)
+        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D)
+        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D)
         s, mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)
-        p = _probs(mixed * qk_scale, lse, rows, cols, N)
+        p = tl.exp2(mixed * qk_scale - lse[:, :, None])
+        if start + BLOCK_N > N:
+            p = tl.where(keys[:, None, :] < N - start, p, 0.0)
         dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
         dww += _contract(dpm, p, HP, BLOCK_M, BLOCK_N, PRECISION)
         dbw += tl.sum(tl.sum(dpm, 2), 1)
         ds = p * (_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) - delta[:, :, None])
-        dwl += _contract(ds, s * scale, HP, BLOCK_M, BLOCK_N, PRECISION)
+        dwl += _contract(ds, s, HP, BLOCK_M, BLOCK_N, PRECISION)  # scaled once, below
         dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)  # grad of S[h]
         dq += tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
+        kp += BLOCK_N * skn
+        vp += BLOCK_N * svn
     _store_heads(DQ, dq * scale, off_b, head, rows, sgb, sgh, sgn, H, N, D, BLOCK_D)
-    _store_parts(PART, pid, _fold(dwl, group, HP, HG), _fold(dww, group, HP, HG),
+    _store_parts(PART, pid, _fold(dwl * scale, group, HP, HG), _fold(dww, group, HP, HG),
                  tl.sum(tl.reshape(dbw, [HP // HG, HG]), 0), HG)
 
 
@@ -436,10 +493,14 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
                     svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale,
                     HP: tl.constexpr, HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DK: tl.constexpr):
-    """One key tile per group, all heads, looping over the queries: dk when DK else dv."""
+    """One key tile per group, all heads, looping over the queries: dk when DK else dv. Queries
+    past N and slots past H load lse = +inf, so their p is exactly 0. Keys past N are masked in
+    the programs that have any (a uniform branch): their exp2(-lse) may be inf, and the
+    block-diagonal mixing would spread inf * 0 = NaN to every slot."""
     off_b = tl.program_id(1).to(tl.int64)
     head, group = _slots(HP, HG)
     cols = _span(tl.program_id(0) * (HP // HG) * BLOCK_N, group, BLOCK_N)
+    queries = tl.arange(0, BLOCK_M)[None, :]  # the same queries in every slot, from `start`
     wl = _weights(WL, H, head, group, False)
     k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
     if DK:
@@ -450,21 +511,30 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
         ww = _weights(WW, H, head, group, False)
         bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
     acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
+    qp = _slot_ptrs(Q, head, queries, sqb, sqh, sqn, off_b, BLOCK_D)
+    dop = _slot_ptrs(DO, head, queries, sdb, sdh, sdn, off_b, BLOCK_D)
+    stats = (off_b * H + head)[:, None] * N + queries  # offsets into LSE and DELTA
+    tail = (tl.program_id(0) + 1) * (HP // HG) * BLOCK_N > N
     for start in range(0, N, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)[None, :]  # the same queries in every slot
-        q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
-        do = _heads(DO, head, rows, sdb, sdh, sdn, off_b, H, N, D, BLOCK_D)  # zero past N
-        lse = _load_rows(LSE, off_b, head, rows, H, N)
-        p = _probs(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale, lse, rows, cols, N)
+        q = _slot_load(qp, head, queries, H, N - start, D, BLOCK_D)
+        do = _slot_load(dop, head, queries, H, N - start, D, BLOCK_D)
+        live = (head[:, None] < H) & (queries < N - start)
+        lse = tl.load(LSE + stats, mask=live, other=float("inf"))
+        p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
+        if tail:
+            p = tl.where(cols[:, None, :] < N, p, 0.0)
         if DK:
             dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
             dp = _mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION)
-            ds = p * (dp - _load_rows(DELTA, off_b, head, rows, H, N)[:, :, None])
+            ds = p * (dp - tl.load(DELTA + stats, mask=live, other=0.0)[:, :, None])
             dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)
             acc += tl.dot(tl.permute(dsh, (0, 2, 1)).to(q.dtype), q, input_precision=PRECISION)
         else:
             pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]
             acc += tl.dot(tl.permute(pm, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)
+        qp += BLOCK_M * sqn
+        dop += BLOCK_M * sdn
+        stats += BLOCK_M
     if DK:
         acc = acc * scale
     _store_heads(DKV, acc, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D)
