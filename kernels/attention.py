@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
+
 FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 BWD_KV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)   # key tile owns dk, dv
 BWD_Q = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)    # query tile owns dq
@@ -46,7 +48,7 @@ def _blocks(D: int, split: bool):
     """(BLOCK_D, BLOCK_D2) covering head dim D: one power-of-two block, masked past D, or with
     `split` the largest power of two below D plus the rest where that is a power of two >= 16
     (tl.dot's smallest K): 48 = 32 + 16, 80 = 64 + 16, 96 = 64 + 32."""
-    whole = triton.next_power_of_2(D)
+    whole = next_pow2(D)
     rest = D - whole // 2
     if split and whole != D and rest >= 16 and rest & (rest - 1) == 0:
         return whole // 2, rest
@@ -305,7 +307,7 @@ def forward(q, k, v, scale, split=None):
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     blocks = _blocks(D, SPLIT_HEAD_DIM if split is None else split)
     cfg = _config(FWD, blocks)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+    grid = (cdiv(N, cfg["BLOCK_M"]), B * H)
     _attn_fwd[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                     H, N, D, scale, BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype),
                     **cfg)
@@ -323,10 +325,10 @@ def backward(do, q, k, v, o, lse, scale, split=None, out=None):
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     qkv, grads = (*_strides(q), *_strides(k), *_strides(v)), (*_strides(do), *_strides(dq))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
-    _attn_bwd_dq[(triton.cdiv(N, BWD_Q["BLOCK_M"]), B * H)](  # first: it writes delta
+    _attn_bwd_dq[(cdiv(N, BWD_Q["BLOCK_M"]), B * H)](  # first: it writes delta
         q, k, v, o, do, lse, delta, dq, *qkv, *_strides(o), *grads, H, N, D, scale, **consts,
         **_config(BWD_Q, blocks))
-    _attn_bwd_dkdv[(triton.cdiv(N, BWD_KV["BLOCK_N"]), B * H)](
+    _attn_bwd_dkdv[(cdiv(N, BWD_KV["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, *qkv, *grads, H, N, D, scale, **consts,
         **_config(BWD_KV, blocks))
     return dq, dk, dv

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
+
 HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # Elements per K (and V) tile: 4096 = 32 per thread at 4 warps, 8 KB of bf16 per tensor in flight
 # (BLOCK_N = 128/64/32 keys at D <= 32/64/128). sm_90 AOT: 80-96 registers, no spills. The
@@ -192,10 +194,10 @@ def split_plan(bh: int, n: int, block_n: int, device: torch.device):
     """(splits, chunk): split the N keys into `splits` chunks of `chunk` keys (a multiple of
     block_n, every chunk non-empty) so that bh x splits programs come close to the target (but do
     not pass it: a second partial wave costs more than it hides)."""
-    tiles = triton.cdiv(n, block_n)
+    tiles = cdiv(n, block_n)
     want = max(1, min(tiles, MAX_SPLITS, _target_programs(device) // max(bh, 1)))
-    tiles_per = triton.cdiv(tiles, want)
-    return triton.cdiv(tiles, tiles_per), tiles_per * block_n
+    tiles_per = cdiv(tiles, want)
+    return cdiv(tiles, tiles_per), tiles_per * block_n
 
 
 def _grad_layout(t: torch.Tensor) -> torch.Tensor:
@@ -212,7 +214,7 @@ def forward(q, k, v, scale: float):
     """q (B, H, 1, D); k, v (B, H, N, D), any strides -> (out (B, H, 1, D) in q's dtype,
     lse (B, H) fp32 in log2 units)."""
     B, H, N, D = k.shape
-    BH, block_d = B * H, triton.next_power_of_2(D)
+    BH, block_d = B * H, next_pow2(D)
     block_n = _block_n(block_d, FWD_TILE)
     out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H), dtype=torch.float32, device=q.device)
@@ -240,7 +242,7 @@ def forward(q, k, v, scale: float):
 def backward(do, q, k, v, o, lse, scale: float):
     """-> (dq, dk, dv) in the inputs' dtype; dk, dv share one layout (see _grad_layout)."""
     B, H, N, D = k.shape
-    BH, block_d = B * H, triton.next_power_of_2(D)
+    BH, block_d = B * H, next_pow2(D)
     block_n = _block_n(block_d, BWD_TILE)
     dq = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     dk, dv = _grad_layout(k), _grad_layout(k)
@@ -284,7 +286,7 @@ def aot_configs(dtype: str):
         return dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=NUM_WARPS,
                     aligned=("D", "chunk") + strides, matmul=False)
 
-    for block_d in sorted({triton.next_power_of_2(d) for d in HEAD_DIMS}):
+    for block_d in sorted({next_pow2(d) for d in HEAD_DIMS}):
         for split in (False, True):
             yield variant(_ca_fwd, SPLIT=split, BLOCK_N=_block_n(block_d, FWD_TILE), BLOCK_D=block_d)
             yield variant(_ca_bwd, SPLIT=split, BLOCK_N=_block_n(block_d, BWD_TILE), BLOCK_D=block_d)

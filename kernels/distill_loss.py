@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import next_pow2
+
 MAX_BLOCK_C = 4096  # widest row held in registers (8 warps: 16 fp32 per thread per tensor)
 CHUNK_C = 2048  # chunk width of the two-sweep path for wider rows
 NONE, HARD, SOFT = 0, 1, 2
@@ -209,7 +211,7 @@ def _distill_loss_fwd(S, D, T, Y, Q, ROW, COMP, DS, DD, C, s_stride, d_stride, t
 def tile(C: int):
     """(BLOCK_C, ONE_CHUNK, num_warps) for rows of C classes."""
     if C <= MAX_BLOCK_C:
-        block = max(16, triton.next_power_of_2(C))
+        block = max(16, next_pow2(C))
         return block, True, min(8, max(1, block // 256))
     return CHUNK_C, False, 8
 

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
+
 BLOCK_R, BLOCK_C, NUM_WARPS = 16, 256, 8  # 4096-element tiles, 16 per thread; 256 columns = 512 B of bf16
 BWD_PROGRAMS = 1024  # row strips in the backward: enough to fill 132 SMs a few times over
 
@@ -75,7 +77,7 @@ def forward(x, y, gamma, scale, out_dtype):
     x3, y3 = _rows(x), _rows(y)
     B, N, C = x3.shape
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    grid = (triton.cdiv(B * N, BLOCK_R), triton.cdiv(C, BLOCK_C))
+    grid = (cdiv(B * N, BLOCK_R), cdiv(C, BLOCK_C))
     _layerscale_fwd[grid](x3, y3, gamma, scale, out, B * N, N, C, x3.stride(0), x3.stride(1),
                           y3.stride(0), y3.stride(1), HAS_GAMMA=gamma is not None,
                           HAS_DROP=scale is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
@@ -88,12 +90,12 @@ def backward(dout, y, gamma, scale):
     d3, y3 = _rows(dout), _rows(y)
     B, N, C = d3.shape
     rows = B * N
-    rows_per_prog = triton.cdiv(triton.cdiv(rows, BWD_PROGRAMS), BLOCK_R) * BLOCK_R
-    programs = triton.cdiv(rows, rows_per_prog)
+    rows_per_prog = cdiv(cdiv(rows, BWD_PROGRAMS), BLOCK_R) * BLOCK_R
+    programs = cdiv(rows, rows_per_prog)
     dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     partial = (torch.empty((programs, C), dtype=torch.float32, device=y.device)
                if gamma is not None else None)
-    _layerscale_bwd[(programs, triton.cdiv(C, BLOCK_C))](
+    _layerscale_bwd[(programs, cdiv(C, BLOCK_C))](
         d3, y3, gamma, scale, dy, partial, rows, N, C, d3.stride(0), d3.stride(1),
         y3.stride(0), y3.stride(1), rows_per_prog, HAS_GAMMA=gamma is not None,
         HAS_DROP=scale is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
@@ -195,7 +197,7 @@ def _ln_tile(C: int, tile: int):
     """(BLOCK_R, BLOCK_C, num_warps) for whole rows of C. The backward tile is half the forward's:
     it keeps three fp32 column-sum tiles live, and at 4096 elements it needed 150-255 registers
     per thread at sm_90, i.e. one resident block per SM."""
-    block_c = triton.next_power_of_2(C)
+    block_c = next_pow2(C)
     return max(1, tile // block_c), block_c, max(8, block_c // 256)
 
 
@@ -209,7 +211,7 @@ def residual_layernorm_forward(x, y, gamma, scale, weight, bias, eps, out_dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device) if y is not None else None
     normed = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean, rstd = (torch.empty(B * N, dtype=torch.float32, device=x.device) for _ in range(2))
-    _residual_ln_fwd[(triton.cdiv(B * N, block_r),)](
+    _residual_ln_fwd[(cdiv(B * N, block_r),)](
         x3, y3, gamma, scale, weight, bias, out, normed, mean, rstd, B * N, N, C, x3.stride(0),
         x3.stride(1), y3.stride(0), y3.stride(1), eps, HAS_RESIDUAL=y is not None,
         HAS_GAMMA=gamma is not None, HAS_DROP=scale is not None, BLOCK_R=block_r,
@@ -227,8 +229,8 @@ def residual_layernorm_backward(dout, dnormed, out, y, gamma, scale, weight, mea
     B, N, C = n3.shape
     rows = B * N
     block_r, block_c, warps = _ln_tile(C, LN_BWD_TILE)
-    rows_per_prog = triton.cdiv(triton.cdiv(rows, BWD_PROGRAMS), block_r) * block_r
-    programs = triton.cdiv(rows, rows_per_prog)
+    rows_per_prog = cdiv(cdiv(rows, BWD_PROGRAMS), block_r) * block_r
+    programs = cdiv(rows, rows_per_prog)
     dx = torch.empty(src.shape, dtype=x_dtype, device=src.device)
     dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if y is not None else None
     partial = torch.empty((3, programs, C), dtype=torch.float32, device=src.device)

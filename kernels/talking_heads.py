@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
 from .attention import _precision, _strides, _tile, _unit_last, token_major_empty
 
 LOG2E = 1.4426950408889634
@@ -34,7 +35,7 @@ def _tiles(heads: int):
     1.7 KB per thread in the backward (HP 8, BLOCK_D 64: CaiT-S); at 8 it spills nothing but 32
     bytes in one forward variant (HP 16, BLOCK_D 64), nor does 3.8. Triton's default 3 stages
     (at most 25 KB of shared memory)."""
-    hp = max(2, triton.next_power_of_2(heads))
+    hp = max(2, next_pow2(heads))
     block_m = 32 if hp <= 4 else 16
     return dict(HP=hp, BLOCK_M=block_m, BLOCK_N=max(16, min(32, 4096 // (hp * block_m))),
                 num_warps=8, num_stages=3)
@@ -293,7 +294,7 @@ def _tiles_tc(heads: int):
     thread under triton 3.6 (the GPU machine's) at sm_90; at 8, no stack. 2 stages: at Triton's
     default 3 the dq kernel at BLOCK_D 64 (CaiT's head dim 48) wanted 243 KB of shared memory,
     past the 227 KB an sm_90 block may have (it would fail to launch); at 2, 179 KB."""
-    return dict(HP=16, HG=max(1, triton.next_power_of_2(heads)), BLOCK_M=16, BLOCK_N=16,
+    return dict(HP=16, HG=max(1, next_pow2(heads)), BLOCK_M=16, BLOCK_N=16,
                 num_warps=8, num_stages=2)
 
 
@@ -557,9 +558,9 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     (fwd, _, _), tiles = _family(H, tc)
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    fwd[(triton.cdiv(N, tiles["BLOCK_M"] * _groups(tiles)), B)](
+    fwd[(cdiv(N, tiles["BLOCK_M"] * _groups(tiles)), B)](
         q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, N, D, scale * LOG2E, BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype),
+        H, N, D, scale * LOG2E, BLOCK_D=next_pow2(D), PRECISION=_precision(q.dtype),
         **tiles)
     return o, lse
 
@@ -570,16 +571,16 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
     (_, dq_kernel, dkdv_kernel), tiles = _family(H, tc)
-    meta = dict(tiles, BLOCK_D=triton.next_power_of_2(D), PRECISION=_precision(q.dtype))
+    meta = dict(tiles, BLOCK_D=next_pow2(D), PRECISION=_precision(q.dtype))
     hg = tiles.get("HG", tiles["HP"])  # the weight grads' partial sums are [hg, hg]
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), H, N, D,
             scale * LOG2E, scale)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    q_tiles = triton.cdiv(N, tiles["BLOCK_M"] * _groups(tiles))
+    q_tiles = cdiv(N, tiles["BLOCK_M"] * _groups(tiles))
     part = torch.empty((q_tiles * B, 3, hg, hg), dtype=torch.float32, device=q.device)
     dq_kernel[(q_tiles, B)](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, q_tiles, **meta)
-    k_tiles = triton.cdiv(N, tiles["BLOCK_N"] * _groups(tiles))
+    k_tiles = cdiv(N, tiles["BLOCK_N"] * _groups(tiles))
     for dst, is_dk in ((dk, True), (dv, False)):
         dkdv_kernel[(k_tiles, B)](q, k, v, do, w_l, w_w, b_w, lse, delta, dst, *args, DK=is_dk, **meta)
     sums = part.sum(0)  # fixed-order sum over programs: deterministic
