@@ -128,8 +128,9 @@ for op in "${order[@]}"; do
   jsonl+=("$work/$op.jsonl")
 done
 
-# Opt-in (GPU_CHECK_PARTS=tune, alone; up to 7 minutes): the tile-config sweep of the attention
-# and class-attention kernels (bench/tune.py), self-attention's forward first; its table is in
+# Opt-in (GPU_CHECK_PARTS=tune, alone; up to 7 minutes): the tile-config sweep of the attention,
+# talking-heads and class-attention kernels (bench/tune.py), self-attention's forward and the
+# talking-heads tensor-core tiles first; its table is in
 # the log and in tune.md beside the results.
 if want tune; then
   cap=$(budget 420)

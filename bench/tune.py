@@ -10,6 +10,9 @@ A tunable is a set of module constants of one kernel file that its host code rea
     SASS instruction counts, not timed (2026-11-26): this times them.
   - class_attention.fwd, class_attention.bwd (kernels/class_attention.py): the tile size, warps
     and programs per SM that set the key-axis split, 18 candidates each.
+  - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
+    tensor-core kernels' row tiles, warps and pipeline stages, 7 candidates each (the shipped
+    ones were chosen from SASS counts, registers and shared memory, never timed).
 For each candidate it sets the constants, checks the outputs against an fp32 reference (error at
 most twice the shipped config's plus a floor, the FlashAttention rule of tests/ops), times the
 kernel module's own forward or backward (the backward times all its kernels, so a candidate of
@@ -40,8 +43,10 @@ import torch
 from bench import common  # first: turns the interpreter on when there is no GPU
 from bench.ops import attention as attention_bench
 from bench.ops import class_attention as class_attention_bench
+from bench.ops import talking_heads as talking_heads_bench
 from deit_fast.kernels import attention as attention_kernels
 from deit_fast.kernels import class_attention as class_attention_kernels
+from deit_fast.kernels import talking_heads as talking_heads_kernels
 from deit_fast.ops import reference
 
 TOLERANCE_FLOOR = 1e-3
@@ -61,9 +66,30 @@ class Op:
     def forward(self, q, k, v, do, scale):
         return self.module.forward(q, k, v, scale)
 
+    def backward(self, inputs, o, lse, scale):
+        q, k, v, do = inputs
+        return self.module.backward(do, q, k, v, o, lse, scale)
+
     def reference(self, q, k, v, do, scale):
         leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
         o = self.reference_fn(*leaves, scale)
+        return (o.detach(), *torch.autograd.grad(o, leaves, do.float()))
+
+
+class TalkingHeadsOp(Op):
+    """Inputs (q, k, v, do, w_l, b_l, w_w, b_w): the fp32 head-mixing weights after dO. The
+    kernels ignore b_l (its grad is zero), so the reference's grads leave it out too."""
+
+    def forward(self, q, k, v, do, w_l, b_l, w_w, b_w, scale):
+        return self.module.forward(q, k, v, w_l, w_w, b_w, scale)
+
+    def backward(self, inputs, o, lse, scale):
+        q, k, v, do, w_l, _, w_w, b_w = inputs
+        return self.module.backward(do, q, k, v, w_l, w_w, b_w, lse, scale)
+
+    def reference(self, q, k, v, do, w_l, b_l, w_w, b_w, scale):
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v, w_l, w_w, b_w)]
+        o = self.reference_fn(*leaves[:4], b_l, *leaves[4:], scale)
         return (o.detach(), *torch.autograd.grad(o, leaves, do.float()))
 
 
@@ -89,12 +115,25 @@ def _class_attention_inputs(shape, dtype, device):
     return q, k, v, torch.randn(B, H, 1, D, generator=g).to(device=device, dtype=dtype)
 
 
+def _talking_heads_inputs(shape, dtype, device):
+    """q, k, v views of one (B, N, 3, H, D) projection, dO, and CaiT-like fp32 mixing weights."""
+    B, H, N, D = shape
+    q, k, v, do = _attention_inputs(shape, dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    w = [torch.randn(*s, generator=g) * f for s, f in (((H, H), H ** -0.5), ((H,), 1.0),
+                                                       ((H, H), H ** -0.5), ((H,), 0.1))]
+    return (q, k, v, do, *(t.to(device) for t in w))
+
+
 OPS = {
     "attention": Op(attention_kernels, attention_bench.SHAPES, ("deit_small_224", "d48_h8_n197"),
                     _attention_inputs, reference.attention, (1, 2, 9, 48)),
     "class_attention": Op(class_attention_kernels, class_attention_bench.SHAPES,
                           ("cait_s_224", "cait_xxs_224"), _class_attention_inputs,
                           reference.class_attention, (1, 2, 9, 48)),
+    "talking_heads": TalkingHeadsOp(talking_heads_kernels, talking_heads_bench.SHAPES,
+                                    ("cait_s_224", "cait_xxs_224"), _talking_heads_inputs,
+                                    reference.talking_heads_attention, (1, 8, 9, 48)),
 }
 
 
@@ -109,6 +148,14 @@ def _attention_grid(kernel: str) -> List[dict]:
 def _class_attention_grid(tile: str) -> List[dict]:
     return [{tile: t, "NUM_WARPS": w, "PROGRAMS_PER_SM": p}
             for t in (2048, 4096, 8192) for w in (4, 8) for p in (2, 4, 8)]
+
+
+def _talking_heads_grid() -> List[dict]:
+    """Around the shipped tiles: one change at a time (each candidate compiles three kernels)."""
+    shipped = talking_heads_kernels.TC_TILES
+    changes = [dict(num_stages=1), dict(num_stages=3), dict(num_warps=4), dict(BLOCK_M=32),
+               dict(BLOCK_N=32), dict(BLOCK_M=32, num_stages=1)]
+    return [{"TC_TILES": dict(shipped, **c)} for c in changes]
 
 
 @dataclasses.dataclass
@@ -131,8 +178,10 @@ class Tunable:
         return cands
 
 
-TUNABLES = {
+TUNABLES = {  # in the order a time-capped run reaches them: the least measured first
     "attention.FWD": Tunable("attention", "fwd", _attention_grid("FWD"), split=True),
+    "talking_heads.tc_fwd": Tunable("talking_heads", "fwd", _talking_heads_grid()),
+    "talking_heads.tc_bwd": Tunable("talking_heads", "bwd", _talking_heads_grid()),
     "attention.BWD_Q": Tunable("attention", "bwd", _attention_grid("BWD_Q"), split=True),
     "attention.BWD_KV": Tunable("attention", "bwd", _attention_grid("BWD_KV"), split=True),
     "class_attention.fwd": Tunable("class_attention", "fwd", _class_attention_grid("FWD_TILE")),
@@ -157,8 +206,7 @@ def measure(tunable: Tunable, candidate: dict, inputs: tuple, want: tuple, scale
             call, want = (lambda: op.forward(*inputs, scale)[0]), want[:1]
         else:
             o, lse = op.forward(*inputs, scale)
-            q, k, v, do = inputs
-            call, want = (lambda: op.module.backward(do, q, k, v, o, lse, scale)), want[1:]
+            call, want = (lambda: op.backward(inputs, o, lse, scale)), want[1:]
         got = call()
         row["error"] = _error(got if isinstance(got, tuple) else (got,), want)
         if shipped_error is not None and row["error"] > 2 * shipped_error + TOLERANCE_FLOOR:

@@ -282,6 +282,9 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
 # counts ordered the two shapes as the clock did. bench.ops.talking_heads times both families
 # (impls triton: CUDA cores, triton_tc: tensor cores).
 TENSOR_CORE_MIXING = True
+# The tensor-core kernels' row tiles and launch options (bench.tune's talking_heads.tc times
+# others); see _tiles_tc for why 8 warps and 2 stages.
+TC_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
 
 
 def _tiles_tc(heads: int):
@@ -294,8 +297,7 @@ def _tiles_tc(heads: int):
     thread under triton 3.6 (the GPU machine's) at sm_90; at 8, no stack. 2 stages: at Triton's
     default 3 the dq kernel at BLOCK_D 64 (CaiT's head dim 48) wanted 243 KB of shared memory,
     past the 227 KB an sm_90 block may have (it would fail to launch); at 2, 179 KB."""
-    return dict(HP=16, HG=max(1, next_pow2(heads)), BLOCK_M=16, BLOCK_N=16,
-                num_warps=8, num_stages=2)
+    return dict(HP=16, HG=next_pow2(heads), **TC_TILES)
 
 
 @triton.jit
