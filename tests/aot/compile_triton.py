@@ -94,7 +94,8 @@ def main(module_name: str) -> None:
     for dtype in ("fp16", "bf16"):
         for cfg in module.aot_configs(dtype):
             kernel, compiled = cfg["kernel"], compile_variant(cfg)
-            row = {"kernel": kernel.__name__, "dtype": dtype, "num_warps": cfg["num_warps"],
+            row = {"kernel": kernel.__name__, "triton": triton.__version__, "dtype": dtype,
+                   "num_warps": cfg["num_warps"],
                    "constexprs": cfg["constexprs"], "aligned": bool(cfg["aligned"]),
                    "matmul": cfg["matmul"], "wgmma": "wgmma" in compiled.asm["ptx"]}
             row.update(resource_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared,

@@ -3,6 +3,7 @@ configs, with no register spills, and matmul kernels use wgmma. No GPU needed: p
 cuobjdump ship inside triton."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +13,46 @@ import pytest
 pytestmark = pytest.mark.aot
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ["layerscale", "attention", "talking_heads", "distill_loss", "class_attention"]
+# The GPU machine's triton (bench/results/2026-11-26-nvidia-h200*.md) allocates registers and
+# shared memory differently from the one installed here: 3.6 spilled the 4-warp talking-heads
+# backward where 3.8 did not, and only the GPU showed it. So the matmul kernels, where registers
+# are tight, also compile with 3.6, from a pip --target copy made once per machine (~1 min,
+# from the package registry, as the install itself).
+GPU_MACHINE_TRITON = "3.6.0"
+GPU_MACHINE_MODULES = ["attention", "talking_heads"]
 
 
-@pytest.fixture(scope="module", params=MODULES)
+def gpu_machine_triton() -> Path:
+    """A directory holding triton==GPU_MACHINE_TRITON, to put first on PYTHONPATH."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deit_fast"
+    target = cache / f"triton-{GPU_MACHINE_TRITON}"
+    if not (target / "triton").is_dir():
+        staging = cache / f"triton-{GPU_MACHINE_TRITON}.{os.getpid()}"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                        str(staging), f"triton=={GPU_MACHINE_TRITON}"], check=True, timeout=900)
+        try:
+            staging.rename(target)  # atomic: a half-written copy is never taken for a whole one
+        except OSError:  # another process made it first
+            shutil.rmtree(staging)
+    return target
+
+
+@pytest.fixture(scope="module", ids=lambda p: p[0] + (f"-triton{p[1]}" if p[1] else ""),
+                params=[(m, None) for m in MODULES] + [(m, GPU_MACHINE_TRITON) for m in GPU_MACHINE_MODULES])
 def compiled(request):
+    module, version = request.param
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    paths = [str(ROOT), env.get("PYTHONPATH", "")]
+    if version:
+        paths.insert(0, str(gpu_machine_triton()))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_triton.py")),
-                           request.param], env=env, capture_output=True, text=True, timeout=600)
+                           module], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    if version:  # the copy, not the installed triton, compiled them
+        assert {row["triton"] for row in rows} == {version}
+    return rows
 
 
 def test_every_variant_compiles_in_fp16_and_bf16(compiled):
