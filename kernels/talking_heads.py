@@ -294,9 +294,10 @@ def _tiles_tc(heads: int):
     (BLOCK_N key rows in dk/dv). So at 8 heads two row blocks fill the 16 slots where they used to
     be half padding, and at 4 heads four do; the mixing weights are block-diagonal (one H x H block
     per group). 8 warps: at 4, the [16, 16, 64] fp32 accumulators took 544-808 stack bytes per
-    thread under triton 3.6 (the GPU machine's) at sm_90; at 8, no stack. 2 stages: at Triton's
-    default 3 the dq kernel at BLOCK_D 64 (CaiT's head dim 48) wanted 243 KB of shared memory,
-    past the 227 KB an sm_90 block may have (it would fail to launch); at 2, 179 KB."""
+    thread under triton 3.6 (the GPU machine's) at sm_90; at 8, at most 32 bytes (no spill
+    stores). 2 stages: at Triton's default 3 the dq kernel at BLOCK_D 64 (CaiT's head dim 48)
+    wanted 243 KB of shared memory, past the 227 KB an sm_90 block may have (it would fail to
+    launch); at 2, 195 KB."""
     return dict(HP=16, HG=next_pow2(heads), **TC_TILES)
 
 
