@@ -17,6 +17,9 @@ normalised, mixed probabilities times V. The backward recomputes everything from
 one kernel per query tile computes delta = rowsum(dP * P) (a first pass), then dq and the
 weight grads (per-program partial sums, no atomics); two kernels per key tile compute dv and dk.
 """
+import itertools
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -41,9 +44,17 @@ def _tiles(heads: int):
                 num_warps=8, num_stages=3)
 
 
-def _groups(tiles) -> int:
-    """Row blocks per program: HP // HG for the tensor-core kernels, else 1."""
-    return tiles["HP"] // tiles.get("HG", tiles["HP"])
+def _grid(tiles, B: int, N: int, block: str):
+    """(grid, the args before H, constexprs) of a launch over blocks of tiles[block] rows: the
+    tensor-core kernels take B and HP // HG blocks a program (_blocks), straddling batch
+    elements where that leaves fewer than 1 in 8 of the blocks dead; the CUDA-core ones run a
+    program per block and batch element."""
+    if "HG" not in tiles:
+        return (cdiv(N, tiles[block]), B), (), {}
+    groups, blocks = tiles["HP"] // tiles["HG"], cdiv(N, tiles[block])
+    straddle = 8 * (cdiv(blocks, groups) * groups - blocks) > blocks
+    programs = cdiv(B * blocks, groups) if straddle else B * cdiv(blocks, groups)
+    return (programs,), (B,), {"STRADDLE": straddle}
 
 
 @triton.jit
@@ -112,9 +123,9 @@ def _normalised(delta, psum):
 @triton.jit
 def _store_heads(PTR, value, off_b, head, rows, sb, sh, sn, H, N, D, BLOCK_D: tl.constexpr):
     """[HP, M, BLOCK_D] into a (B, H, N, D) tensor of strides (sb, sh, sn, 1): slot s is head[s]
-    at rows[s] ([HP or 1, M])."""
+    at rows[s] ([HP or 1, M]) of batch off_b (a scalar, or [HP] per slot)."""
     d = tl.arange(0, BLOCK_D)
-    ptrs = (PTR + off_b * sb + head.to(tl.int64)[:, None, None] * sh
+    ptrs = (PTR + (off_b * sb + head.to(tl.int64) * sh)[:, None, None]
             + rows.to(tl.int64)[:, :, None] * sn + d[None, None, :])
     mask = (head[:, None, None] < H) & (rows[:, :, None] < N) & (d[None, None, :] < D)
     tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=mask)
@@ -172,7 +183,7 @@ def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh,
 
 @triton.jit
 def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, skh, skn,
-               svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, programs,
+               svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale,
                HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # PART: (programs_total, 3, HP, HP) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
@@ -272,10 +283,11 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
 # bf16, D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), fwd / bwd:
 #   heads                  2          4          6          8          16
 #   CUDA cores          82 / 255  101 / 376  212 / 880  208 / 893  577 / 2115
-#   tensor cores        44 / 137   44 / 139   59 / 182   44 / 137   44 / 138
+#   tensor cores        45 / 137   45 / 136   60 / 183   45 / 137   45 / 138
 # (Before the row blocks shared the 16 slots, the tensor-core kernels padded 4 heads to 16: 217 /
 # 583, and 8 heads: 109 / 292; streamed pointers and masks on the last tile only took 54 / 150 to
-# 44 / 138.) So tensor cores run by default at every head count
+# 44 / 138. Programs that straddle batch elements (_blocks) cost ~2 more.) So tensor cores run
+# by default at every head count
 # (TENSOR_CORE_MIXING True); False forces the CUDA-core kernels, the only family timed on a GPU
 # so far. From H=4 to H=8 (2x the scores) the CUDA-core kernels' H200 times grew 2.8x (fwd) and
 # 3.0x (bwd), where these counts predict 4.1x and 4.8x: issue is not the whole cost, but the
@@ -309,18 +321,36 @@ def _slots(HP: tl.constexpr, HG: tl.constexpr):
 
 
 @triton.jit
-def _span(start, group, BLOCK: tl.constexpr):
-    """[HP, BLOCK] rows of each slot: group g owns rows start + g * BLOCK + (0 .. BLOCK-1)."""
-    return start + group[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+def _blocks(B, N, group, HP: tl.constexpr, HG: tl.constexpr, BLOCK: tl.constexpr,
+            STRADDLE: tl.constexpr):
+    """(batch, rows [HP, BLOCK]) of each slot: a program's HP // HG groups take consecutive
+    blocks of BLOCK rows. Without STRADDLE they are blocks of one batch element (a scalar batch),
+    and a batch's last program has dead groups where HP // HG does not divide its cdiv(N, BLOCK)
+    blocks: 196 rows at 4 heads are 13 blocks in 4 programs of 4, 256 rows computed. With
+    STRADDLE the B * cdiv(N, BLOCK) blocks of all batch elements are dealt in order, so a
+    program's groups may belong to two batch elements (the batch is then [HP], per slot, which
+    costs the loops ~4 % more SASS: _grid picks it only where it saves more) and only the last
+    program has dead groups. Dead groups' rows start at N: masked everywhere."""
+    nb = tl.cdiv(N, BLOCK)
+    if STRADDLE:
+        idx = tl.program_id(0) * (HP // HG) + group
+        live = idx < B * nb
+        start = tl.where(live, (idx % nb) * BLOCK, N)
+        batch = tl.where(live, idx // nb, 0).to(tl.int64)
+    else:
+        per = tl.cdiv(nb, HP // HG)  # programs per batch element
+        batch = (tl.program_id(0) // per).to(tl.int64)
+        start = ((tl.program_id(0) % per) * (HP // HG) + group) * BLOCK
+    return batch, start[:, None] + tl.arange(0, BLOCK)[None, :]
 
 
 @triton.jit
 def _slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D: tl.constexpr):
-    """Pointers of a [HP, M, BLOCK_D] tile of one batch, slot s holding head[s] at rows[s]
-    ([HP or 1, M]). A loop streaming a tensor computes them once and adds one step per tile:
+    """Pointers of a [HP, M, BLOCK_D] tile, slot s holding head[s] at rows[s] ([HP or 1, M]) of
+    batch off_b[s]. A loop streaming a tensor computes them once and adds one step per tile:
     recomputing them cost 64-bit multiplies per row (these loops are bound by instruction issue)."""
     d = tl.arange(0, BLOCK_D)
-    return (PTR + off_b * sb + head.to(tl.int64)[:, None, None] * sh
+    return (PTR + (off_b * sb + head.to(tl.int64) * sh)[:, None, None]
             + rows.to(tl.int64)[:, :, None] * sn + d[None, None, :])
 
 
@@ -334,7 +364,7 @@ def _slot_load(ptrs, head, rows, H, n_rows, D, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constexpr):
-    """[HP, M, BLOCK_D] tile of one batch (slots as _slot_ptrs), zero past H, n_rows and D."""
+    """[HP, M, BLOCK_D] tile (slots as _slot_ptrs), zero past H, n_rows and D."""
     return _slot_load(_slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D), head, rows, H,
                       n_rows, D, BLOCK_D)
 
@@ -389,12 +419,11 @@ def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRE
 
 @triton.jit
 def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-               sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, HG: tl.constexpr,
+               sob, soh, son, B, H, N, D, qk_scale, HP: tl.constexpr, HG: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               PRECISION: tl.constexpr):
-    off_b = tl.program_id(1).to(tl.int64)
+               PRECISION: tl.constexpr, STRADDLE: tl.constexpr):
     head, group = _slots(HP, HG)
-    rows = _span(tl.program_id(0) * (HP // HG) * BLOCK_M, group, BLOCK_M)
+    off_b, rows = _blocks(B, N, group, HP, HG, BLOCK_M, STRADDLE)
     keys = tl.arange(0, BLOCK_N)[None, :]  # the same keys in every slot, from `start`
     wl = _weights(WL, H, head, group, False)
     ww = _weights(WW, H, head, group, False)
@@ -433,14 +462,13 @@ def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, s
 
 @triton.jit
 def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, skh, skn,
-                  svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, programs,
+                  svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, B, H, N, D, qk_scale, scale,
                   HP: tl.constexpr, HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    # PART: (programs_total, 3, HG, HG) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
-    off_b = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, STRADDLE: tl.constexpr):
+    # PART: (programs, 3, HG, HG) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
+    pid = tl.program_id(0)
     head, group = _slots(HP, HG)
-    rows = _span(tl.program_id(0) * (HP // HG) * BLOCK_M, group, BLOCK_M)
+    off_b, rows = _blocks(B, N, group, HP, HG, BLOCK_M, STRADDLE)
     keys = tl.arange(0, BLOCK_N)[None, :]
     wl = _weights(WL, H, head, group, False)
     wl_t = _weights(WL, H, head, group, True)
@@ -494,16 +522,16 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
 
 @triton.jit
 def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, skh, skn,
-                    svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale,
+                    svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, B, H, N, D, qk_scale, scale,
                     HP: tl.constexpr, HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DK: tl.constexpr):
-    """One key tile per group, all heads, looping over the queries: dk when DK else dv. Queries
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DK: tl.constexpr,
+                    STRADDLE: tl.constexpr):
+    """One key block per group (_blocks), all heads, looping over the queries: dk when DK else dv. Queries
     past N and slots past H load lse = +inf, so their p is exactly 0. Keys past N are masked in
     the programs that have any (a uniform branch): their exp2(-lse) may be inf, and the
     block-diagonal mixing would spread inf * 0 = NaN to every slot."""
-    off_b = tl.program_id(1).to(tl.int64)
     head, group = _slots(HP, HG)
-    cols = _span(tl.program_id(0) * (HP // HG) * BLOCK_N, group, BLOCK_N)
+    off_b, cols = _blocks(B, N, group, HP, HG, BLOCK_N, STRADDLE)
     queries = tl.arange(0, BLOCK_M)[None, :]  # the same queries in every slot, from `start`
     wl = _weights(WL, H, head, group, False)
     k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
@@ -518,7 +546,7 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
     qp = _slot_ptrs(Q, head, queries, sqb, sqh, sqn, off_b, BLOCK_D)
     dop = _slot_ptrs(DO, head, queries, sdb, sdh, sdn, off_b, BLOCK_D)
     stats = (off_b * H + head)[:, None] * N + queries  # offsets into LSE and DELTA
-    tail = (tl.program_id(0) + 1) * (HP // HG) * BLOCK_N > N
+    tail = tl.max(tl.max(cols, axis=1), axis=0) >= N
     for start in range(0, N, BLOCK_M):
         q = _slot_load(qp, head, queries, H, N - start, D, BLOCK_D)
         do = _slot_load(dop, head, queries, H, N - start, D, BLOCK_D)
@@ -561,10 +589,10 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     (fwd, _, _), tiles = _family(H, tc)
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    fwd[(cdiv(N, tiles["BLOCK_M"] * _groups(tiles)), B)](
-        q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, N, D, scale * LOG2E, BLOCK_D=next_pow2(D), PRECISION=_precision(q.dtype),
-        **tiles)
+    grid, batch, straddle = _grid(tiles, B, N, "BLOCK_M")
+    fwd[grid](q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+              *batch, H, N, D, scale * LOG2E, BLOCK_D=next_pow2(D), PRECISION=_precision(q.dtype),
+              **tiles, **straddle)
     return o, lse
 
 
@@ -577,15 +605,16 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
     meta = dict(tiles, BLOCK_D=next_pow2(D), PRECISION=_precision(q.dtype))
     hg = tiles.get("HG", tiles["HP"])  # the weight grads' partial sums are [hg, hg]
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), H, N, D,
-            scale * LOG2E, scale)
+    grid, batch, straddle = _grid(tiles, B, N, "BLOCK_M")
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *batch, H, N,
+            D, scale * LOG2E, scale)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    q_tiles = cdiv(N, tiles["BLOCK_M"] * _groups(tiles))
-    part = torch.empty((q_tiles * B, 3, hg, hg), dtype=torch.float32, device=q.device)
-    dq_kernel[(q_tiles, B)](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, q_tiles, **meta)
-    k_tiles = cdiv(N, tiles["BLOCK_N"] * _groups(tiles))
+    part = torch.empty((math.prod(grid), 3, hg, hg), dtype=torch.float32, device=q.device)
+    dq_kernel[grid](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, **meta, **straddle)
+    grid, _, straddle = _grid(tiles, B, N, "BLOCK_N")
     for dst, is_dk in ((dk, True), (dv, False)):
-        dkdv_kernel[(k_tiles, B)](q, k, v, do, w_l, w_w, b_w, lse, delta, dst, *args, DK=is_dk, **meta)
+        dkdv_kernel[grid](q, k, v, do, w_l, w_w, b_w, lse, delta, dst, *args, DK=is_dk, **meta,
+                          **straddle)
     sums = part.sum(0)  # fixed-order sum over programs: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
         (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))
@@ -597,15 +626,16 @@ def aot_configs(dtype: str):
     tiles 32 and 64) for the sm_90 AOT test. The products are dots of 16-32 rows: mma.sync, not
     wgmma. D is aligned as in attention.aot_configs."""
     strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
-    ints = dict.fromkeys(["H", "N", "D", "programs"] + strides, "i32")
+    ints = dict.fromkeys(["B", "H", "N", "D"] + strides, "i32")
     ints.update(qk_scale="fp32", scale="fp32")
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["WL", "WW", "BW", "LSE", "DELTA", "PART"], "*fp32"))
     for heads in (4, 8, 16):
         for (fwd, dq, dkdv), tiles in (_family(heads, False), _family(heads, True)):
             consts = {k: v for k, v in tiles.items() if not k.startswith("num_")}
-            for block_d in (32, 64):
-                base = dict(consts, BLOCK_D=block_d, PRECISION="tf32")
+            straddles = [{"STRADDLE": s} for s in (False, True)] if "HG" in tiles else [{}]
+            for block_d, straddle in itertools.product((32, 64), straddles):
+                base = dict(consts, BLOCK_D=block_d, PRECISION="tf32", **straddle)
                 for kernel, extra in ((fwd, {}), (dq, {}), (dkdv, {"DK": True}), (dkdv, {"DK": False})):
                     sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
                     yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),

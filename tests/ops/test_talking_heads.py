@@ -13,6 +13,10 @@ from tests.ops.tolerance import assert_rule, poisoned_empty
 
 # (B, H, N, D): CaiT has H = 4 (XXS), 8 (S), 16 (M) and D = 48.
 SHAPES = [(1, 1, 1, 32), (2, 3, 7, 48), (1, 4, 65, 48), (1, 8, 20, 32), (1, 16, 17, 16), (2, 2, 33, 64)]
+# The tensor-core kernels' two program layouts (kernels.talking_heads._grid): at (3, 8, 40, 48)
+# programs straddle batch elements and the last is half dead; at (2, 8, 130, 16) each batch
+# element's last program is.
+TC_LAYOUTS = [(3, 8, 40, 48), (2, 8, 130, 16)]
 
 
 def mixing(H, device=DEVICE):
@@ -54,12 +58,16 @@ MIXING = pytest.mark.parametrize("tc", [False, True], ids=["mix_cuda_cores", "mi
 def test_default_family_is_tensor_cores_with_row_blocks_filling_the_slots():
     """TENSOR_CORE_MIXING True (the default) at every head count: its 16 slots hold 16 // HG row
     blocks of HG >= H heads (census.py: fewer SASS instructions per score than the CUDA-core
-    family at 2 to 16 heads)."""
+    family at 2 to 16 heads). Programs straddle batch elements where that saves dead blocks."""
     assert kernels.TENSOR_CORE_MIXING is True
+    assert kernels._grid(kernels._family(4, None)[1], 256, 196, "BLOCK_M")[2] == {"STRADDLE": True}
+    assert kernels._grid(kernels._family(8, None)[1], 256, 196, "BLOCK_M")[2] == {"STRADDLE": False}
+    for (B, H, N, _), straddle in zip(TC_LAYOUTS, (True, False)):
+        assert kernels._grid(kernels._family(H, None)[1], B, N, "BLOCK_N")[2] == {"STRADDLE": straddle}
     for heads in range(1, kernels.MAX_HEADS + 1):
         (fwd, _, _), tiles = kernels._family(heads, None)
         assert fwd is kernels._th_fwd_tc and tiles["HP"] == 16
-        assert heads <= tiles["HG"] < 2 * heads and kernels._groups(tiles) * tiles["HG"] == 16
+        assert heads <= tiles["HG"] < 2 * heads and 16 % tiles["HG"] == 0
 
 
 @MIXING
@@ -68,6 +76,14 @@ def test_default_family_is_tensor_cores_with_row_blocks_filling_the_slots():
 def test_matches_reference(shape, dtype, tc, monkeypatch):
     poisoned_empty(monkeypatch)
     monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
+    check(*qkv_views(*shape, dtype), mixing(shape[1]))
+
+
+@pytest.mark.parametrize("shape", TC_LAYOUTS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensor_core_program_layouts_match_reference(shape, dtype, monkeypatch):
+    poisoned_empty(monkeypatch)
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", True)
     check(*qkv_views(*shape, dtype), mixing(shape[1]))
 
 
