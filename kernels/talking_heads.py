@@ -47,8 +47,8 @@ def _tiles(heads: int):
 def _grid(tiles, B: int, N: int, block: str):
     """(grid, the args before H, constexprs) of a launch over blocks of tiles[block] rows: the
     tensor-core kernels take B and HP // HG blocks a program (_blocks), straddling batch
-    elements where that leaves fewer than 1 in 8 of the blocks dead; the CUDA-core ones run a
-    program per block and batch element."""
+    elements where one batch element's blocks would leave more than 1 in 8 of them dead; the
+    CUDA-core ones run a program per block and batch element."""
     if "HG" not in tiles:
         return (cdiv(N, tiles[block]), B), (), {}
     groups, blocks = tiles["HP"] // tiles["HG"], cdiv(N, tiles[block])
