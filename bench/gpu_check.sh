@@ -119,7 +119,8 @@ declare -A extra=(
   [class_attention]="--impls triton,cuda,eager,sdpa_cudnn"
   [talking_heads]="--shapes cait_s_224,cait_xxs_224,cait_m_224"  # 8 heads first: which family wins
 )
-declare -A caps=([attention]=60 [talking_heads]=50)  # the most cases and impls; the rest 40 s
+# The most cases and impls (talking heads: 8 Triton kernels to compile, torch.compile); the rest 40 s
+declare -A caps=([attention]=60 [talking_heads]=70)
 want ops || order=()
 for op in "${order[@]}"; do
   cap=$(budget "${caps[$op]:-40}")
