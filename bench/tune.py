@@ -117,12 +117,9 @@ def _class_attention_inputs(shape, dtype, device):
 
 def _talking_heads_inputs(shape, dtype, device):
     """q, k, v views of one (B, N, 3, H, D) projection, dO, and CaiT-like fp32 mixing weights."""
-    B, H, N, D = shape
+    H = shape[1]
     q, k, v, do = _attention_inputs(shape, dtype, device)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    w = [torch.randn(*s, generator=g) * f for s, f in (((H, H), H ** -0.5), ((H,), 1.0),
-                                                       ((H, H), H ** -0.5), ((H,), 0.1))]
-    return (q, k, v, do, *(t.to(device) for t in w))
+    return (q, k, v, do, *talking_heads_bench.mixing(H, device, torch.Generator().manual_seed(1)))
 
 
 OPS = {

@@ -30,6 +30,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGET_VS_EAGER, TARGET_VS_COMPILE = 2.5, 1.5
 
 
+def mixing(H: int, device, generator=None):
+    """CaiT-like fp32 head-mixing parameters [w_l, b_l, w_w, b_w] (proj_l / proj_w)."""
+    scaled = (((H, H), H ** -0.5), ((H,), 1.0), ((H, H), H ** -0.5), ((H,), 0.1))
+    return [(torch.randn(*shape, generator=generator) * f).to(device) for shape, f in scaled]
+
+
 def _ours(q, k, v, w_l, b_l, w_w, b_w):
     with ops.use_backend("triton"):
         return ops.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w)
@@ -65,10 +71,8 @@ def setup(case: common.Case, impl: str, args):
     sets = common.rotation(fwd_bytes + bwd_bytes, device)
 
     def leaves(grad):
-        mixing = [torch.randn(H, H, device=device) / H ** 0.5, torch.randn(H, device=device),
-                  torch.randn(H, H, device=device) / H ** 0.5, torch.randn(H, device=device) * 0.1]
         return [torch.randn(B, N, 3, H, D, device=device, dtype=dtype).requires_grad_(grad)] + \
-            [m.requires_grad_(grad) for m in mixing]
+            [m.requires_grad_(grad) for m in mixing(H, device)]
 
     def call(qkv, *mixing):
         return f(*qkv.permute(2, 0, 3, 1, 4).unbind(0), *mixing)
