@@ -7,19 +7,25 @@ their bwd while SDPA's did not; this bench says where that time goes, per backen
 
     python -m bench.overhead                 # every op, every backend that can run here
     python -m bench.overhead --calls 200 --out out/overhead
+    python -m bench.overhead --stub-kernels  # the host path alone, also on a CPU (see below)
 
 fwd: under no_grad; fwd(grad): inputs that require grad, no backward; fwd+bwd: forward, then
 backward of the output against a fixed grad. Prints one markdown table; --out also writes .jsonl.
+--stub-kernels replaces every Triton kernel of deit_fast.kernels by one that launches nothing:
+the triton rows are then the host path alone (checks, dispatch, autograd, allocations, grid
+arithmetic), which a CPU can time too, where the interpreter would otherwise dominate.
 """
 import argparse
+import importlib
 import json
+import pkgutil
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
 from bench import common  # first: turns the interpreter on when there is no GPU
-from deit_fast import ops
+from deit_fast import kernels, ops
 from deit_fast.cli import _time_steps
 from deit_fast.ops import _backend
 
@@ -60,6 +66,25 @@ def _inputs(device, dtype) -> Dict[str, Callable[[bool], tuple]]:
     }
 
 
+class _NoLaunch:
+    """kernel[grid](*args) that does nothing."""
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_kernels() -> int:
+    """Every @triton.jit function in deit_fast.kernels' modules launches nothing from now on;
+    returns how many were replaced."""
+    count = 0
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        for name, obj in list(vars(module).items()):
+            if type(obj).__name__ in ("JITFunction", "InterpretedFunction"):
+                setattr(module, name, _NoLaunch())
+                count += 1
+    return count
+
+
 def _us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
     return _time_steps(fn, calls, device) * 1e6
 
@@ -86,13 +111,16 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=200, help="calls per measurement (after one warm-up)")
     p.add_argument("--ops", help="comma list (default: all)")
     p.add_argument("--out", help="also write <out>.jsonl")
+    p.add_argument("--stub-kernels", action="store_true",
+                   help="Triton kernels launch nothing: the triton rows time the host path alone")
     args = p.parse_args(argv)
+    stubbed = f", {stub_kernels()} Triton kernels stubbed out" if args.stub_kernels else ""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter: no bf16
     makers = _inputs(device, dtype)
     names = args.ops.split(",") if args.ops else list(makers)
     rows = []
-    print(f"host overhead per call, us ({common.device_name(device)}, {dtype}, {args.calls} calls)\n")
+    print(f"host overhead per call, us ({common.device_name(device)}, {dtype}, {args.calls} calls{stubbed})\n")
     print("| op | backend | fwd | fwd(grad) | fwd+bwd |\n|---|---|---|---|---|")
     for op in names:
         kernels_of = PACKED.get(op, op)  # a packed op runs on its unpacked op's backends
@@ -102,7 +130,7 @@ def main(argv=None):
                 print(f"| {op} | {backend} | unavailable: {why} | | |")
                 continue
             us = measure(op, makers[op], backend, args.calls, device)
-            rows.append({"op": op, "backend": backend, **us})
+            rows.append({"op": op, "backend": backend, "stubbed": args.stub_kernels and backend == "triton", **us})
             print(f"| {op} | {backend} | {us['fwd']:.1f} | {us['fwd(grad)']:.1f} | {us['fwd+bwd']:.1f} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -110,6 +111,18 @@ def test_overhead(tmp_path):
     rows = [json.loads(line) for line in lines[1:]]
     assert {(r["op"], r["backend"]) for r in rows} == {(op, b) for op in ("layerscale_residual", "layer_norm")
                                                        for b in ("torch", "triton")}
+    for r in rows:
+        positive(r, "fwd", "fwd(grad)", "fwd+bwd")
+        assert r["stubbed"] is False
+
+
+def test_overhead_with_stubbed_kernels(tmp_path):
+    # The triton rows time the host path alone: no kernel runs, not even in the interpreter.
+    out = run("bench.overhead", "--device", "cpu", "--calls", "2", "--ops", "class_attention",
+              "--stub-kernels", "--out", str(tmp_path / "overhead"))
+    assert int(re.search(r", (\d+) Triton kernels stubbed out", out).group(1)) > 20
+    rows = [json.loads(line) for line in (tmp_path / "overhead.jsonl").read_text().splitlines()[1:]]
+    assert {r["backend"]: r["stubbed"] for r in rows} == {"torch": False, "triton": True}
     for r in rows:
         positive(r, "fwd", "fwd(grad)", "fwd+bwd")
 
