@@ -97,11 +97,17 @@ def _mixed_dprobs(DO, V, WW, off_b, rows, cols, sdb, sdh, sdn, svb, svh, svn, H,
 
 
 @triton.jit
+def _stat_offsets(off_b, head, rows, H, N):
+    """[HP, M] offsets into a contiguous (B, H, N) per-row statistic (lse, delta): slot s is
+    head[s] at rows[s] ([HP or 1, M]) of batch off_b (a scalar, or [HP] per slot)."""
+    return (off_b * H + head)[:, None] * N + rows
+
+
+@triton.jit
 def _load_rows(PTR, off_b, head, rows, H, N):
-    """[HP, M] per-row statistics from a contiguous (B, H, N) fp32 tensor: slot s is head[s] at
-    rows[s] ([HP or 1, M]), zero past H and N."""
-    ptrs = PTR + (off_b * H + head)[:, None] * N + rows
-    return tl.load(ptrs, mask=(head[:, None] < H) & (rows < N), other=0.0)
+    """[HP, M] per-row statistics (slots as _stat_offsets), zero past H and N."""
+    return tl.load(PTR + _stat_offsets(off_b, head, rows, H, N),
+                   mask=(head[:, None] < H) & (rows < N), other=0.0)
 
 
 @triton.jit
@@ -134,7 +140,7 @@ def _store_heads(PTR, value, off_b, head, rows, sb, sh, sn, H, N, D, BLOCK_D: tl
 @triton.jit
 def _store_rows(PTR, value, off_b, head, rows, H, N):
     """[HP, M] per-row statistics into a contiguous (B, H, N) fp32 tensor (slots as _load_rows)."""
-    tl.store(PTR + (off_b * H + head)[:, None] * N + rows, value,
+    tl.store(PTR + _stat_offsets(off_b, head, rows, H, N), value,
              mask=(head[:, None] < H) & (rows < N))
 
 
@@ -545,7 +551,7 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
     acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
     qp = _slot_ptrs(Q, head, queries, sqb, sqh, sqn, off_b, BLOCK_D)
     dop = _slot_ptrs(DO, head, queries, sdb, sdh, sdn, off_b, BLOCK_D)
-    stats = (off_b * H + head)[:, None] * N + queries  # offsets into LSE and DELTA
+    stats = _stat_offsets(off_b, head, queries, H, N)  # into LSE and DELTA, a step per tile
     tail = tl.max(tl.max(cols, axis=1), axis=0) >= N
     for start in range(0, N, BLOCK_M):
         q = _slot_load(qp, head, queries, H, N - start, D, BLOCK_D)
