@@ -4,12 +4,22 @@ Sized for ViT sequence lengths (N = 197/198 at 224 px, 577/578 at 384 px), not l
 head dims up to 64 these loops are bound by instruction issue rather than by their MMAs: a
 score's softmax (scale, max, exp2, sum, convert) and the accumulator's rescaling cost more issue
 slots than its 2 D multiply-adds on the tensor cores. So the loops take the fewest instructions
-per score: only the last key tile is masked (a uniform branch), the scale rides in the FFMA of
-the max subtraction, K and V pointers advance by one add a tile, and the forward's key tiles are
-64 wide (the rescaling of the 64-column accumulator is paid per 64 keys, not 32), though
-N = 197 then streams 256 keys instead of 224: SASS instructions a thread issues per full tile at
-D=64, sm_90, triton 3.6, fwd 268 per 64x32 -> 327 per 64x64 (-39 % per score), dq 207 -> 169,
-dk/dv 293 -> 261 (`python tests/aot/compile_triton.py attention`, loop_instructions).
+per score: the scale rides in the FFMA of the max subtraction, K and V pointers advance by one
+add a tile, the forward's key tiles are 64 wide (the rescaling of the 64-column accumulator is
+paid per 64 keys, not 32), and each loop streams only full tiles, without masks: the last
+N % 64 keys (N % 32 in the backward) take one masked tile of 16, 32 or 64 after it (_tail). So
+N = 197 streams 3 x 64 + 16 keys in the forward, not 4 x 64, and the backward 6 x 32 + 16 keys
+and queries, not 7 x 32. SASS instructions a thread issues per (batch, head) at N = 197, D = 64,
+sm_90, triton 3.6, per full tile of the loop / in all (the sum over a (batch, head)'s programs
+of their loop and straight-line code, `python tests/aot/compile_triton.py attention`):
+  fwd    327 / 7956 with a masked 4th tile in the loop -> 321 / 7176 (-10 %)
+  dq     169 / 7576 -> 173 / 7812 (+3 %: a 16-wide tail tile costs as much as a 32-wide one)
+  dk/dv  261 / 9848 -> 231 / 8684 (-12 %: full query tiles load lse and delta unmasked)
+At N = 577: -6 % fwd, -6 % fwd + bwd. Registers at D = 64: fwd 128 -> 107. (The forward's 64-wide
+tiles: 268 per 64x32 tile -> 327 per 64x64, -39 % per score.) The dq kernel keeps its tail for
+all that: at ViT lengths (N % 64 < 32) it is the forward's, so both compute the last keys'
+logits in same-shaped products. numpy (the interpreter) rounds a product by its shape, and a dq
+whose logits share a large component needs the two to agree (test_all_negative_logits_keep_grads_finite).
 Not yet timed on a GPU (bench.tune). Head dims that are not a power of two (CaiT's 48) use one
 masked 64-wide block or two exact ones (32 + 16): SPLIT_HEAD_DIM below.
 
@@ -25,6 +35,8 @@ the (B, N, 3, H, D) qkv projection go in without a copy. o is written token-majo
 (token_major_empty), and dq, dk, dv through one set of grad strides, so they can be the slices
 of one packed (B, N, 3, H, D) grad (ops.attention_qkv).
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -53,6 +65,13 @@ def _blocks(D: int, split: bool):
     if split and whole != D and rest >= 16 and rest & (rest - 1) == 0:
         return whole // 2, rest
     return whole, 0
+
+
+def _tail(N: int, block: int) -> int:
+    """The tile that takes the last N % block rows of a sequence after its full tiles: the
+    smallest power of two >= 16 (tl.dot's least) that holds them, 0 if none are left."""
+    rest = N % block
+    return max(16, next_pow2(rest)) if rest else 0
 
 
 def _config(cfg: dict, blocks) -> dict:
@@ -114,14 +133,70 @@ def _streams(A, sab, sah, san, Bt, sbb, sbh, sbn, off_b, off_h, BLOCK_R: tl.cons
 # `if BLOCK_D2 > 0` is resolved at compile time, so the one-block variant carries no extra code.
 
 @triton.jit
+def _load_pair(ptrs, ptrs2, n_left, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_D2: tl.constexpr):
+    """The tile at ptrs and the second head-dim block's at ptrs2 (_load_rows); without a second
+    block, the first again (unused)."""
+    t = _load_rows(ptrs, n_left, D, 0, BLOCK_R, BLOCK_D)
+    t2 = t
+    if BLOCK_D2 > 0:
+        t2 = _load_rows(ptrs2, n_left, D, BLOCK_D, BLOCK_R, BLOCK_D2)
+    return t, t2
+
+
+@triton.jit
+def _dot_t(a, a2, b, b2, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
+    """a b^T over the whole head dim: both blocks."""
+    out = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    if BLOCK_D2 > 0:
+        out += tl.dot(a2, tl.trans(b2), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _add_dot(acc, acc2, p, x, x2, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc + p x, acc2 + p x2): p times both head-dim blocks of x, in x's dtype."""
+    acc += tl.dot(p.to(x.dtype), x, input_precision=PRECISION)
+    if BLOCK_D2 > 0:
+        acc2 += tl.dot(p.to(x2.dtype), x2, input_precision=PRECISION)
+    return acc, acc2
+
+
+@triton.jit
+def _fwd_step(q, q2, kp, vp, kp2, vp2, m, l, acc, acc2, qk_scale, n_left, D, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One key tile of the online softmax: (m, l, acc, acc2) updated with the BLOCK_N keys and
+    values at kp, vp (kp2, vp2: the second head-dim block), of which n_left remain in the
+    sequence: when MASKED, keys from n_left on are zero rows and get -inf logits."""
+    k, k2 = _load_pair(kp, kp2, n_left, D, BLOCK_N, BLOCK_D, BLOCK_D2)
+    s = _dot_t(q, q2, k, k2, BLOCK_D2, PRECISION)
+    # Issue-bound (see the top): scale in one FFMA with the max subtraction (max(s) * scale ==
+    # max(s * scale) as scale > 0), and mask only the one tile that needs it.
+    if MASKED:
+        s = tl.where(tl.arange(0, BLOCK_N)[None, :] < n_left, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    v, v2 = _load_pair(vp, vp2, n_left, D, BLOCK_N, BLOCK_D, BLOCK_D2)
+    acc, acc2 = _add_dot(acc * alpha[:, None], acc2 * alpha[:, None], p, v, v2, BLOCK_D2, PRECISION)
+    return m_new, l, acc, acc2
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
               H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr,
+              TAIL: tl.constexpr):
+    """The keys in full tiles of BLOCK_N without masks, then the last N % BLOCK_N of them in one
+    masked tile of TAIL (_tail): N = 197 streams 3 x 64 + 16 keys, not 4 x 64."""
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q2, acc2 = q, acc  # stand-ins, unused without a second head-dim block
     if BLOCK_D2 > 0:
         q2 = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
         acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
@@ -130,30 +205,17 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
     l = tl.zeros([BLOCK_M], tl.float32)
     kp, vp, kp2, vp2, k_step, v_step = _streams(K, skb, skh, skn, V, svb, svh, svn, off_b, off_h,
                                                 BLOCK_N, BLOCK_D, BLOCK_D2)
-    for start in range(0, N, BLOCK_N):
-        k = _load_rows(kp, N - start, D, 0, BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            k2 = _load_rows(kp2, N - start, D, BLOCK_D, BLOCK_N, BLOCK_D2)
-            s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
-        # Issue-bound (see the top): mask only the last tile, and scale in one FFMA with the max
-        # subtraction (max(s) * scale == max(s * scale) as scale > 0).
-        if start + BLOCK_N > N:
-            s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v = _load_rows(vp, N - start, D, 0, BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            v2 = _load_rows(vp2, N - start, D, BLOCK_D, BLOCK_N, BLOCK_D2)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PRECISION)
-            kp2 += k_step
-            vp2 += v_step
-        m = m_new
-        kp += k_step
-        vp += v_step
+    full = N - N % BLOCK_N
+    for start in range(0, full, BLOCK_N):
+        m, l, acc, acc2 = _fwd_step(q, q2, kp, vp, kp2, vp2, m, l, acc, acc2, qk_scale, BLOCK_N, D,
+                                    BLOCK_N, BLOCK_D, BLOCK_D2, PRECISION, False)
+        kp, vp, kp2, vp2 = kp + k_step, vp + v_step, kp2 + k_step, vp2 + v_step
+    if TAIL > 0:
+        # (full * skn: within one (batch, head), so int32 is enough)
+        kp, vp, kp2, vp2, _, _ = _streams(K + full * skn, skb, skh, skn, V + full * svn, svb, svh,
+                                          svn, off_b, off_h, TAIL, BLOCK_D, BLOCK_D2)
+        m, l, acc, acc2 = _fwd_step(q, q2, kp, vp, kp2, vp2, m, l, acc, acc2, qk_scale, N - full, D,
+                                    TAIL, BLOCK_D, BLOCK_D2, PRECISION, True)
     rmask = rows < N
     out = O + off_b * sob + off_h * soh + rows.to(tl.int64)[:, None] * son
     d = tl.arange(0, BLOCK_D)
@@ -167,12 +229,37 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
 
 
 @triton.jit
+def _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, lse_p, delta_p, dk, dv, dk2, dv2, qk_scale, n_left, D,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+               PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One query tile into this key tile's (dk, dv, dk2, dv2): the BLOCK_M queries and output
+    grads at qp, dop and their lse and delta at lse_p, delta_p, of which n_left remain. When
+    MASKED, queries from n_left on load zeros and lse = +inf, so their P^T is exactly 0
+    (exp2(-inf)) without a select on every score, and they add nothing to dk, dv."""
+    q, q2 = _load_pair(qp, qp2, n_left, D, BLOCK_M, BLOCK_D, BLOCK_D2)
+    do, do2 = _load_pair(dop, dop2, n_left, D, BLOCK_M, BLOCK_D, BLOCK_D2)
+    if MASKED:
+        live = tl.arange(0, BLOCK_M) < n_left
+        lse = tl.load(lse_p, mask=live, other=float("inf"))
+        delta = tl.load(delta_p, mask=live, other=0.0)
+    else:
+        lse = tl.load(lse_p)
+        delta = tl.load(delta_p)
+    pt = tl.exp2(_dot_t(k, k2, q, q2, BLOCK_D2, PRECISION) * qk_scale - lse[None, :])
+    dst = pt * (_dot_t(v, v2, do, do2, BLOCK_D2, PRECISION) - delta[None, :])
+    dv, dv2 = _add_dot(dv, dv2, pt, do, do2, BLOCK_D2, PRECISION)
+    dk, dk2 = _add_dot(dk, dk2, dst, q, q2, BLOCK_D2, PRECISION)
+    return dk, dv, dk2, dv2
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                    sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, scale, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, TAIL: tl.constexpr):
     # DQ, DK and DV share one layout, strides (sgb, sgh, sgn): contiguous, or the slices of one
-    # packed (B, N, 3, H, D) grad (ops.attention_qkv).
+    # packed (B, N, 3, H, D) grad (ops.attention_qkv). Full query tiles of BLOCK_M, then the
+    # last N % BLOCK_M queries in one masked tile of TAIL (as _attn_fwd's keys).
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,6 +267,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
     v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, 0, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    k2, v2, dk2, dv2 = k, v, dk, dv  # stand-ins, unused without a second head-dim block
     if BLOCK_D2 > 0:
         k2 = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
         v2 = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
@@ -188,33 +276,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
     qk_scale = scale * 1.4426950408889634
     qp, dop, qp2, dop2, q_step, do_step = _streams(Q, sqb, sqh, sqn, DO, sdb, sdh, sdn, off_b, off_h,
                                                    BLOCK_M, BLOCK_D, BLOCK_D2)
-    stats = bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
-    for start in range(0, N, BLOCK_M):
-        q = _load_rows(qp, N - start, D, 0, BLOCK_M, BLOCK_D)
-        do = _load_rows(dop, N - start, D, 0, BLOCK_M, BLOCK_D)
-        rmask = tl.arange(0, BLOCK_M) < N - start
-        # lse = +inf past N: P^T is exactly 0 for padded queries (exp2(-inf)), without a select
-        # on every score, so they add nothing to dk, dv
-        lse = tl.load(LSE + stats + start, mask=rmask, other=float("inf"))
-        delta = tl.load(DELTA + stats + start, mask=rmask, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            q2 = _load_rows(qp2, N - start, D, BLOCK_D, BLOCK_M, BLOCK_D2)
-            do2 = _load_rows(dop2, N - start, D, BLOCK_D, BLOCK_M, BLOCK_D2)
-            st += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
-            dpt += tl.dot(v2, tl.trans(do2), input_precision=PRECISION)
-            qp2 += q_step
-            dop2 += do_step
-        pt = tl.exp2(st * qk_scale - lse[None, :])
-        dst = pt * (dpt - delta[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
-            dk2 += tl.dot(dst.to(q2.dtype), q2, input_precision=PRECISION)
-        qp += q_step
-        dop += do_step
+    lse_p = LSE + bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
+    delta_p = DELTA + bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
+    full = N - N % BLOCK_M
+    for start in range(0, full, BLOCK_M):
+        dk, dv, dk2, dv2 = _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, lse_p, delta_p, dk, dv,
+                                      dk2, dv2, qk_scale, BLOCK_M, D, BLOCK_M, BLOCK_D, BLOCK_D2,
+                                      PRECISION, False)
+        qp, dop, qp2, dop2 = qp + q_step, dop + do_step, qp2 + q_step, dop2 + do_step
+        lse_p, delta_p = lse_p + BLOCK_M, delta_p + BLOCK_M
+    if TAIL > 0:
+        qp, dop, qp2, dop2, _, _ = _streams(Q + full * sqn, sqb, sqh, sqn, DO + full * sdn, sdb, sdh,
+                                            sdn, off_b, off_h, TAIL, BLOCK_D, BLOCK_D2)
+        at = bh.to(tl.int64) * N + full + tl.arange(0, TAIL)
+        dk, dv, dk2, dv2 = _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, LSE + at, DELTA + at, dk,
+                                      dv, dk2, dv2, qk_scale, N - full, D, TAIL, BLOCK_D, BLOCK_D2,
+                                      PRECISION, True)
     _store(DK, cols, sgb, sgh, sgn, off_b, off_h, N, D, dk * scale, 0, BLOCK_D)
     _store(DV, cols, sgb, sgh, sgn, off_b, off_h, N, D, dv, 0, BLOCK_D)
     if BLOCK_D2 > 0:
@@ -223,10 +300,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
 
 
 @triton.jit
+def _dq_step(q, q2, do, do2, kp, vp, kp2, vp2, dq, dq2, lse, delta, qk_scale, n_left, D,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+             PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile into this query tile's (dq, dq2): the BLOCK_N keys and values at kp, vp, of
+    which n_left remain. When MASKED, keys from n_left on are zero rows of k, so they add nothing
+    to dq, but their p = exp2(-lse) can overflow to inf (and inf * 0 is NaN): they are zeroed."""
+    k, k2 = _load_pair(kp, kp2, n_left, D, BLOCK_N, BLOCK_D, BLOCK_D2)
+    v, v2 = _load_pair(vp, vp2, n_left, D, BLOCK_N, BLOCK_D, BLOCK_D2)
+    p = tl.exp2(_dot_t(q, q2, k, k2, BLOCK_D2, PRECISION) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(tl.arange(0, BLOCK_N)[None, :] < n_left, p, 0.0)
+    ds = p * (_dot_t(do, do2, v, v2, BLOCK_D2, PRECISION) - delta[:, None])
+    return _add_dot(dq, dq2, ds, k, k2, BLOCK_D2, PRECISION)
+
+
+@triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                  sob, soh, son, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, scale, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, TAIL: tl.constexpr):
+    # Full key tiles of BLOCK_N, then the last N % BLOCK_N keys in one masked tile of TAIL.
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -237,6 +331,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, s
     o = _tile(O, rows, sob, soh, son, off_b, off_h, N, D, 0, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q2, do2, dq2 = q, do, dq  # stand-ins, unused without a second head-dim block
     if BLOCK_D2 > 0:
         q2 = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
         do2 = _tile(DO, rows, sdb, sdh, sdn, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
@@ -248,29 +343,16 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, s
     qk_scale = scale * 1.4426950408889634
     kp, vp, kp2, vp2, k_step, v_step = _streams(K, skb, skh, skn, V, svb, svh, svn, off_b, off_h,
                                                 BLOCK_N, BLOCK_D, BLOCK_D2)
-    for start in range(0, N, BLOCK_N):
-        k = _load_rows(kp, N - start, D, 0, BLOCK_N, BLOCK_D)
-        v = _load_rows(vp, N - start, D, 0, BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            k2 = _load_rows(kp2, N - start, D, BLOCK_D, BLOCK_N, BLOCK_D2)
-            v2 = _load_rows(vp2, N - start, D, BLOCK_D, BLOCK_N, BLOCK_D2)
-            s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
-            dp += tl.dot(do2, tl.trans(v2), input_precision=PRECISION)
-            kp2 += k_step
-            vp2 += v_step
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        # Keys past N are zero rows of k, so they add nothing to dq, but their p = exp2(-lse) can
-        # overflow to inf (and inf * 0 is NaN): zero them, on the last tile only (as the forward)
-        if start + BLOCK_N > N:
-            p = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, p, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=PRECISION)
-        kp += k_step
-        vp += v_step
+    full = N - N % BLOCK_N
+    for start in range(0, full, BLOCK_N):
+        dq, dq2 = _dq_step(q, q2, do, do2, kp, vp, kp2, vp2, dq, dq2, lse, delta, qk_scale, BLOCK_N,
+                           D, BLOCK_N, BLOCK_D, BLOCK_D2, PRECISION, False)
+        kp, vp, kp2, vp2 = kp + k_step, vp + v_step, kp2 + k_step, vp2 + v_step
+    if TAIL > 0:
+        kp, vp, kp2, vp2, _, _ = _streams(K + full * skn, skb, skh, skn, V + full * svn, svb, svh,
+                                          svn, off_b, off_h, TAIL, BLOCK_D, BLOCK_D2)
+        dq, dq2 = _dq_step(q, q2, do, do2, kp, vp, kp2, vp2, dq, dq2, lse, delta, qk_scale, N - full,
+                           D, TAIL, BLOCK_D, BLOCK_D2, PRECISION, True)
     _store(DQ, rows, sgb, sgh, sgn, off_b, off_h, N, D, dq * scale, 0, BLOCK_D)
     if BLOCK_D2 > 0:
         _store(DQ, rows, sgb, sgh, sgn, off_b, off_h, N, D, dq2 * scale, BLOCK_D, BLOCK_D2)
@@ -310,7 +392,7 @@ def forward(q, k, v, scale, split=None):
     grid = (cdiv(N, cfg["BLOCK_M"]), B * H)
     _attn_fwd[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                     H, N, D, scale, BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype),
-                    **cfg)
+                    TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     return o, lse
 
 
@@ -327,10 +409,10 @@ def backward(do, q, k, v, o, lse, scale, split=None, out=None):
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
     _attn_bwd_dq[(cdiv(N, BWD_Q["BLOCK_M"]), B * H)](  # first: it writes delta
         q, k, v, o, do, lse, delta, dq, *qkv, *_strides(o), *grads, H, N, D, scale, **consts,
-        **_config(BWD_Q, blocks))
+        TAIL=_tail(N, BWD_Q["BLOCK_N"]), **_config(BWD_Q, blocks))
     _attn_bwd_dkdv[(cdiv(N, BWD_KV["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, *qkv, *grads, H, N, D, scale, **consts,
-        **_config(BWD_KV, blocks))
+        TAIL=_tail(N, BWD_KV["BLOCK_M"]), **_config(BWD_KV, blocks))
     return dq, dk, dv
 
 
@@ -344,11 +426,13 @@ def aot_configs(dtype: str):
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["LSE", "DELTA"], "*fp32"))
     variants = sorted({_blocks(d, split) for d in HEAD_DIMS for split in (False, True)})
-    for blocks in variants:
-        for kernel, base in ((_attn_fwd, FWD), (_attn_bwd_dkdv, BWD_KV), (_attn_bwd_dq, BWD_Q)):
-            cfg = _config(base, blocks)
-            sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
+    # the tail tiles: ViT's (16) and the widest, the streamed tile's own width
+    kernels = ((_attn_fwd, FWD, "BLOCK_N"), (_attn_bwd_dkdv, BWD_KV, "BLOCK_M"), (_attn_bwd_dq, BWD_Q, "BLOCK_N"))
+    for blocks, (kernel, base, streamed) in itertools.product(variants, kernels):
+        cfg = _config(base, blocks)
+        sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
+        for tail in sorted({16, cfg[streamed]}):
             constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-            constexprs.update(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION="tf32")
+            constexprs.update(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION="tf32", TAIL=tail)
             yield dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"], aligned=(*strides, "D"), matmul=True)
