@@ -212,6 +212,6 @@ def test_tune_candidate_that_fails_is_a_row_and_the_shipped_config_stays():
     inputs = op.inputs((1, 1, 5, 16), torch.float16, torch.device("cpu"))
     want = op.reference(*inputs, 0.25)
     args = argparse.Namespace(device=torch.device("cpu"), warmup_ms=1, rep_ms=1)
-    row = tune.measure(tunable, {"FWD": dict(shipped, BLOCK_M=48)}, inputs, want, 0.25, None, args)
+    row = tune.measure(tunable, {"FWD": dict(shipped, BLOCK_N=48)}, inputs, want, 0.25, None, args)
     assert row["status"].startswith("failed: ") and "us" not in row
     assert attention.FWD == shipped
