@@ -387,7 +387,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, s
 
 
 def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
 
 
 def token_major_empty(q):
@@ -416,11 +416,11 @@ def forward(q, k, v, scale, split=None):
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     blocks = _blocks(D, SPLIT_HEAD_DIM if split is None else split)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
+    consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype))
     for row0, programs, cfg in _row_launches(N, _config(FWD, blocks), "BLOCK_M", blocks):
-        _attn_fwd[(programs, B * H)](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), row0, H, N, D,
-            scale, BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype),
-            TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
+        _attn_fwd[(programs, B * H)](q, k, v, o, lse, *strides, row0, H, N, D, scale, **consts,
+                                     TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     return o, lse
 
 
@@ -433,11 +433,12 @@ def backward(do, q, k, v, o, lse, scale, split=None, out=None):
     blocks, precision = _blocks(D, SPLIT_HEAD_DIM if split is None else split), _precision(q.dtype)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    qkv, grads = (*_strides(q), *_strides(k), *_strides(v)), (*_strides(do), *_strides(dq))
+    qkv, o_strides = (*_strides(q), *_strides(k), *_strides(v)), _strides(o)
+    grads = (*_strides(do), *_strides(dq))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
     for row0, programs, cfg in _row_launches(N, _config(BWD_Q, blocks), "BLOCK_M", blocks):
         _attn_bwd_dq[(programs, B * H)](  # first: it writes delta
-            q, k, v, o, do, lse, delta, dq, *qkv, *_strides(o), *grads, row0, H, N, D, scale,
+            q, k, v, o, do, lse, delta, dq, *qkv, *o_strides, *grads, row0, H, N, D, scale,
             **consts, TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     for row0, programs, cfg in _row_launches(N, _config(BWD_KV, blocks), "BLOCK_N", blocks):
         _attn_bwd_dkdv[(programs, B * H)](
