@@ -8,6 +8,9 @@ A tunable is a set of module constants of one kernel file that its host code rea
     dict each, 16 candidates, and for head dims that are not a power of two each with one masked
     block and with split blocks (SPLIT_HEAD_DIM). The forward's 64-wide key tiles were chosen from
     SASS instruction counts, not timed (2026-11-26): this times them.
+  - attention.tail_fwd, attention.tail_bwd (kernels/attention.py): TAIL_ROWS, the second launch
+    of 16-row one-warp programs for a sequence's last rows (shipped 2026-11-26 from SASS counts,
+    never timed), against no second launch and against two warps: 3 candidates each.
   - class_attention.fwd, class_attention.bwd (kernels/class_attention.py): the tile size, warps
     and programs per SM that set the key-axis split, 18 candidates each.
   - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
@@ -142,6 +145,12 @@ def _attention_grid(kernel: str) -> List[dict]:
     return [{kernel: dict(t, num_warps=w, num_stages=s)} for t in tiles for w in (4, 8) for s in (2, 3)]
 
 
+def _tail_rows_grid() -> List[dict]:
+    """TAIL_ROWS off (every row in the 64-row programs) and at two warps."""
+    shipped = attention_kernels.TAIL_ROWS
+    return [{"TAIL_ROWS": dict(shipped, most=0)}, {"TAIL_ROWS": dict(shipped, num_warps=2)}]
+
+
 def _class_attention_grid(tile: str) -> List[dict]:
     return [{tile: t, "NUM_WARPS": w, "PROGRAMS_PER_SM": p}
             for t in (2048, 4096, 8192) for w in (4, 8) for p in (2, 4, 8)]
@@ -176,6 +185,8 @@ class Tunable:
 
 
 TUNABLES = {  # in the order a time-capped run reaches them: the least measured first
+    "attention.tail_fwd": Tunable("attention", "fwd", _tail_rows_grid()),
+    "attention.tail_bwd": Tunable("attention", "bwd", _tail_rows_grid()),
     "attention.FWD": Tunable("attention", "fwd", _attention_grid("FWD"), split=True),
     "talking_heads.tc_fwd": Tunable("talking_heads", "fwd", _talking_heads_grid()),
     "talking_heads.tc_bwd": Tunable("talking_heads", "bwd", _talking_heads_grid()),
@@ -247,7 +258,8 @@ def tune(name: str, shape_name: str, shape: tuple, args) -> List[dict]:
 def _value_text(value) -> str:
     if isinstance(value, dict):  # a kernel's tile dict
         return " ".join(f"{k.replace('BLOCK_', '').lower()}{v}" if k.startswith("BLOCK") else
-                        f"{k.replace('num_', '')[0]}{v}" for k, v in value.items())
+                        f"{k.replace('num_', '')[0]}{v}" if k.startswith("num_") else f"{k}{v}"
+                        for k, v in value.items())
     return str(value)
 
 
