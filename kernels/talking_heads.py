@@ -289,11 +289,11 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
 # bf16, D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), fwd / bwd:
 #   heads                  2          4          6          8          16
 #   CUDA cores          82 / 255  101 / 376  212 / 880  208 / 893  577 / 2115
-#   tensor cores        45 / 137   45 / 136   60 / 183   45 / 137   45 / 138
+#   tensor cores        40 / 137   38 / 136   54 / 183   40 / 137   38 / 138
 # (Before the row blocks shared the 16 slots, the tensor-core kernels padded 4 heads to 16: 217 /
 # 583, and 8 heads: 109 / 292; streamed pointers and masks on the last tile only took 54 / 150 to
-# 44 / 138. Programs that straddle batch elements (_blocks) cost ~2 more.) So tensor cores run
-# by default at every head count
+# 44 / 138, and a forward loop of full tiles without masks 45 to 38-40. Programs that straddle
+# batch elements (_blocks) cost ~2 more.) So tensor cores run by default at every head count
 # (TENSOR_CORE_MIXING True); False forces the CUDA-core kernels, the only family timed on a GPU
 # so far. From H=4 to H=8 (2x the scores) the CUDA-core kernels' H200 times grew 2.8x (fwd) and
 # 3.0x (bwd), where these counts predict 4.1x and 4.8x: issue is not the whole cost, but the
@@ -361,10 +361,14 @@ def _slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _slot_load(ptrs, head, rows, H, n_rows, D, BLOCK_D: tl.constexpr):
-    """The tile at ptrs (_slot_ptrs), zero past H, n_rows and D."""
+def _slot_load(ptrs, head, rows, H, n_rows, D, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """The tile at ptrs (_slot_ptrs), zero past H and D, and past n_rows when MASKED (a full
+    tile of a loop needs no row mask)."""
     d = tl.arange(0, BLOCK_D)
-    mask = (head[:, None, None] < H) & (rows[:, :, None] < n_rows) & (d[None, None, :] < D)
+    if MASKED:
+        mask = (head[:, None, None] < H) & (rows[:, :, None] < n_rows) & (d[None, None, :] < D)
+    else:
+        mask = (head[:, None, None] < H) & (d[None, None, :] < D)
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
@@ -372,7 +376,7 @@ def _slot_load(ptrs, head, rows, H, n_rows, D, BLOCK_D: tl.constexpr):
 def _heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constexpr):
     """[HP, M, BLOCK_D] tile (slots as _slot_ptrs), zero past H, n_rows and D."""
     return _slot_load(_slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D), head, rows, H,
-                      n_rows, D, BLOCK_D)
+                      n_rows, D, BLOCK_D, True)
 
 
 @triton.jit
@@ -419,9 +423,43 @@ def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRE
 # Padding in the loops below, without per-score masks where the zeros make them harmless (the
 # loops are issue-bound): rows past N and slots past H load zero q, k, v and dO, so their logits
 # are 0, their lse (loaded as 0) finite, their dP' and ds zero, and nothing of theirs is stored.
-# Keys past N need a mask only on the last key tile (in dk/dv: in the programs that own any): -inf
-# in the row statistics, and p = 0, not exp2(-lse), which overflows to inf for lse < -128 (inf
-# times a zero row of V, or a zero mixing weight, is NaN).
+# Keys past N need a mask only on the last key tile: -inf in the row statistics, and p = 0, not
+# exp2(-lse), which overflows to inf for lse < -128 (inf times a zero row of V, or a zero mixing
+# weight, is NaN). The forward's loops stream only full tiles, with no row mask on their loads
+# either, and then the partial tile (if any) as one MASKED step after the loop: SASS per tile
+# over both passes 716 -> 604 (8 heads, BLOCK_D 64, sm_90, triton 3.6). The backward loops mask
+# their loads every tile and their scores on the last one: a MASKED copy of the step after the
+# loop pushed dq and dk, already at 255 registers, to 232 and 136 bytes of stack.
+
+@triton.jit
+def _stats_tc(q, kp, wl, m, l, head, keys, H, n_left, D, qk_scale, HP: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """The forward's first pass on the key tile at kp (n_left keys left when MASKED): the running
+    max m and sum l of exp2 of the scaled mixed logits."""
+    k = _slot_load(kp, head, keys, H, n_left, D, BLOCK_D, MASKED)
+    mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1]  # unscaled
+    if MASKED:
+        mixed = tl.where(keys[:, None, :] < n_left, mixed, float("-inf"))
+    # the scale rides in the exponent's FFMA: max(x) * scale == max(x * scale), scale > 0
+    m_new = tl.maximum(m, tl.max(mixed, axis=2) * qk_scale)
+    l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(mixed * qk_scale - m_new[:, :, None]), axis=2)
+    return m_new, l
+
+
+@triton.jit
+def _out_tc(q, kp, vp, wl, ww, bw, lse, acc, head, keys, H, n_left, D, qk_scale, HP: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """The forward's second pass on the key tile at kp, vp: acc += P' v."""
+    k = _slot_load(kp, head, keys, H, n_left, D, BLOCK_D, MASKED)
+    p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
+    if MASKED:
+        p = tl.where(keys[:, None, :] < n_left, p, 0.0)
+    pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]  # P'
+    v = _slot_load(vp, head, keys, H, n_left, D, BLOCK_D, MASKED)
+    return acc + tl.dot(pm.to(v.dtype), v, input_precision=PRECISION)
+
 
 @triton.jit
 def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -437,31 +475,30 @@ def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, s
     q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
     m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([HP, BLOCK_M], tl.float32)
+    full = N - N % BLOCK_N
     kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
-    for start in range(0, N, BLOCK_N):  # pass 1: row statistics of the mixed logits
-        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D)
-        mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1]  # unscaled
-        if start + BLOCK_N > N:
-            mixed = tl.where(keys[:, None, :] < N - start, mixed, float("-inf"))
-        # the scale rides in the exponent's FFMA: max(x) * scale == max(x * scale), scale > 0
-        m_new = tl.maximum(m, tl.max(mixed, axis=2) * qk_scale)
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(mixed * qk_scale - m_new[:, :, None]), axis=2)
-        m = m_new
+    for start in range(0, full, BLOCK_N):  # pass 1: row statistics of the mixed logits
+        m, l = _stats_tc(q, kp, wl, m, l, head, keys, H, BLOCK_N, D, qk_scale, HP, BLOCK_M,
+                         BLOCK_N, BLOCK_D, PRECISION, False)
         kp += BLOCK_N * skn
+    if full < N:  # (pointers made afresh: the loop's, live past it, cost adds in every step)
+        kp = _slot_ptrs(K, head, keys + full, skb, skh, skn, off_b, BLOCK_D)
+        m, l = _stats_tc(q, kp, wl, m, l, head, keys, H, N - full, D, qk_scale, HP, BLOCK_M,
+                         BLOCK_N, BLOCK_D, PRECISION, True)
     lse = m + tl.log2(l)
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
     kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
     vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
-    for start in range(0, N, BLOCK_N):  # pass 2: mixed probabilities times V
-        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D)
-        p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
-        if start + BLOCK_N > N:
-            p = tl.where(keys[:, None, :] < N - start, p, 0.0)
-        pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]  # P'
-        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D)
-        acc += tl.dot(pm.to(v.dtype), v, input_precision=PRECISION)
+    for start in range(0, full, BLOCK_N):  # pass 2: mixed probabilities times V
+        acc = _out_tc(q, kp, vp, wl, ww, bw, lse, acc, head, keys, H, BLOCK_N, D, qk_scale, HP,
+                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, False)
         kp += BLOCK_N * skn
         vp += BLOCK_N * svn
+    if full < N:
+        kp = _slot_ptrs(K, head, keys + full, skb, skh, skn, off_b, BLOCK_D)
+        vp = _slot_ptrs(V, head, keys + full, svb, svh, svn, off_b, BLOCK_D)
+        acc = _out_tc(q, kp, vp, wl, ww, bw, lse, acc, head, keys, H, N - full, D, qk_scale, HP,
+                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, True)
     _store_heads(O, acc, off_b, head, rows, sob, soh, son, H, N, D, BLOCK_D)
     _store_rows(LSE, lse, off_b, head, rows, H, N)
 
@@ -487,8 +524,8 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
     kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
     vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
     for start in range(0, N, BLOCK_N):  # pass 1: delta = rowsum(dP * P) per head
-        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D)
-        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D)
+        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D, True)
+        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D, True)
         p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
         if start + BLOCK_N > N:
             p = tl.where(keys[:, None, :] < N - start, p, 0.0)
@@ -506,8 +543,8 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
     kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
     vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
     for start in range(0, N, BLOCK_N):  # pass 2: dq and the head-mixing weight grads
-        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D)
-        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D)
+        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D, True)
+        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D, True)
         s, mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)
         p = tl.exp2(mixed * qk_scale - lse[:, :, None])
         if start + BLOCK_N > N:
@@ -554,8 +591,8 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
     stats = _stat_offsets(off_b, head, queries, H, N)  # into LSE and DELTA, a step per tile
     tail = tl.max(tl.max(cols, axis=1), axis=0) >= N
     for start in range(0, N, BLOCK_M):
-        q = _slot_load(qp, head, queries, H, N - start, D, BLOCK_D)
-        do = _slot_load(dop, head, queries, H, N - start, D, BLOCK_D)
+        q = _slot_load(qp, head, queries, H, N - start, D, BLOCK_D, True)
+        do = _slot_load(dop, head, queries, H, N - start, D, BLOCK_D, True)
         live = (head[:, None] < H) & (queries < N - start)
         lse = tl.load(LSE + stats, mask=live, other=float("inf"))
         p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
