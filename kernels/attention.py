@@ -21,7 +21,8 @@ owns have a ragged end too: see TAIL_ROWS (with it, N = 197 in all: fwd -25 %, d
 tiles: 268 per 64x32 tile -> 327 per 64x64, -39 % per score.) The dq kernel keeps its tail for
 all that: at ViT lengths (N % 64 < 32) it is the forward's, so both compute the last keys'
 logits in same-shaped products. numpy (the interpreter) rounds a product by its shape, and a dq
-whose logits share a large component needs the two to agree (test_all_negative_logits_keep_grads_finite).
+whose logits share a large component needs the two to agree
+(test_all_negative_logits_keep_grads_finite).
 Not yet timed on a GPU (bench.tune). Head dims that are not a power of two (CaiT's 48) use one
 masked 64-wide block or two exact ones (32 + 16): SPLIT_HEAD_DIM below.
 
@@ -257,8 +258,8 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
 
 
 @triton.jit
-def _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, lse_p, delta_p, dk, dv, dk2, dv2, qk_scale, n_left, D,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+def _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, lse_p, delta_p, dk, dv, dk2, dv2, qk_scale,
+               n_left, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One query tile into this key tile's (dk, dv, dk2, dv2): the BLOCK_M queries and output
     grads at qp, dop and their lse and delta at lse_p, delta_p, of which n_left remain. When
@@ -304,6 +305,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
     qk_scale = scale * 1.4426950408889634
     qp, dop, qp2, dop2, q_step, do_step = _streams(Q, sqb, sqh, sqn, DO, sdb, sdh, sdn, off_b, off_h,
                                                    BLOCK_M, BLOCK_D, BLOCK_D2)
+    # lse and delta as two pointers, each stepped: one offset stepped and added to both bases
+    # cost the loop 2 SASS instructions more per tile (233 vs 231, D=64, triton 3.6)
     lse_p = LSE + bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
     delta_p = DELTA + bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
     full = N - N % BLOCK_M
@@ -314,8 +317,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
         qp, dop, qp2, dop2 = qp + q_step, dop + do_step, qp2 + q_step, dop2 + do_step
         lse_p, delta_p = lse_p + BLOCK_M, delta_p + BLOCK_M
     if TAIL > 0:
-        qp, dop, qp2, dop2, _, _ = _streams(Q + full * sqn, sqb, sqh, sqn, DO + full * sdn, sdb, sdh,
-                                            sdn, off_b, off_h, TAIL, BLOCK_D, BLOCK_D2)
+        qp, dop, qp2, dop2, _, _ = _streams(Q + full * sqn, sqb, sqh, sqn, DO + full * sdn, sdb,
+                                            sdh, sdn, off_b, off_h, TAIL, BLOCK_D, BLOCK_D2)
         at = bh.to(tl.int64) * N + full + tl.arange(0, TAIL)
         dk, dv, dk2, dv2 = _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, LSE + at, DELTA + at, dk,
                                       dv, dk2, dv2, qk_scale, N - full, D, TAIL, BLOCK_D, BLOCK_D2,
@@ -345,8 +348,8 @@ def _dq_step(q, q2, do, do2, kp, vp, kp2, vp2, dq, dq2, lse, delta, qk_scale, n_
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                 sob, soh, son, sdb, sdh, sdn, sgb, sgh, sgn, ROW0, H, N, D, scale, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                 sob, soh, son, sdb, sdh, sdn, sgb, sgh, sgn, ROW0, H, N, D, scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                  PRECISION: tl.constexpr, TAIL: tl.constexpr):
     # Full key tiles of BLOCK_N, then the last N % BLOCK_N keys in one masked tile of TAIL.
     bh = tl.program_id(1)
@@ -379,8 +382,8 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, s
     if TAIL > 0:
         kp, vp, kp2, vp2, _, _ = _streams(K + full * skn, skb, skh, skn, V + full * svn, svb, svh,
                                           svn, off_b, off_h, TAIL, BLOCK_D, BLOCK_D2)
-        dq, dq2 = _dq_step(q, q2, do, do2, kp, vp, kp2, vp2, dq, dq2, lse, delta, qk_scale, N - full,
-                           D, TAIL, BLOCK_D, BLOCK_D2, PRECISION, True)
+        dq, dq2 = _dq_step(q, q2, do, do2, kp, vp, kp2, vp2, dq, dq2, lse, delta, qk_scale,
+                           N - full, D, TAIL, BLOCK_D, BLOCK_D2, PRECISION, True)
     _store(DQ, rows, sgb, sgh, sgn, off_b, off_h, N, D, dq * scale, 0, BLOCK_D)
     if BLOCK_D2 > 0:
         _store(DQ, rows, sgb, sgh, sgn, off_b, off_h, N, D, dq2 * scale, BLOCK_D, BLOCK_D2)
