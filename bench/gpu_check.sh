@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [DIR]     # DIR: also copy the results there, and all logs as logs.txt
 #   DEIT_FAST_COMMIT=$(git rev-parse --short HEAD) ...  # name the commit when the copy's .git is stale
-#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,ops,models; opt-in: tune)
+#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,demo,ops,models; opt-in: tune)
 #   GPU_CHECK_DEADLINE=400 ...        # seconds for the whole run (default 550)
 #
 # Each step has a cap in seconds and all share the deadline, so the whole run stays under
@@ -15,9 +15,9 @@
 # starting new cases (--time-budget) and list the cases they did not run. Parts in order of value:
 #   1. install (sm_90 only) in the background while the Triton `gpu` tests run (they need no
 #      extension; pytest-xdist spreads their compiles over the cores where it imports), then the
-#      CUDA-extension `gpu` tests (tests/ops/*_cuda.py, compute-sanitizer runs included), then
-#      the host overhead per op call (bench/overhead.py, in the logs only), then `deit-fast demo`
-#      cut to a few epochs on the GPU;
+#      CUDA-extension `gpu` tests (tests/ops/*_cuda.py, compute-sanitizer runs included); part
+#      `demo`: the host overhead per op call (bench/overhead.py, in the logs only), then
+#      `deit-fast demo` cut to a few epochs on the GPU;
 #   2. every bench/ops/*.py at its default GPU shapes and dtypes (attention first): their cases
 #      run dtype-major, so the first dtype is covered first (torch.compile's static-shape compile
 #      per case is most of the time);
@@ -39,7 +39,7 @@ work=$(mktemp -d)
 steps=$work/steps.tsv
 : >"$steps"
 deadline=$((SECONDS + ${GPU_CHECK_DEADLINE:-550}))
-parts=",${GPU_CHECK_PARTS:-tests,ops,models},"
+parts=",${GPU_CHECK_PARTS:-tests,demo,ops,models},"
 want() { [[ $parts == *",$1,"* ]]; }  # want PART: whether this run includes it
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # no download, ever
 
@@ -97,11 +97,11 @@ want tests && pytest_gpu pytest_gpu_triton "$(budget 160)" tests --ignore-glob='
 want tests && pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
 
 # Host time per op call at tiny shapes, per backend: the table is in this step's log.
-want tests && step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --out "$work/overhead"
+want demo && step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --out "$work/overhead"
 
 # The trainer end to end on the GPU (data loading, bf16, distillation, checkpoints, logs): the
 # README's main job cut to a few epochs; its accuracy table is at the end of this step's log.
-want tests && step demo_gpu "$(budget 75)" "$PY" -m deit_fast demo --device cuda --epochs 3 --teacher-epochs 2 \
+want demo && step demo_gpu "$(budget 75)" "$PY" -m deit_fast demo --device cuda --epochs 3 --teacher-epochs 2 \
   --no-soft --num_workers 4 --output_dir "$work/demo"
 
 # The attention kernels first (the largest unknowns), then the memory-bound ops; any bench/ops
@@ -119,8 +119,9 @@ declare -A extra=(
   [class_attention]="--impls triton,cuda,eager,sdpa_cudnn"
   [talking_heads]="--shapes cait_s_224,cait_xxs_224,cait_m_224"  # 8 heads first: which family wins
 )
-# The most cases and impls (talking heads: 8 Triton kernels to compile, torch.compile); the rest 40 s
-declare -A caps=([attention]=60 [talking_heads]=70)
+# The most cases and impls (talking heads: 8 Triton kernels to compile, torch.compile) and the
+# largest unknowns; the rest 40 s
+declare -A caps=([attention]=90 [talking_heads]=90)
 want ops || order=()
 for op in "${order[@]}"; do
   cap=$(budget "${caps[$op]:-40}")
