@@ -6,11 +6,8 @@
 A tunable is a set of module constants of one kernel file that its host code reads at each call:
   - attention.FWD, attention.BWD_Q, attention.BWD_KV (kernels/attention.py): one kernel's tile
     dict each, 16 candidates, and for head dims that are not a power of two each with one masked
-    block and with split blocks (SPLIT_HEAD_DIM). The forward's 64-wide key tiles were chosen from
-    SASS instruction counts, not timed (2026-11-26): this times them.
-  - attention.tail_fwd, attention.tail_bwd (kernels/attention.py): TAIL_ROWS, the second launch
-    of 16-row one-warp programs for a sequence's last rows (shipped 2026-11-26 from SASS counts,
-    never timed), against no second launch and against two warps: 3 candidates each.
+    block and with split blocks (SPLIT_HEAD_DIM). The shipped ones are this sweep's fastest on an
+    H100 (2026-11-26, bench/results/2026-11-26-nvidia-h100-tune.md).
   - class_attention.fwd, class_attention.bwd (kernels/class_attention.py): the tile size, warps
     and programs per SM that set the key-axis split, 18 candidates each.
   - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
@@ -145,12 +142,6 @@ def _attention_grid(kernel: str) -> List[dict]:
     return [{kernel: dict(t, num_warps=w, num_stages=s)} for t in tiles for w in (4, 8) for s in (2, 3)]
 
 
-def _tail_rows_grid() -> List[dict]:
-    """TAIL_ROWS off (every row in the 64-row programs) and at two warps."""
-    shipped = attention_kernels.TAIL_ROWS
-    return [{"TAIL_ROWS": dict(shipped, most=0)}, {"TAIL_ROWS": dict(shipped, num_warps=2)}]
-
-
 def _class_attention_grid(tile: str) -> List[dict]:
     return [{tile: t, "NUM_WARPS": w, "PROGRAMS_PER_SM": p}
             for t in (2048, 4096, 8192) for w in (4, 8) for p in (2, 4, 8)]
@@ -185,15 +176,13 @@ class Tunable:
 
 
 TUNABLES = {  # in the order a time-capped run reaches them: the least measured first
-    "attention.tail_fwd": Tunable("attention", "fwd", _tail_rows_grid()),
-    "attention.tail_bwd": Tunable("attention", "bwd", _tail_rows_grid()),
-    "attention.FWD": Tunable("attention", "fwd", _attention_grid("FWD"), split=True),
     "talking_heads.tc_fwd": Tunable("talking_heads", "fwd", _talking_heads_grid()),
     "talking_heads.tc_bwd": Tunable("talking_heads", "bwd", _talking_heads_grid()),
-    "attention.BWD_Q": Tunable("attention", "bwd", _attention_grid("BWD_Q"), split=True),
-    "attention.BWD_KV": Tunable("attention", "bwd", _attention_grid("BWD_KV"), split=True),
     "class_attention.fwd": Tunable("class_attention", "fwd", _class_attention_grid("FWD_TILE")),
     "class_attention.bwd": Tunable("class_attention", "bwd", _class_attention_grid("BWD_TILE")),
+    "attention.FWD": Tunable("attention", "fwd", _attention_grid("FWD"), split=True),
+    "attention.BWD_Q": Tunable("attention", "bwd", _attention_grid("BWD_Q"), split=True),
+    "attention.BWD_KV": Tunable("attention", "bwd", _attention_grid("BWD_KV"), split=True),
 }
 
 

@@ -3,28 +3,20 @@
 Sized for ViT sequence lengths (N = 197/198 at 224 px, 577/578 at 384 px), not long text. At
 head dims up to 64 these loops are bound by instruction issue rather than by their MMAs: a
 score's softmax (scale, max, exp2, sum, convert) and the accumulator's rescaling cost more issue
-slots than its 2 D multiply-adds on the tensor cores. So the loops take the fewest instructions
-per score: the scale rides in the FFMA of the max subtraction, K and V pointers advance by one
-add a tile, the forward's key tiles are 64 wide (the rescaling of the 64-column accumulator is
-paid per 64 keys, not 32), and each loop streams only full tiles, without masks: the last
-N % 64 keys (N % 32 in the backward) take one masked tile of 16, 32 or 64 after it (_tail). So
-N = 197 streams 3 x 64 + 16 keys in the forward, not 4 x 64, and the backward 6 x 32 + 16 keys
-and queries, not 7 x 32. SASS instructions a thread issues per (batch, head) at N = 197, D = 64,
-sm_90, triton 3.6, per full tile of the loop / in all (the sum over a (batch, head)'s programs
-of their loop and straight-line code, `python tests/aot/compile_triton.py attention`):
-  fwd    327 / 7956 with a masked 4th tile in the loop -> 321 / 7176 (-10 %)
-  dq     169 / 7576 -> 173 / 7812 (+3 %: a 16-wide tail tile costs as much as a 32-wide one)
-  dk/dv  261 / 9848 -> 231 / 8684 (-12 %: full query tiles load lse and delta unmasked)
-At N = 577: -6 % fwd, -6 % fwd + bwd. Registers at D = 64: fwd 128 -> 107. The rows a program
-owns have a ragged end too: see TAIL_ROWS (with it, N = 197 in all: fwd -25 %, dq -12 %, dk/dv
--26 % of the warp-instructions per (batch, head) before either change). (The forward's 64-wide
-tiles: 268 per 64x32 tile -> 327 per 64x64, -39 % per score.) The dq kernel keeps its tail for
-all that: at ViT lengths (N % 64 < 32) it is the forward's, so both compute the last keys'
-logits in same-shaped products. numpy (the interpreter) rounds a product by its shape, and a dq
-whose logits share a large component needs the two to agree
+slots than its 2 D multiply-adds on the tensor cores. So the loops take few instructions per
+score: the scale rides in the FFMA of the max subtraction, K and V pointers advance by one add a
+tile, and each loop streams only full tiles, without masks: the last N % BLOCK_N keys (or
+queries) take one masked tile of 16, 32 or 64 after it (_tail), so N = 197 streams 6 x 32 + 16
+keys, not 7 x 32. The dq kernel's key tiles are the forward's width, so at ViT lengths both
+compute the last keys' logits in same-shaped products: numpy (the interpreter) rounds a product
+by its shape, and a dq whose logits share a large component needs the two to agree
 (test_all_negative_logits_keep_grads_finite).
-Not yet timed on a GPU (bench.tune). Head dims that are not a power of two (CaiT's 48) use one
-masked 64-wide block or two exact ones (32 + 16): SPLIT_HEAD_DIM below.
+
+Tiles (FWD, BWD_Q, BWD_KV, SPLIT_HEAD_DIM) are the fastest `python -m bench.tune` found on an
+H100 (2026-11-26, bench/results/2026-11-26-nvidia-h100-tune.md). What it also measured: a
+second launch of 16-row one-warp programs for the last rows of a sequence (N % 64 <= 32) took
+fewer SASS instructions (-22 % per (batch, head) at N = 197) but ran 4-16 % slower than one
+masked program, so a program's last tile of rows stays masked.
 
 Forward: one program per (query tile, batch*head); online softmax in fp32; saves only the
 log-sum-exp (lse) per query row. Backward: FlashAttention-2's recomputation, split in two kernels
@@ -46,17 +38,21 @@ import triton.language as tl
 
 from . import cdiv, next_pow2
 
-FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-BWD_KV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)   # key tile owns dk, dv
-BWD_Q = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)    # query tile owns dq
+# bench.tune on an H100, 2026-11-26, vs the tiles before (all 64 x 64 / 32 x 64 / 64 x 32, 4
+# warps, 2 stages), N = 197 at D = 64 (H = 6) and D = 48 (H = 8), B = 256, each kernel alone:
+# FWD 1.43x and 1.24x; BWD_Q 1.10x and 1.06x; BWD_KV 1.07x and 1.17x (split head dim).
+FWD = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
+BWD_KV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)   # key tile owns dk, dv
+BWD_Q = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)   # query tile owns dq
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 
 
 # Head dims that are not a power of two: one masked block (48 -> 64, a quarter of the MMA work
 # and loads wasted) or two exact blocks (48 -> 32 + 16: twice the MMA instructions, each smaller).
-# Which is faster is a question for the GPU benchmark (bench/ops/attention.py, impl
-# triton_split); until it has answered, the masked block, the simpler code, is the default.
-SPLIT_HEAD_DIM = False
+# At D = 48 on an H100 (2026-11-26, bench/ops/attention.py, CUDA-graph times) the two blocks ran
+# fwd+bwd 1.14-1.15x cuDNN against 1.11-1.12x for the masked block; bench.tune's backward 384 vs
+# 429 us. 80 = 64 + 16 and 96 = 64 + 32 follow (untimed: no DeiT or CaiT has them).
+SPLIT_HEAD_DIM = True
 
 
 def _blocks(D: int, split: bool):
@@ -75,32 +71,6 @@ def _tail(N: int, block: int) -> int:
     smallest power of two >= 16 (tl.dot's least) that holds them, 0 if none are left."""
     rest = N % block
     return max(16, next_pow2(rest)) if rest else 0
-
-
-# A program owns a tile of 64 query rows (forward, dq) or key rows (dk/dv), so at N = 197 the
-# 4th of each (batch, head) holds 5 live rows and costs as much as a full one. Where at most 32
-# rows are left past the full tiles, they go to a second launch of 16-row programs of one warp
-# (mma.sync; a row's softmax stays inside its warp). SASS a program issues at N = 197, D = 64,
-# sm_90, triton 3.6, in warp-instructions, 64 rows x 4 warps / 16 rows x 1 warp: fwd 7176 / 2274,
-# dq 7812 / 2643, dk/dv 8684 / 2893; per (batch, head) -17 % in each kernel, for one more launch
-# per kernel. Past 32 rows the 16-row programs would cost more than the masked 64-row one; past
-# a 64-wide head (80, 96, 128: not DeiT's or CaiT's) one warp spills (up to 920 bytes of stack at
-# 128, and 72 at two warps), so those keep the masked 64-row program.
-TAIL_ROWS = dict(rows=16, num_warps=1, most=32, widest=64)
-
-
-def _row_launches(N: int, cfg: dict, owned: str, blocks):
-    """[(first row, programs, config)] of the launches that cover N rows in tiles of cfg[owned]
-    rows: one, or the full tiles and then the rest in TAIL_ROWS programs."""
-    rest = N % cfg[owned]
-    if not 0 < rest <= TAIL_ROWS["most"] or sum(blocks) > TAIL_ROWS["widest"]:
-        return [(0, cdiv(N, cfg[owned]), cfg)]
-    full = [(0, N // cfg[owned], cfg)] if N > rest else []
-    return full + [(N - rest, cdiv(rest, TAIL_ROWS["rows"]), _tail_rows(cfg, owned))]
-
-
-def _tail_rows(cfg: dict, owned: str) -> dict:
-    return dict(cfg, **{owned: TAIL_ROWS["rows"]}, num_warps=TAIL_ROWS["num_warps"])
 
 
 def _config(cfg: dict, blocks) -> dict:
@@ -215,14 +185,14 @@ def _fwd_step(q, q2, kp, vp, kp2, vp2, m, l, acc, acc2, qk_scale, n_left, D, BLO
 
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-              ROW0, H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr,
               TAIL: tl.constexpr):
     """The keys in full tiles of BLOCK_N without masks, then the last N % BLOCK_N of them in one
     masked tile of TAIL (_tail): N = 197 streams 3 x 64 + 16 keys, not 4 x 64."""
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = ROW0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     q2, acc2 = q, acc  # stand-ins, unused without a second head-dim block
@@ -283,7 +253,7 @@ def _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, lse_p, delta_p, dk, dv, dk2, dv
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                   sdb, sdh, sdn, sgb, sgh, sgn, ROW0, H, N, D, scale, BLOCK_M: tl.constexpr,
+                   sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, scale, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                    PRECISION: tl.constexpr, TAIL: tl.constexpr):
     # DQ, DK and DV share one layout, strides (sgb, sgh, sgn): contiguous, or the slices of one
@@ -291,7 +261,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
     # last N % BLOCK_M queries in one masked tile of TAIL (as _attn_fwd's keys).
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    cols = ROW0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, 0, BLOCK_D)
     v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, 0, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -348,13 +318,13 @@ def _dq_step(q, q2, do, do2, kp, vp, kp2, vp2, dq, dq2, lse, delta, qk_scale, n_
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                 sob, soh, son, sdb, sdh, sdn, sgb, sgh, sgn, ROW0, H, N, D, scale,
+                 sob, soh, son, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                  PRECISION: tl.constexpr, TAIL: tl.constexpr):
     # Full key tiles of BLOCK_N, then the last N % BLOCK_N keys in one masked tile of TAIL.
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = ROW0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     # Runs before _attn_bwd_dkdv: stores delta = rowsum(dO * O) of its rows for it.
     q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
@@ -421,9 +391,9 @@ def forward(q, k, v, scale, split=None):
     blocks = _blocks(D, SPLIT_HEAD_DIM if split is None else split)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype))
-    for row0, programs, cfg in _row_launches(N, _config(FWD, blocks), "BLOCK_M", blocks):
-        _attn_fwd[(programs, B * H)](q, k, v, o, lse, *strides, row0, H, N, D, scale, **consts,
-                                     TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
+    cfg = _config(FWD, blocks)
+    _attn_fwd[(cdiv(N, cfg["BLOCK_M"]), B * H)](q, k, v, o, lse, *strides, H, N, D, scale, **consts,
+                                                TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     return o, lse
 
 
@@ -439,41 +409,34 @@ def backward(do, q, k, v, o, lse, scale, split=None, out=None):
     qkv, o_strides = (*_strides(q), *_strides(k), *_strides(v)), _strides(o)
     grads = (*_strides(do), *_strides(dq))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
-    for row0, programs, cfg in _row_launches(N, _config(BWD_Q, blocks), "BLOCK_M", blocks):
-        _attn_bwd_dq[(programs, B * H)](  # first: it writes delta
-            q, k, v, o, do, lse, delta, dq, *qkv, *o_strides, *grads, row0, H, N, D, scale,
-            **consts, TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
-    for row0, programs, cfg in _row_launches(N, _config(BWD_KV, blocks), "BLOCK_N", blocks):
-        _attn_bwd_dkdv[(programs, B * H)](
-            q, k, v, do, lse, delta, dk, dv, *qkv, *grads, row0, H, N, D, scale, **consts,
-            TAIL=_tail(N, cfg["BLOCK_M"]), **cfg)
+    cfg = _config(BWD_Q, blocks)
+    _attn_bwd_dq[(cdiv(N, cfg["BLOCK_M"]), B * H)](  # first: it writes delta
+        q, k, v, o, do, lse, delta, dq, *qkv, *o_strides, *grads, H, N, D, scale, **consts,
+        TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
+    cfg = _config(BWD_KV, blocks)
+    _attn_bwd_dkdv[(cdiv(N, cfg["BLOCK_N"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *qkv, *grads, H, N, D, scale, **consts,
+        TAIL=_tail(N, cfg["BLOCK_M"]), **cfg)
     return dq, dk, dv
 
 
 def aot_configs(dtype: str):
     """Every shipped kernel variant per head dim, for the sm_90 AOT test (see layerscale.py).
-    D and ROW0 are `aligned` too: every head dim in HEAD_DIMS and every launch's first row (0 or
-    a multiple of 64) is a multiple of 16, which the JIT specialises on (without it the AOT
-    variants are not the ones that run: 20 registers apart)."""
+    D is `aligned` too: every head dim in HEAD_DIMS is a multiple of 16, which the JIT
+    specialises on (without it the AOT variants are not the ones that run: 20 registers apart)."""
     strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
-    ints = dict.fromkeys(["ROW0", "H", "N", "D"] + strides, "i32")
+    ints = dict.fromkeys(["H", "N", "D"] + strides, "i32")
     ints["scale"] = "fp32"
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["LSE", "DELTA"], "*fp32"))
     variants = sorted({_blocks(d, split) for d in HEAD_DIMS for split in (False, True)})
-    # per kernel: its tiles, and its TAIL_ROWS programs; each with the tail tiles ViT takes (16)
-    # and the widest, the streamed tile's own width
-    kernels = ((_attn_fwd, FWD, "BLOCK_M", "BLOCK_N"), (_attn_bwd_dkdv, BWD_KV, "BLOCK_N", "BLOCK_M"),
-               (_attn_bwd_dq, BWD_Q, "BLOCK_M", "BLOCK_N"))
-    for blocks, (kernel, base, owned, streamed) in itertools.product(variants, kernels):
+    # the tail tiles: ViT's (16) and the widest, the streamed tile's own width
+    kernels = ((_attn_fwd, FWD, "BLOCK_N"), (_attn_bwd_dkdv, BWD_KV, "BLOCK_M"), (_attn_bwd_dq, BWD_Q, "BLOCK_N"))
+    for blocks, (kernel, base, streamed) in itertools.product(variants, kernels):
+        cfg = _config(base, blocks)
         sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
-        cfgs = [_config(base, blocks)]
-        if sum(blocks) <= TAIL_ROWS["widest"]:
-            cfgs.append(_tail_rows(cfgs[0], owned))
-        for cfg in cfgs:
-            for tail in sorted({16, cfg[streamed]}):
-                constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-                constexprs.update(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION="tf32", TAIL=tail)
-                yield dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
-                           num_stages=cfg["num_stages"], aligned=(*strides, "D", "ROW0"),
-                           matmul=cfg["num_warps"] >= 4)  # wgmma takes a warpgroup
+        for tail in sorted({16, cfg[streamed]}):
+            constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+            constexprs.update(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION="tf32", TAIL=tail)
+            yield dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"], aligned=(*strides, "D"), matmul=True)

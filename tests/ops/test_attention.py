@@ -66,22 +66,6 @@ def test_split_head_dim_matches_reference(shape, dtype, monkeypatch):
     check(*qkv_views(*shape, dtype))
 
 
-def test_row_launches_cover_every_row_once():
-    """A program's tile of rows: full tiles in one launch, and where at most 32 rows are left past
-    them at a head dim up to 64, those in a second launch of 16-row one-warp programs."""
-    from deit_fast.kernels import attention
-    for blocks, N in itertools.product([(64, 0), (32, 16), (128, 0)], range(1, 300)):
-        cfg = attention._config(attention.FWD, blocks)
-        launches = attention._row_launches(N, cfg, "BLOCK_M", blocks)
-        covered = [row for row0, programs, c in launches
-                   for row in range(row0, row0 + programs * c["BLOCK_M"]) if row < N]
-        assert covered == list(range(N)), (blocks, N)
-        rest = N % 64
-        split = 0 < rest <= 32 and sum(blocks) <= 64
-        assert [c["num_warps"] for *_, c in launches][-1] == (1 if split else cfg["num_warps"])
-        assert len(launches) == 1 + (split and N > 64)
-
-
 def test_scale_and_contiguous_inputs():
     q, k, v = (t.contiguous() for t in qkv_views(2, 3, 65, 48, torch.float32))
     check(q, k, v, scale=0.37)
