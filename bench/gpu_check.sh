@@ -115,7 +115,7 @@ done
 # Within the caps, only the baselines the targets name (the fastest forced SDPA backend for
 # attention; timm eager and cudnn for class-attention), and the shapes with targets first.
 declare -A extra=(
-  [attention]="--impls triton,triton_split,cuda,sdpa_cudnn,sdpa_flash,sdpa_efficient --shapes d48_h8_n197,d48_h4_n196,deit_small_224,deit_base_224,deit_tiny_224,deit_small_distilled_224,d48_h8_n576,deit_base_384"
+  [attention]="--impls triton,triton_masked,cuda,sdpa_cudnn,sdpa_flash,sdpa_efficient --shapes d48_h8_n197,d48_h4_n196,deit_small_224,deit_base_224,deit_tiny_224,deit_small_distilled_224,d48_h8_n576,deit_base_384"
   [class_attention]="--impls triton,cuda,eager,sdpa_cudnn"
   [talking_heads]="--shapes cait_s_224,cait_xxs_224,cait_m_224"  # 8 heads first: which family wins
 )
@@ -130,10 +130,10 @@ for op in "${order[@]}"; do
   jsonl+=("$work/$op.jsonl")
 done
 
-# Opt-in (GPU_CHECK_PARTS=tune, alone; up to 7 minutes): the tile-config sweep of the attention,
-# talking-heads and class-attention kernels (bench/tune.py), self-attention's forward and the
-# talking-heads tensor-core tiles first; its table is in
-# the log and in tune.md beside the results.
+# Opt-in (GPU_CHECK_PARTS=tune, alone; up to 7 minutes): the tile-config sweep of the
+# talking-heads, residual + LayerNorm, class-attention and self-attention kernels (bench/tune.py),
+# in that order (the least measured first); its table is in the log and in tune.md beside the
+# results.
 if want tune; then
   cap=$(budget 420)
   step bench_tune "$cap" "$PY" -m bench.tune --time-budget $((cap - 30)) --out "$work/tune"

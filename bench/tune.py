@@ -13,6 +13,11 @@ A tunable is a set of module constants of one kernel file that its host code rea
   - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
     tensor-core kernels' row tiles, warps and pipeline stages, 7 candidates each (the shipped
     ones were chosen from SASS counts, registers and shared memory, never timed).
+  - layerscale.ln_fwd, layerscale.ln_bwd (kernels/layerscale.py): the residual + LayerNorm's
+    elements per program tile, and in the backward the row strips (BWD_PROGRAMS, which the plain
+    layerscale backward shares) that set how many programs stream rows and write column
+    partials: 4 and 15 candidates. An H100 (2026-11-26) ran the backward at 29-42 % of the HBM
+    roofline, half the CUDA kernel's speed.
 For each candidate it sets the constants, checks the outputs against an fp32 reference (error at
 most twice the shipped config's plus a floor, the FlashAttention rule of tests/ops), times the
 kernel module's own forward or backward (the backward times all its kernels, so a candidate of
@@ -43,9 +48,11 @@ import torch
 from bench import common  # first: turns the interpreter on when there is no GPU
 from bench.ops import attention as attention_bench
 from bench.ops import class_attention as class_attention_bench
+from bench.ops import layerscale as layerscale_bench
 from bench.ops import talking_heads as talking_heads_bench
 from deit_fast.kernels import attention as attention_kernels
 from deit_fast.kernels import class_attention as class_attention_kernels
+from deit_fast.kernels import layerscale as layerscale_kernels
 from deit_fast.kernels import talking_heads as talking_heads_kernels
 from deit_fast.ops import reference
 
@@ -62,6 +69,9 @@ class Op:
     inputs: Callable[[tuple, torch.dtype, torch.device], tuple]  # -> (q, k, v, do)
     reference_fn: Callable
     smoke_shape: tuple
+
+    def scale(self, shape: tuple):
+        return shape[3] ** -0.5  # (B, H, N, D): the softmax scale
 
     def forward(self, q, k, v, do, scale):
         return self.module.forward(q, k, v, scale)
@@ -91,6 +101,44 @@ class TalkingHeadsOp(Op):
         leaves = [t.detach().float().requires_grad_() for t in (q, k, v, w_l, w_w, b_w)]
         o = self.reference_fn(*leaves[:4], b_l, *leaves[4:], scale)
         return (o.detach(), *torch.autograd.grad(o, leaves, do.float()))
+
+
+class ResidualLayerNormOp(Op):
+    """Inputs (x, y, gamma, drop-path scale, weight, bias, dout, dnormed) at (B, N, C): x fp32 and
+    y in the tuned dtype (timm's residual stream under autocast), fp32 parameters. forward gives
+    (normed, (out, mean, rstd)), in the (output, saved) pair measure() expects."""
+    EPS = 1e-6
+
+    def scale(self, shape: tuple):
+        return None
+
+    def forward(self, x, y, gamma, keep, weight, bias, dout, dnormed, scale):
+        out, normed, mean, rstd = self.module.residual_layernorm_forward(
+            x, y, gamma, keep, weight, bias, self.EPS, torch.float32)
+        return normed, (out, mean, rstd)
+
+    def backward(self, inputs, normed, saved, scale):
+        x, y, gamma, keep, weight, bias, dout, dnormed = inputs
+        out, mean, rstd = saved
+        return self.module.residual_layernorm_backward(dout, dnormed, out, y, gamma, keep, weight,
+                                                       mean, rstd, x.dtype)
+
+    def reference(self, x, y, gamma, keep, weight, bias, dout, dnormed, scale):
+        leaves = [t.detach().float().requires_grad_() for t in (x, y, gamma, weight, bias)]
+        x32, y32, g32, w32, b32 = leaves
+        out = x32 + g32 * y32 * keep[:, None, None]
+        normed = torch.nn.functional.layer_norm(out, (out.shape[-1],), w32, b32, self.EPS)
+        return (normed.detach(), *torch.autograd.grad((out, normed), leaves, (dout, dnormed)))
+
+
+def _residual_layernorm_inputs(shape, dtype, device):
+    B, N, C = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    def t(*s, dt=torch.float32, std=1.0):  # noqa: E306
+        return (torch.randn(*s, generator=g) * std).to(device=device, dtype=dt)
+    keep = (torch.rand(B, generator=g) < 0.9).float().to(device) / 0.9  # DeiT's drop path 0.1
+    return (t(B, N, C), t(B, N, C, dt=dtype), t(C, std=0.1), keep, 1 + t(C, std=0.1), t(C, std=0.1),
+            t(B, N, C), t(B, N, C))
 
 
 def _projection_views(B, N, H, D, parts, dtype, device, seed=0):
@@ -131,6 +179,9 @@ OPS = {
     "talking_heads": TalkingHeadsOp(talking_heads_kernels, talking_heads_bench.SHAPES,
                                     ("cait_s_224", "cait_xxs_224"), _talking_heads_inputs,
                                     reference.talking_heads_attention, (1, 8, 9, 48)),
+    "layerscale": ResidualLayerNormOp(layerscale_kernels, layerscale_bench.SHAPES,
+                                      ("deit_tiny_224", "deit_small_224"), _residual_layernorm_inputs,
+                                      None, (2, 9, 96)),
 }
 
 
@@ -153,6 +204,13 @@ def _talking_heads_grid() -> List[dict]:
     changes = [dict(num_stages=1), dict(num_stages=3), dict(num_warps=4), dict(BLOCK_M=32),
                dict(BLOCK_N=32), dict(BLOCK_M=32, num_stages=1)]
     return [{"TC_TILES": dict(shipped, **c)} for c in changes]
+
+
+def _layernorm_grid(direction: str) -> List[dict]:
+    if direction == "fwd":
+        return [{"LN_FWD_TILE": t} for t in (1024, 2048, 4096, 8192)]
+    return [{"LN_BWD_TILE": t, "BWD_PROGRAMS": p} for t in (1024, 2048, 4096)
+            for p in (512, 1024, 2048, 4096, 8192)]
 
 
 @dataclasses.dataclass
@@ -178,6 +236,8 @@ class Tunable:
 TUNABLES = {  # in the order a time-capped run reaches them: the least measured first
     "talking_heads.tc_fwd": Tunable("talking_heads", "fwd", _talking_heads_grid()),
     "talking_heads.tc_bwd": Tunable("talking_heads", "bwd", _talking_heads_grid()),
+    "layerscale.ln_bwd": Tunable("layerscale", "bwd", _layernorm_grid("bwd")),
+    "layerscale.ln_fwd": Tunable("layerscale", "fwd", _layernorm_grid("fwd")),
     "class_attention.fwd": Tunable("class_attention", "fwd", _class_attention_grid("FWD_TILE")),
     "class_attention.bwd": Tunable("class_attention", "bwd", _class_attention_grid("BWD_TILE")),
     "attention.FWD": Tunable("attention", "fwd", _attention_grid("FWD"), split=True),
@@ -223,9 +283,9 @@ def tune(name: str, shape_name: str, shape: tuple, args) -> List[dict]:
     tunable = TUNABLES[name]
     op = OPS[tunable.op]
     inputs = op.inputs(shape, args.dtype, args.device)
-    scale = shape[3] ** -0.5
+    scale = op.scale(shape)
     want = op.reference(*inputs, scale)
-    cands = tunable.candidates(shape[3])[:args.limit or None]
+    cands = tunable.candidates(shape[-1])[:args.limit or None]
     rows, shipped_error = [], None
     for i, candidate in enumerate(cands):
         if time.monotonic() > args.deadline:
