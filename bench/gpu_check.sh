@@ -96,8 +96,9 @@ want tests && pytest_gpu pytest_gpu_triton "$(budget 160)" tests --ignore-glob='
 [[ -n $installing ]] && wait "$installing"
 want tests && pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
 
-# Host time per op call at tiny shapes, per backend: the table is in this step's log.
-want demo && step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --out "$work/overhead"
+# Host time per op call at tiny shapes, per backend, and where the triton forwards spend it
+# (cProfile): in this step's log.
+want demo && step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --profile --out "$work/overhead"
 
 # The trainer end to end on the GPU (data loading, bf16, distillation, checkpoints, logs): the
 # README's main job cut to a few epochs; its accuracy table is at the end of this step's log.

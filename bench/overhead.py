@@ -8,15 +8,23 @@ their bwd while SDPA's did not; this bench says where that time goes, per backen
     python -m bench.overhead                 # every op, every backend that can run here
     python -m bench.overhead --calls 200 --out out/overhead
     python -m bench.overhead --stub-kernels  # the host path alone, also on a CPU (see below)
+    python -m bench.overhead --ops attention --profile  # + where one op's triton forward spends it
 
 fwd: under no_grad; fwd(grad): inputs that require grad, no backward; fwd+bwd: forward, then
 backward of the output against a fixed grad. Prints one markdown table; --out also writes .jsonl.
 --stub-kernels replaces every Triton kernel of deit_fast.kernels by one that launches nothing:
 the triton rows are then the host path alone (checks, dispatch, autograd, allocations, grid
 arithmetic), which a CPU can time too, where the interpreter would otherwise dominate.
+--profile: cProfile of --calls forward calls of each op on the triton backend, the functions
+with the most own time. On an H100 (2026-11-26) one Triton launch cost the distillation loss
+about 130 us more host time than its CUDA-extension twin behind the same op layer; this says
+which of Triton's launch steps (binding, specialisation, cache key, launcher) it is.
 """
 import argparse
+import cProfile
 import importlib
+import io
+import pstats
 import json
 import pkgutil
 from pathlib import Path
@@ -105,6 +113,23 @@ def measure(op: str, make: Callable[[bool], tuple], backend: str, calls: int, de
     return {"fwd": fwd, "fwd(grad)": fwd_grad, "fwd+bwd": both}
 
 
+def profile(op: str, make: Callable[[bool], tuple], calls: int, device, top: int = 15) -> str:
+    """The `top` functions by own time over `calls` no-grad triton forwards of op (after one)."""
+    call, args = make(False)
+    with torch.no_grad(), ops.use_backend("triton"):
+        call(*args)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            call(*args)
+        prof.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return f"### {op}: cProfile of {calls} triton forwards, by own time\n{text.getvalue()}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,6 +138,8 @@ def main(argv=None):
     p.add_argument("--out", help="also write <out>.jsonl")
     p.add_argument("--stub-kernels", action="store_true",
                    help="Triton kernels launch nothing: the triton rows time the host path alone")
+    p.add_argument("--profile", action="store_true",
+                   help="after the table, cProfile each op's triton forward (own time per function)")
     args = p.parse_args(argv)
     stubbed = f", {stub_kernels()} Triton kernels stubbed out" if args.stub_kernels else ""
     device = torch.device(args.device)
@@ -132,6 +159,9 @@ def main(argv=None):
             us = measure(op, makers[op], backend, args.calls, device)
             rows.append({"op": op, "backend": backend, "stubbed": args.stub_kernels and backend == "triton", **us})
             print(f"| {op} | {backend} | {us['fwd']:.1f} | {us['fwd(grad)']:.1f} | {us['fwd+bwd']:.1f} |")
+    for op in names if args.profile else ():
+        if _backend.unavailable(PACKED.get(op, op), "triton", device.type) is None:
+            print("\n" + profile(op, makers[op], args.calls, device))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(f"{args.out}.jsonl", "w") as f:

@@ -119,8 +119,11 @@ def test_overhead(tmp_path):
 def test_overhead_with_stubbed_kernels(tmp_path):
     # The triton rows time the host path alone: no kernel runs, not even in the interpreter.
     out = run("bench.overhead", "--device", "cpu", "--calls", "2", "--ops", "class_attention",
-              "--stub-kernels", "--out", str(tmp_path / "overhead"))
+              "--stub-kernels", "--profile", "--out", str(tmp_path / "overhead"))
     assert int(re.search(r", (\d+) Triton kernels stubbed out", out).group(1)) > 20
+    # --profile: the op's own Python functions, by own time, for 2 calls after the table
+    assert "### class_attention: cProfile of 2 triton forwards" in out
+    assert re.search(r"\n\s+2\s.*ops/class_attention\.py:\d+\(class_attention\)", out)
     rows = [json.loads(line) for line in (tmp_path / "overhead.jsonl").read_text().splitlines()[1:]]
     assert {r["backend"]: r["stubbed"] for r in rows} == {"torch": False, "triton": True}
     for r in rows:
