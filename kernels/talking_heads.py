@@ -287,18 +287,19 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
 # per-head products are batched 3D dots, and each mixing is one [16, 16] x [16, M*N] dot with a
 # block-diagonal weight (see _tiles_tc). Instructions a thread issues per real (g, i, j) score,
 # bf16, D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), fwd / bwd:
-#   heads                  2          4          6          8          16
-#   CUDA cores          82 / 255  101 / 376  212 / 880  208 / 893  577 / 2115
-#   tensor cores        40 / 137   38 / 136   54 / 183   40 / 137   38 / 138
+#   heads                           4          8          16
+#   CUDA cores                   101 / 376  208 / 893  577 / 2115
+#   tensor cores, tf32 mixing     38 / 136   40 / 137   38 / 138
+#   tensor cores, 16-bit mixing   36 / 113   35 / 115   35 / 117   (now: see _mix)
 # (Before the row blocks shared the 16 slots, the tensor-core kernels padded 4 heads to 16: 217 /
 # 583, and 8 heads: 109 / 292; streamed pointers and masks on the last tile only took 54 / 150 to
 # 44 / 138, and a forward loop of full tiles without masks 45 to 38-40. Programs that straddle
-# batch elements (_blocks) cost ~2 more.) So tensor cores run by default at every head count
-# (TENSOR_CORE_MIXING True); False forces the CUDA-core kernels, the only family timed on a GPU
-# so far. From H=4 to H=8 (2x the scores) the CUDA-core kernels' H200 times grew 2.8x (fwd) and
-# 3.0x (bwd), where these counts predict 4.1x and 4.8x: issue is not the whole cost, but the
-# counts ordered the two shapes as the clock did. bench.ops.talking_heads times both families
-# (impls triton: CUDA cores, triton_tc: tensor cores).
+# batch elements (_blocks) cost ~2 more.) On an H100 (2026-11-26, bench.ops.talking_heads, bf16,
+# tf32 mixing) the tensor-core family ran fwd+bwd at 256x8x196x48 in 3.76 ms against the CUDA-core
+# family's 11.0 ms (timm eager 7.43, torch.compile of it 5.92), and at 256x4x196x48 in 1.91 ms
+# (eager 6.34, compile 4.12). So tensor cores run by default at every head count
+# (TENSOR_CORE_MIXING True); False forces the CUDA-core kernels. bench.ops.talking_heads times both
+# families (impls triton: CUDA cores, triton_tc: tensor cores).
 TENSOR_CORE_MIXING = True
 # The tensor-core kernels' row tiles and launch options (bench.tune's talking_heads.tc times
 # others); see _tiles_tc for why 8 warps and 2 stages.
@@ -380,14 +381,14 @@ def _heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constex
 
 
 @triton.jit
-def _weights(W, H, head, group, TRANSPOSE: tl.constexpr):
-    """The [HP, HP] block-diagonal fp32 mixing matrix: W[head[s], head[t]] (W^T when TRANSPOSE)
-    where slots s and t are in one group, zero elsewhere and past H."""
+def _weights(W, H, head, group, TRANSPOSE: tl.constexpr, DT: tl.constexpr):
+    """The [HP, HP] block-diagonal mixing matrix in dtype DT (see _mix): W[head[s], head[t]] (W^T
+    when TRANSPOSE) where slots s and t are in one group, zero elsewhere and past H."""
     g = head[:, None]
     h = head[None, :]
     ptrs = W + h * H + g if TRANSPOSE else W + g * H + h
     mask = (group[:, None] == group[None, :]) & (g < H) & (h < H)
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0).to(DT)
 
 
 @triton.jit
@@ -400,15 +401,29 @@ def _fold(x, group, HP: tl.constexpr, HG: tl.constexpr):
 
 @triton.jit
 def _mix(w, x, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
-    """out[s] = sum_t w[s, t] x[t] for x [HP, M, N]: one product over the slot axis."""
-    flat = tl.dot(w, tl.reshape(x, [HP, M * N]), input_precision=PRECISION)
+    """out[s] = sum_t w[s, t] x[t] for x [HP, M, N]: one product over the slot axis, fp32 out.
+
+    Its operands (and _contract's) are rounded to the inputs' dtype, fp16 or bf16, as timm's
+    mixing Linear layers run under autocast; fp32 stays fp32. They used to enter the dot as fp32
+    in tf32, and on an H100 (2026-11-26) dw_l and dw_w of fp16 inputs at 196 tokens came out 2.6x
+    and 3.1x torch's own fp16 error, failing the test's 2x. The tensor cores read only an fp32
+    operand's top 19 bits, i.e. truncate it, and that bias toward zero adds up over the
+    B x N x N terms of a weight grad: the interpreter, made to truncate likewise, gave dw_l 2.25x
+    and dq 2.96x torch's error at 4 x 8 x 196 x 48, and rounded to nearest 0.84x and 0.95x. fp16
+    rounds to nearest with tf32's 11 significant bits, in one conversion per two values (an
+    integer rounding of fp32 cost two instructions per value), and its MMAs take twice the k per
+    instruction. bf16 keeps 8 bits, timm's own under autocast (not yet run on a GPU).
+    """
+    flat = tl.dot(w, tl.reshape(x, [HP, M * N]).to(w.dtype), input_precision=PRECISION)
     return tl.reshape(flat, [HP, M, N])
 
 
 @triton.jit
-def _contract(a, b, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
-    """[HP, HP] sum over (i, j) of a[s] * b[t]: the grad of a mixing matrix (before _fold)."""
-    return tl.dot(tl.reshape(a, [HP, M * N]), tl.trans(tl.reshape(b, [HP, M * N])),
+def _contract(a, b, DT: tl.constexpr, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """[HP, HP] fp32 sum over (i, j) of a[s] * b[t], operands in DT (see _mix): the grad of a
+    mixing matrix (before _fold)."""
+    return tl.dot(tl.reshape(a, [HP, M * N]).to(DT), tl.trans(tl.reshape(b, [HP, M * N])).to(DT),
                   input_precision=PRECISION)
 
 
@@ -469,8 +484,8 @@ def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, s
     head, group = _slots(HP, HG)
     off_b, rows = _blocks(B, N, group, HP, HG, BLOCK_M, STRADDLE)
     keys = tl.arange(0, BLOCK_N)[None, :]  # the same keys in every slot, from `start`
-    wl = _weights(WL, H, head, group, False)
-    ww = _weights(WW, H, head, group, False)
+    wl = _weights(WL, H, head, group, False, Q.dtype.element_ty)
+    ww = _weights(WW, H, head, group, False, Q.dtype.element_ty)
     bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
     q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
     m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
@@ -513,9 +528,9 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
     head, group = _slots(HP, HG)
     off_b, rows = _blocks(B, N, group, HP, HG, BLOCK_M, STRADDLE)
     keys = tl.arange(0, BLOCK_N)[None, :]
-    wl = _weights(WL, H, head, group, False)
-    wl_t = _weights(WL, H, head, group, True)
-    ww_t = _weights(WW, H, head, group, True)
+    wl = _weights(WL, H, head, group, False, Q.dtype.element_ty)
+    wl_t = _weights(WL, H, head, group, True, Q.dtype.element_ty)
+    ww_t = _weights(WW, H, head, group, True, Q.dtype.element_ty)
     lse = _load_rows(LSE, off_b, head, rows, H, N)
     q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
     do = _heads(DO, head, rows, sdb, sdh, sdn, off_b, H, N, D, BLOCK_D)
@@ -550,10 +565,11 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
         if start + BLOCK_N > N:
             p = tl.where(keys[:, None, :] < N - start, p, 0.0)
         dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
-        dww += _contract(dpm, p, HP, BLOCK_M, BLOCK_N, PRECISION)
+        dww += _contract(dpm, p, Q.dtype.element_ty, HP, BLOCK_M, BLOCK_N, PRECISION)
         dbw += tl.sum(tl.sum(dpm, 2), 1)
         ds = p * (_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) - delta[:, :, None])
-        dwl += _contract(ds, s, HP, BLOCK_M, BLOCK_N, PRECISION)  # scaled once, below
+        # scaled once, below
+        dwl += _contract(ds, s, Q.dtype.element_ty, HP, BLOCK_M, BLOCK_N, PRECISION)
         dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)  # grad of S[h]
         dq += tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
         kp += BLOCK_N * skn
@@ -576,14 +592,14 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
     head, group = _slots(HP, HG)
     off_b, cols = _blocks(B, N, group, HP, HG, BLOCK_N, STRADDLE)
     queries = tl.arange(0, BLOCK_M)[None, :]  # the same queries in every slot, from `start`
-    wl = _weights(WL, H, head, group, False)
+    wl = _weights(WL, H, head, group, False, Q.dtype.element_ty)
     k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
     if DK:
-        wl_t = _weights(WL, H, head, group, True)
-        ww_t = _weights(WW, H, head, group, True)
+        wl_t = _weights(WL, H, head, group, True, Q.dtype.element_ty)
+        ww_t = _weights(WW, H, head, group, True, Q.dtype.element_ty)
         v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)
     else:
-        ww = _weights(WW, H, head, group, False)
+        ww = _weights(WW, H, head, group, False, Q.dtype.element_ty)
         bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
     acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
     qp = _slot_ptrs(Q, head, queries, sqb, sqh, sqn, off_b, BLOCK_D)

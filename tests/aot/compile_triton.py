@@ -3,7 +3,7 @@
 Run as a script in a fresh process (TRITON_INTERPRET unset), since the test process decorates
 the kernels as interpreted functions. Prints one JSON line per variant: kernel, dtype, constexprs,
 registers, spill bytes (from cuobjdump on the cubin), shared memory bytes, whether the PTX uses
-wgmma, and `loop_instructions`: per loop of the SASS (in address order), the instructions a
+wgmma, its tf32 MMA instructions (`tf32_mma`), and `loop_instructions`: per loop of the SASS (in address order), the instructions a
 thread runs in one iteration that takes no forward branch (for the attention kernels: a full,
 unmasked tile).
 The kernels whose softmax work outweighs their MMAs are bound by instruction issue, so that count
@@ -97,7 +97,8 @@ def main(module_name: str) -> None:
             row = {"kernel": kernel.__name__, "triton": triton.__version__, "dtype": dtype,
                    "num_warps": cfg["num_warps"],
                    "constexprs": cfg["constexprs"], "aligned": bool(cfg["aligned"]),
-                   "matmul": cfg["matmul"], "wgmma": "wgmma" in compiled.asm["ptx"]}
+                   "matmul": cfg["matmul"], "wgmma": "wgmma" in compiled.asm["ptx"],
+                   "tf32_mma": len(re.findall(r"^\s*(?:wgmma|mma)\S*\.tf32", compiled.asm["ptx"], re.M))}
             row.update(resource_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared,
                        loop_instructions=loop_instructions(compiled.asm["cubin"]))
             print(json.dumps(row), flush=True)

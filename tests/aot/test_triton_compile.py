@@ -89,6 +89,15 @@ def test_matmul_kernels_use_wgmma(compiled):
             assert row["wgmma"], row
 
 
+# fp16/bf16 inputs multiply in 16 bits. An fp32 operand enters a tf32 MMA with its low 13 bits
+# dropped, and the talking-heads mixing-weight grads summed that bias over B x N x N terms: on an
+# H100 (2026-11-26) fp16 dw_w came out 3.1x torch's own error (kernels.talking_heads._mix). The
+# interpreter multiplies fp32 exactly, so only the compiled PTX shows it.
+def test_16bit_inputs_take_no_tf32_mma(compiled):
+    tf32 = [(row["kernel"], row["dtype"], row["tf32_mma"]) for row in compiled if row["tf32_mma"]]
+    assert not tf32, tf32
+
+
 def test_loop_instructions_are_counted(compiled):
     """Every kernel that streams tiles has a loop in its SASS, each with a positive count (the
     static speed measure of compile_triton.loop_instructions). The combine kernels have none."""
