@@ -1,10 +1,9 @@
 """Self-attention, flash style: softmax(q k^T * scale) v without the N x N matrix in memory.
 
 Sized for ViT sequence lengths (N = 197/198 at 224 px, 577/578 at 384 px), not long text. At
-head dims up to 64 these loops are bound by instruction issue rather than by their MMAs: a
-score's softmax (scale, max, exp2, sum, convert) and the accumulator's rescaling cost more issue
-slots than its 2 D multiply-adds on the tensor cores. So the loops take few instructions per
-score: the scale rides in the FFMA of the max subtraction, K and V pointers advance by one add a
+head dims up to 64 a score's softmax (scale, max, exp2, sum, convert) and the accumulator's
+rescaling cost more issue slots than its 2 D multiply-adds on the tensor cores, so the loops
+take few instructions per score (a proxy only: see the tail rows below): the scale rides in the FFMA of the max subtraction, K and V pointers advance by one add a
 tile, and each loop streams only full tiles, without masks: the last N % BLOCK_N keys (or
 queries) take one masked tile of 16, 32 or 64 after it (_tail), so N = 197 streams 6 x 32 + 16
 keys, not 7 x 32. The dq kernel's key tiles are the forward's width, so at ViT lengths both
