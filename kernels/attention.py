@@ -3,10 +3,10 @@
 Sized for ViT sequence lengths (N = 197/198 at 224 px, 577/578 at 384 px), not long text. At
 head dims up to 64 a score's softmax (scale, max, exp2, sum, convert) and the accumulator's
 rescaling cost more issue slots than its 2 D multiply-adds on the tensor cores, so the loops
-take few instructions per score (a proxy only: see the tail rows below): the scale rides in the FFMA of the max subtraction, K and V pointers advance by one add a
-tile, and each loop streams only full tiles, without masks: the last N % BLOCK_N keys (or
-queries) take one masked tile of 16, 32 or 64 after it (_tail), so N = 197 streams 6 x 32 + 16
-keys, not 7 x 32. The dq kernel's key tiles are the forward's width, so at ViT lengths both
+take few instructions per score (a proxy only: see the tail rows below). The scale rides in the
+FFMA of the max subtraction, K and V pointers advance by one add a tile, and each loop streams
+only full tiles, without masks: the last N % BLOCK_N keys (or queries) take one masked tile of
+16, 32 or 64 after it (_tail), so N = 197 streams 6 x 32 + 16 keys, not 7 x 32. The dq kernel's key tiles are the forward's width, so at ViT lengths both
 compute the last keys' logits in same-shaped products: numpy (the interpreter) rounds a product
 by its shape, and a dq whose logits share a large component needs the two to agree
 (test_all_negative_logits_keep_grads_finite).
@@ -98,7 +98,7 @@ def _row_ptrs(PTR, sb, sh, sn, off_b, off_h, D0: tl.constexpr, BLOCK_R: tl.const
               BLOCK_D: tl.constexpr):
     """Pointers to columns [D0, D0 + BLOCK_D) of rows 0 .. BLOCK_R of one (batch, head), for a
     loop that advances them BLOCK_R rows a step: one add per step where _tile's addresses cost
-    64-bit multiplies per row (the loops are bound by instruction issue, see the top)."""
+    64-bit multiplies per row (see the top)."""
     r = tl.arange(0, BLOCK_R).to(tl.int64)
     return PTR + off_b * sb + off_h * sh + r[:, None] * sn + (D0 + tl.arange(0, BLOCK_D))[None, :]
 

@@ -355,7 +355,7 @@ def _blocks(B, N, group, HP: tl.constexpr, HG: tl.constexpr, BLOCK: tl.constexpr
 def _slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D: tl.constexpr):
     """Pointers of a [HP, M, BLOCK_D] tile, slot s holding head[s] at rows[s] ([HP or 1, M]) of
     batch off_b[s]. A loop streaming a tensor computes them once and adds one step per tile:
-    recomputing them cost 64-bit multiplies per row (these loops are bound by instruction issue)."""
+    recomputing them cost 64-bit multiplies per row."""
     d = tl.arange(0, BLOCK_D)
     return (PTR + (off_b * sb + head.to(tl.int64) * sh)[:, None, None]
             + rows.to(tl.int64)[:, :, None] * sn + d[None, None, :])
@@ -435,8 +435,8 @@ def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRE
     return s, _mix(wl, s, HP, M, N, PRECISION)
 
 
-# Padding in the loops below, without per-score masks where the zeros make them harmless (the
-# loops are issue-bound): rows past N and slots past H load zero q, k, v and dO, so their logits
+# Padding in the loops below, without per-score masks where the zeros make them harmless (each
+# mask costs instructions per score): rows past N and slots past H load zero q, k, v and dO, so their logits
 # are 0, their lse (loaded as 0) finite, their dP' and ds zero, and nothing of theirs is stored.
 # Keys past N need a mask only on the last key tile: -inf in the row statistics, and p = 0, not
 # exp2(-lse), which overflows to inf for lse < -128 (inf times a zero row of V, or a zero mixing

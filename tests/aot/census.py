@@ -1,6 +1,8 @@
 """SASS instructions a thread issues per real (g, i, j) score of the talking-heads kernels, per
 mixing family and head count: the static measure behind kernels.talking_heads' default family
-(the kernels are bound by instruction issue; no GPU needed).
+(no GPU needed). A proxy, not a time: on an H100 (2026-11-26) these kernels issued at about a
+tenth of the rate the counts imply (one 8-warp CTA per SM; every mix crosses warps through
+shared memory).
 
     python tests/aot/census.py        # PYTHONPATH=<a triton 3.6 copy> for the GPU machine's
 

@@ -3,11 +3,12 @@
 Run as a script in a fresh process (TRITON_INTERPRET unset), since the test process decorates
 the kernels as interpreted functions. Prints one JSON line per variant: kernel, dtype, constexprs,
 registers, spill bytes (from cuobjdump on the cubin), shared memory bytes, whether the PTX uses
-wgmma, its tf32 MMA instructions (`tf32_mma`), and `loop_instructions`: per loop of the SASS (in address order), the instructions a
-thread runs in one iteration that takes no forward branch (for the attention kernels: a full,
-unmasked tile).
-The kernels whose softmax work outweighs their MMAs are bound by instruction issue, so that count
-is the static measure of their speed this machine has.
+wgmma, its tf32 MMA instructions (`tf32_mma`), and `loop_instructions`: per loop of the SASS (in
+address order), the instructions a thread runs in one iteration that takes no forward branch
+(for the attention kernels: a full, unmasked tile).
+In the kernels whose softmax work outweighs their MMAs that count is the static measure of
+speed this machine has; a proxy only: on an H100 (2026-11-26) a change that cut it 22 % ran
+4-16 % slower, and the talking-heads kernels ran at about a tenth of the issue rate it implies.
 
     python tests/aot/compile_triton.py attention     # (PYTHONPATH=<triton 3.6> for the GPU's)
 """

@@ -12,9 +12,9 @@ from tests.conftest import DEVICE
 from tests.ops.tolerance import assert_rule, poisoned_empty
 
 # (B, H, N, D): N = 197/198 are DeiT's 224 px lengths, 48 is CaiT's head dim.
-# The forward's key tiles are 64 wide, the backward's 32, and the last N % 64 (% 32) keys take one
-# masked tile of 16, 32 or 64 (kernels.attention._tail): N = 90 and 128 reach the 32-wide tail
-# and no tail at all.
+# Every kernel streams 32-wide tiles of keys (or queries) and takes the last N % 32 in one masked
+# tile of 16 or 32 (kernels.attention._tail): N = 90 and 128 reach the 32-wide tail and no tail
+# at all. A program owns 128 rows (forward, dq) or 64 keys (dk/dv): N = 197 leaves 69 and 5.
 SHAPES = [(1, 1, 1, 32), (2, 3, 7, 48), (3, 1, 65, 64), (1, 4, 197, 48), (2, 1, 198, 64),
           (1, 3, 197, 32), (1, 1, 577, 64), (1, 1, 33, 128), (1, 2, 40, 80), (1, 2, 90, 64),
           (1, 1, 128, 32)]
