@@ -16,7 +16,8 @@ A tunable is a set of module constants of one kernel file that its host code rea
   - layerscale.ln_fwd, layerscale.ln_bwd (kernels/layerscale.py): the residual + LayerNorm's
     elements per program tile, and in the backward the row strips (BWD_PROGRAMS, which the plain
     layerscale backward shares) that set how many programs stream rows and write column
-    partials: 4 and 15 candidates. An H100 (2026-11-26) ran the backward at 29-42 % of the HBM
+    partials, and the tiles in flight per strip (BWD_STAGES: 1 is no pipeline): 4 and 18
+    candidates. An H100 (2026-11-26) ran the backward, then unpipelined, at 29-42 % of the HBM
     roofline, half the CUDA kernel's speed.
 For each candidate it sets the constants, checks the outputs against an fp32 reference (error at
 most twice the shipped config's plus a floor, the FlashAttention rule of tests/ops), times the
@@ -210,7 +211,7 @@ def _layernorm_grid(direction: str) -> List[dict]:
     if direction == "fwd":
         return [{"LN_FWD_TILE": t} for t in (1024, 2048, 4096, 8192)]
     return [{"LN_BWD_TILE": t, "BWD_PROGRAMS": p} for t in (1024, 2048, 4096)
-            for p in (512, 1024, 2048, 4096, 8192)]
+            for p in (512, 1024, 2048, 4096, 8192)] + [{"BWD_STAGES": s} for s in (1, 2, 4)]
 
 
 @dataclasses.dataclass

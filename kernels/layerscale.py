@@ -16,6 +16,15 @@ from . import cdiv, next_pow2
 
 BLOCK_R, BLOCK_C, NUM_WARPS = 16, 256, 8  # 4096-element tiles, 16 per thread; 256 columns = 512 B of bf16
 BWD_PROGRAMS = 1024  # row strips in the backward: enough to fill 132 SMs a few times over
+# Row tiles a backward strip has in flight (tl.range's software pipeline: cp.async copies of the
+# next tiles' loads while this one computes). On an H100 (2026-11-26) the residual + LayerNorm
+# backward, then without it, ran at 29-42 % of the HBM roofline: its SASS loaded a tile, waited,
+# computed and stored, with nothing in flight across iterations. At 3 stages the 192-wide bf16
+# variant's loop holds 21 LDGSTS, and it needs 80 registers instead of 98 (3 programs of 8 warps
+# per SM, not 2) for 33 KB of shared memory. Not yet timed: bench.tune's layerscale.ln_bwd tries
+# 1 (no pipeline), 2 and 4. _stages caps it where a tile's copies would not fit.
+BWD_STAGES = 3
+SHARED_BUDGET = 96 * 1024  # bytes of pipeline buffers a backward program may take
 
 
 @triton.jit
@@ -37,17 +46,23 @@ def _layerscale_fwd(X, Y, G, S, OUT, rows, N, C, sxb, sxn, syb, syn,
     tl.store(OUT + r.to(tl.int64)[:, None] * C + c[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
+def _stages(tile_bytes: int) -> int:
+    """BWD_STAGES, less where that many tiles of copies (tile_bytes each: the loads of one
+    iteration) would pass SHARED_BUDGET; at least 1 (no pipeline)."""
+    return max(1, min(BWD_STAGES, SHARED_BUDGET // max(1, tile_bytes)))
+
+
 @triton.jit
 def _layerscale_bwd(DO, Y, G, S, DY, PARTIAL, rows, N, C, sdb, sdn, syb, syn, rows_per_prog,
                     HAS_GAMMA: tl.constexpr, HAS_DROP: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     if HAS_GAMMA:
         g = tl.load(G + c, mask=cmask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for start in range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R):
+    for start in tl.range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R, num_stages=STAGES):
         r = start + tl.arange(0, BLOCK_R)
         rmask = r < rows
         mask = rmask[:, None] & cmask[None, :]
@@ -98,7 +113,9 @@ def backward(dout, y, gamma, scale):
     _layerscale_bwd[(programs, cdiv(C, BLOCK_C))](
         d3, y3, gamma, scale, dy, partial, rows, N, C, d3.stride(0), d3.stride(1),
         y3.stride(0), y3.stride(1), rows_per_prog, HAS_GAMMA=gamma is not None,
-        HAS_DROP=scale is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+        HAS_DROP=scale is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        STAGES=_stages(BLOCK_R * BLOCK_C * (d3.element_size() + y3.element_size())),
+        num_warps=NUM_WARPS)
     dgamma = partial.sum(0).to(gamma.dtype) if gamma is not None else None
     return dy, dgamma
 
@@ -144,7 +161,8 @@ def _residual_ln_fwd(X, Y, G, S, W, Bias, OUT, NORMED, MEAN, RSTD, rows, N, C, s
 def _residual_ln_bwd(DOUT, DNORM, OUT, Y, G, S, W, MEAN, RSTD, DX, DY, PARTIAL, rows, N, C,
                      sob, son, snb, snn, syb, syn, rows_per_prog, programs,
                      HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                     HAS_DROP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                     HAS_DROP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     STAGES: tl.constexpr):
     # PARTIAL is (3, programs, C): this program's column sums for dgamma, dweight, dbias.
     pid = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
@@ -155,7 +173,7 @@ def _residual_ln_bwd(DOUT, DNORM, OUT, Y, G, S, W, MEAN, RSTD, DX, DY, PARTIAL, 
     acc_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for start in range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R):
+    for start in tl.range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R, num_stages=STAGES):
         r = start + tl.arange(0, BLOCK_R)
         rmask = r < rows
         mask = rmask[:, None] & cmask[None, :]
@@ -238,7 +256,9 @@ def residual_layernorm_backward(dout, dnormed, out, y, gamma, scale, weight, mea
         d3, n3, src, y3, gamma, scale, weight, mean, rstd, dx, dy, partial, rows, N, C,
         d3.stride(0), d3.stride(1), n3.stride(0), n3.stride(1), y3.stride(0), y3.stride(1),
         rows_per_prog, programs, HAS_RESIDUAL=y is not None, HAS_GAMMA=gamma is not None,
-        HAS_DROP=scale is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+        HAS_DROP=scale is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        STAGES=_stages(block_r * block_c * sum(t.element_size() for t in (n3, d3, src, y3))),
+        num_warps=warps)
     dgamma = partial[0].sum(0).to(gamma.dtype) if gamma is not None else None
     return dx, dy, dgamma, partial[1].sum(0).to(weight.dtype), partial[2].sum(0).to(weight.dtype)
 
@@ -253,6 +273,7 @@ def aot_configs(dtype: str):
     ints["eps"] = "fp32"
     ptrs = dict.fromkeys(("X", "Y", "OUT", "DO", "DY", "DOUT", "DNORM", "DX", "NORMED"), f"*{dtype}")
     ptrs.update(dict.fromkeys(("G", "S", "PARTIAL", "W", "Bias", "MEAN", "RSTD"), "*fp32"))
+    size = 2  # bytes per activation element: fp16 / bf16
 
     def variant(kernel, aligned, **constexprs):
         sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
@@ -262,9 +283,11 @@ def aot_configs(dtype: str):
     for has_gamma in (True, False):
         for has_drop in (True, False):
             for kernel in (_layerscale_fwd, _layerscale_bwd):
+                stages = (dict(STAGES=_stages(BLOCK_R * BLOCK_C * 2 * size))
+                          if kernel is _layerscale_bwd else {})
                 for aligned in (True, False):
                     yield variant(kernel, aligned, HAS_GAMMA=has_gamma, HAS_DROP=has_drop,
-                                  BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, warps=NUM_WARPS)
+                                  BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, warps=NUM_WARPS, **stages)
     # Residual+LayerNorm: every row tile width for C up to 8192 with the full residual, plus
     # the flag combinations at ViT widths (C = 192 ... 1024).
     flag_sets = [(True, True, True), (False, False, False)]
@@ -274,5 +297,8 @@ def aot_configs(dtype: str):
         for has_res, has_gamma, has_drop in combos:
             for kernel, tile in ((_residual_ln_fwd, LN_FWD_TILE), (_residual_ln_bwd, LN_BWD_TILE)):
                 block_r, block_c, warps = _ln_tile(C, tile)
+                stages = (dict(STAGES=_stages(block_r * block_c * 4 * size))
+                          if kernel is _residual_ln_bwd else {})
                 yield variant(kernel, True, HAS_RESIDUAL=has_res, HAS_GAMMA=has_gamma,
-                              HAS_DROP=has_drop, BLOCK_R=block_r, BLOCK_C=block_c, warps=warps)
+                              HAS_DROP=has_drop, BLOCK_R=block_r, BLOCK_C=block_c, warps=warps,
+                              **stages)
