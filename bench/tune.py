@@ -9,7 +9,8 @@ A tunable is a set of module constants of one kernel file that its host code rea
     block and with split blocks (SPLIT_HEAD_DIM). The shipped ones are this sweep's fastest on an
     H100 (2026-11-26, bench/results/2026-11-26-nvidia-h100-tune.md).
   - class_attention.fwd, class_attention.bwd (kernels/class_attention.py): the tile size, warps
-    and programs per SM that set the key-axis split, 18 candidates each.
+    and programs per SM that set the key-axis split, and the K/V tiles in flight (STAGES: 1 is
+    no pipeline), 20 candidates each.
   - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
     tensor-core kernels' row tiles, warps and pipeline stages, 7 candidates each (the shipped
     ones were chosen from SASS counts, registers and shared memory, never timed).
@@ -196,7 +197,8 @@ def _attention_grid(kernel: str) -> List[dict]:
 
 def _class_attention_grid(tile: str) -> List[dict]:
     return [{tile: t, "NUM_WARPS": w, "PROGRAMS_PER_SM": p}
-            for t in (2048, 4096, 8192) for w in (4, 8) for p in (2, 4, 8)]
+            for t in (2048, 4096, 8192) for w in (4, 8) for p in (2, 4, 8)] + \
+        [{"STAGES": s} for s in (1, 2)]
 
 
 def _talking_heads_grid() -> List[dict]:

@@ -40,6 +40,12 @@ MAX_SPLITS = 32  # the combine kernels load all splits of one (b, h) as one 32-r
 # Programs to aim for when splitting the key axis: SMs x PROGRAMS_PER_SM, i.e. one wave of 4
 # resident programs per SM (~64 KB of K/V loads in flight per SM). Not measured on a GPU yet.
 PROGRAMS_PER_SM = 4
+# K/V tiles in flight per program (tl.range's software pipeline: cp.async copies of the next
+# tiles while this one computes). The unpipelined loop, which an H100 ran at 40-63 % of the HBM
+# roofline in the forward (2026-11-26), loaded a tile, waited and computed. At 3 stages the sm_90
+# loops hold 24 (fwd) / 12 (bwd) LDGSTS for 32 / 16 KB of shared memory and 96-120 registers
+# (80-96 before). Not yet timed: bench.tune's class_attention.* try 1 (no pipeline) and 2.
+STAGES = 3
 TARGET_PROGRAMS = None  # overrides SMs x PROGRAMS_PER_SM; tests force (large) or forbid (1) splits
 LOG2E = 1.4426950408889634
 
@@ -61,7 +67,8 @@ def _kv_tile(k_base, v_base, n0, end, d, dmask, skn, skd, svn, svd, BLOCK_N: tl.
 def _ca_fwd(Q, K, V, O, LSE, PM, PL, PACC,
             sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, sod,
             H, N, D, BH, chunk, qk_scale,
-            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            STAGES: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -76,7 +83,7 @@ def _ca_fwd(Q, K, V, O, LSE, PM, PL, PACC,
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, N)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         k, v, _, rmask, _ = _kv_tile(k_base, v_base, n0, end, d, dmask, skn, skd, svn, svd, BLOCK_N)
         s = tl.where(rmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, s)
@@ -125,7 +132,8 @@ def _ca_fwd_combine(PM, PL, PACC, O, LSE, sob, soh, sod, H, D, BH, splits,
 def _ca_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV,
             sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, sod, sdb, sdh, sdd,
             sgb, sgh, sgn, H, N, D, BH, chunk, scale, qk_scale,
-            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            STAGES: tl.constexpr):
     # DK and DV share one layout (strides sgb, sgh, sgn; unit last stride). DQ is (B*H, D)
     # contiguous in q's dtype, or (splits, B*H, D) fp32 partials when SPLIT.
     bh = tl.program_id(0)
@@ -145,7 +153,7 @@ def _ca_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV,
     dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, N)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         k, v, r64, rmask, mask = _kv_tile(k_base, v_base, n0, end, d, dmask, skn, skd, svn, svd, BLOCK_N)
         p = tl.where(rmask, tl.exp2(tl.sum(k * q2[None, :], axis=1) - lse), 0.0)
         dp = tl.sum(v * do[None, :], axis=1)
@@ -231,7 +239,7 @@ def forward(q, k, v, scale: float):
         q, k, v, out, lse, pm, pl, pacc,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         out.stride(0), out.stride(1), out.stride(3), H, N, D, BH, chunk, scale * LOG2E,
-        SPLIT=split, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=NUM_WARPS)
+        SPLIT=split, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=STAGES, num_warps=NUM_WARPS)
     if split:
         _ca_fwd_combine[(BH,)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), out.stride(3),
                                H, D, BH, splits, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
@@ -256,7 +264,7 @@ def backward(do, q, k, v, o, lse, scale: float):
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         o.stride(0), o.stride(1), o.stride(3), do.stride(0), do.stride(1), do.stride(3),
         dk.stride(0), dk.stride(1), dk.stride(2), H, N, D, BH, chunk, scale, scale * LOG2E,
-        SPLIT=split, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=NUM_WARPS)
+        SPLIT=split, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=STAGES, num_warps=NUM_WARPS)
     if split:
         _ca_bwd_dq_combine[(BH,)](pdq, dq, D, BH, splits, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
                                   num_warps=NUM_WARPS)
@@ -288,7 +296,9 @@ def aot_configs(dtype: str):
 
     for block_d in sorted({next_pow2(d) for d in HEAD_DIMS}):
         for split in (False, True):
-            yield variant(_ca_fwd, SPLIT=split, BLOCK_N=_block_n(block_d, FWD_TILE), BLOCK_D=block_d)
-            yield variant(_ca_bwd, SPLIT=split, BLOCK_N=_block_n(block_d, BWD_TILE), BLOCK_D=block_d)
+            yield variant(_ca_fwd, SPLIT=split, BLOCK_N=_block_n(block_d, FWD_TILE), BLOCK_D=block_d,
+                          STAGES=STAGES)
+            yield variant(_ca_bwd, SPLIT=split, BLOCK_N=_block_n(block_d, BWD_TILE), BLOCK_D=block_d,
+                          STAGES=STAGES)
         yield variant(_ca_fwd_combine, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d)
         yield variant(_ca_bwd_dq_combine, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d)
