@@ -203,7 +203,7 @@ def test_tune(tmp_path):
         positive(r, "us", "speedup")
     assert [r["shipped"] for r in rows] == [True, False] * 4
     assert set(rows[0]["candidate"]) == {"FWD", "SPLIT_HEAD_DIM"}  # D=48: split tried too
-    assert set(rows[2]["candidate"]) == {"BWD_TILE", "NUM_WARPS", "PROGRAMS_PER_SM"}
+    assert set(rows[2]["candidate"]) == {"BWD_TILE", "NUM_WARPS", "PROGRAMS_PER_SM", "STAGES"}
     assert rows[4]["candidate"] != rows[5]["candidate"] and set(rows[5]["candidate"]) == {"TC_TILES"}
     assert set(rows[7]["candidate"]) == {"LN_BWD_TILE", "BWD_PROGRAMS"}
     assert "### attention.FWD at smoke (1x2x9x48)" in out and "(shipped)" in (tmp_path / "tune.md").read_text()
