@@ -107,9 +107,10 @@ class TalkingHeadsOp(Op):
 
 class ResidualLayerNormOp(Op):
     """Inputs (x, y, gamma, drop-path scale, weight, bias, dout, dnormed) at (B, N, C): x fp32 and
-    y in the tuned dtype (timm's residual stream under autocast), fp32 parameters. forward gives
-    (normed, (out, mean, rstd)), in the (output, saved) pair measure() expects."""
-    EPS = 1e-6
+    y in the tuned dtype (timm's residual stream under autocast), fp32 parameters; the scale is
+    keep[b] / KEEP_PROB, as the op layer passes it. forward gives (normed, (out, mean, rstd)), in
+    the (output, saved) pair measure() expects."""
+    EPS, KEEP_PROB = 1e-6, 0.9  # DeiT's drop path 0.1
 
     def scale(self, shape: tuple):
         return None
@@ -127,9 +128,8 @@ class ResidualLayerNormOp(Op):
 
     def reference(self, x, y, gamma, keep, weight, bias, dout, dnormed, scale):
         leaves = [t.detach().float().requires_grad_() for t in (x, y, gamma, weight, bias)]
-        x32, y32, g32, w32, b32 = leaves
-        out = x32 + g32 * y32 * keep[:, None, None]
-        normed = torch.nn.functional.layer_norm(out, (out.shape[-1],), w32, b32, self.EPS)
+        out, normed = reference.layerscale_residual_layernorm(*leaves, self.EPS, keep > 0,
+                                                              self.KEEP_PROB)
         return (normed.detach(), *torch.autograd.grad((out, normed), leaves, (dout, dnormed)))
 
 
@@ -138,7 +138,8 @@ def _residual_layernorm_inputs(shape, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     def t(*s, dt=torch.float32, std=1.0):  # noqa: E306
         return (torch.randn(*s, generator=g) * std).to(device=device, dtype=dt)
-    keep = (torch.rand(B, generator=g) < 0.9).float().to(device) / 0.9  # DeiT's drop path 0.1
+    kp = ResidualLayerNormOp.KEEP_PROB
+    keep = (torch.rand(B, generator=g) < kp).float().to(device) / kp
     return (t(B, N, C), t(B, N, C, dt=dtype), t(C, std=0.1), keep, 1 + t(C, std=0.1), t(C, std=0.1),
             t(B, N, C), t(B, N, C))
 

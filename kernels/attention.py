@@ -6,9 +6,10 @@ rescaling cost more issue slots than its 2 D multiply-adds on the tensor cores, 
 take few instructions per score (a proxy only: see the tail rows below). The scale rides in the
 FFMA of the max subtraction, K and V pointers advance by one add a tile, and each loop streams
 only full tiles, without masks: the last N % BLOCK_N keys (or queries) take one masked tile of
-16, 32 or 64 after it (_tail), so N = 197 streams 6 x 32 + 16 keys, not 7 x 32. The dq kernel's key tiles are the forward's width, so at ViT lengths both
-compute the last keys' logits in same-shaped products: numpy (the interpreter) rounds a product
-by its shape, and a dq whose logits share a large component needs the two to agree
+16, 32 or 64 after it (_tail), so N = 197 streams 6 x 32 + 16 keys, not 7 x 32. The dq
+kernel's key tiles are the forward's width, so at ViT lengths both compute the last keys'
+logits in same-shaped products: numpy (the interpreter) rounds a product by its shape, and a dq
+whose logits share a large component needs the two to agree
 (test_all_negative_logits_keep_grads_finite).
 
 Tiles (FWD, BWD_Q, BWD_KV, SPLIT_HEAD_DIM) are the fastest `python -m bench.tune` found on an
@@ -430,12 +431,14 @@ def aot_configs(dtype: str):
     ptrs.update(dict.fromkeys(["LSE", "DELTA"], "*fp32"))
     variants = sorted({_blocks(d, split) for d in HEAD_DIMS for split in (False, True)})
     # the tail tiles: ViT's (16) and the widest, the streamed tile's own width
-    kernels = ((_attn_fwd, FWD, "BLOCK_N"), (_attn_bwd_dkdv, BWD_KV, "BLOCK_M"), (_attn_bwd_dq, BWD_Q, "BLOCK_N"))
+    kernels = ((_attn_fwd, FWD, "BLOCK_N"), (_attn_bwd_dkdv, BWD_KV, "BLOCK_M"),
+               (_attn_bwd_dq, BWD_Q, "BLOCK_N"))
     for blocks, (kernel, base, streamed) in itertools.product(variants, kernels):
         cfg = _config(base, blocks)
         sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
         for tail in sorted({16, cfg[streamed]}):
             constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
             constexprs.update(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION="tf32", TAIL=tail)
-            yield dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
-                       num_stages=cfg["num_stages"], aligned=(*strides, "D"), matmul=True)
+            yield dict(kernel=kernel, signature=sig, constexprs=constexprs,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                       aligned=(*strides, "D"), matmul=True)
