@@ -319,8 +319,8 @@ def _dq_step(q, q2, do, do2, kp, vp, kp2, vp2, dq, dq2, lse, delta, qk_scale, n_
 @triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                  sob, soh, son, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, scale,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-                 PRECISION: tl.constexpr, TAIL: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr, TAIL: tl.constexpr):
     # Full key tiles of BLOCK_N, then the last N % BLOCK_N keys in one masked tile of TAIL.
     bh = tl.program_id(1)
     off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)

@@ -296,9 +296,9 @@ def aot_configs(dtype: str):
 
     for block_d in sorted({next_pow2(d) for d in HEAD_DIMS}):
         for split in (False, True):
-            yield variant(_ca_fwd, SPLIT=split, BLOCK_N=_block_n(block_d, FWD_TILE), BLOCK_D=block_d,
-                          STAGES=STAGES)
-            yield variant(_ca_bwd, SPLIT=split, BLOCK_N=_block_n(block_d, BWD_TILE), BLOCK_D=block_d,
-                          STAGES=STAGES)
+            yield variant(_ca_fwd, SPLIT=split, BLOCK_N=_block_n(block_d, FWD_TILE),
+                          BLOCK_D=block_d, STAGES=STAGES)
+            yield variant(_ca_bwd, SPLIT=split, BLOCK_N=_block_n(block_d, BWD_TILE),
+                          BLOCK_D=block_d, STAGES=STAGES)
         yield variant(_ca_fwd_combine, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d)
         yield variant(_ca_bwd_dq_combine, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d)

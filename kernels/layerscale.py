@@ -46,10 +46,11 @@ def _layerscale_fwd(X, Y, G, S, OUT, rows, N, C, sxb, sxn, syb, syn,
     tl.store(OUT + r.to(tl.int64)[:, None] * C + c[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _stages(tile_bytes: int) -> int:
-    """BWD_STAGES, less where that many tiles of copies (tile_bytes each: the loads of one
-    iteration) would pass SHARED_BUDGET; at least 1 (no pipeline)."""
-    return max(1, min(BWD_STAGES, SHARED_BUDGET // max(1, tile_bytes)))
+def _stages(block_r: int, block_c: int, *element_sizes: int) -> int:
+    """BWD_STAGES, less where that many copies of one iteration's loads (a block_r x block_c tile
+    of each tensor, element_sizes bytes per element) would pass SHARED_BUDGET; at least 1 (no
+    pipeline)."""
+    return max(1, min(BWD_STAGES, SHARED_BUDGET // (block_r * block_c * sum(element_sizes))))
 
 
 @triton.jit
@@ -62,7 +63,8 @@ def _layerscale_bwd(DO, Y, G, S, DY, PARTIAL, rows, N, C, sdb, sdn, syb, syn, ro
     if HAS_GAMMA:
         g = tl.load(G + c, mask=cmask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for start in tl.range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R, num_stages=STAGES):
+    for start in tl.range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R,
+                          num_stages=STAGES):
         r = start + tl.arange(0, BLOCK_R)
         rmask = r < rows
         mask = rmask[:, None] & cmask[None, :]
@@ -114,7 +116,7 @@ def backward(dout, y, gamma, scale):
         d3, y3, gamma, scale, dy, partial, rows, N, C, d3.stride(0), d3.stride(1),
         y3.stride(0), y3.stride(1), rows_per_prog, HAS_GAMMA=gamma is not None,
         HAS_DROP=scale is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-        STAGES=_stages(BLOCK_R * BLOCK_C * (d3.element_size() + y3.element_size())),
+        STAGES=_stages(BLOCK_R, BLOCK_C, d3.element_size(), y3.element_size()),
         num_warps=NUM_WARPS)
     dgamma = partial.sum(0).to(gamma.dtype) if gamma is not None else None
     return dy, dgamma
@@ -173,7 +175,8 @@ def _residual_ln_bwd(DOUT, DNORM, OUT, Y, G, S, W, MEAN, RSTD, DX, DY, PARTIAL, 
     acc_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for start in tl.range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R, num_stages=STAGES):
+    for start in tl.range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R,
+                          num_stages=STAGES):
         r = start + tl.arange(0, BLOCK_R)
         rmask = r < rows
         mask = rmask[:, None] & cmask[None, :]
@@ -257,7 +260,7 @@ def residual_layernorm_backward(dout, dnormed, out, y, gamma, scale, weight, mea
         d3.stride(0), d3.stride(1), n3.stride(0), n3.stride(1), y3.stride(0), y3.stride(1),
         rows_per_prog, programs, HAS_RESIDUAL=y is not None, HAS_GAMMA=gamma is not None,
         HAS_DROP=scale is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-        STAGES=_stages(block_r * block_c * sum(t.element_size() for t in (n3, d3, src, y3))),
+        STAGES=_stages(block_r, block_c, *(t.element_size() for t in (n3, d3, src, y3))),
         num_warps=warps)
     dgamma = partial[0].sum(0).to(gamma.dtype) if gamma is not None else None
     return dx, dy, dgamma, partial[1].sum(0).to(weight.dtype), partial[2].sum(0).to(weight.dtype)
@@ -283,7 +286,7 @@ def aot_configs(dtype: str):
     for has_gamma in (True, False):
         for has_drop in (True, False):
             for kernel in (_layerscale_fwd, _layerscale_bwd):
-                stages = (dict(STAGES=_stages(BLOCK_R * BLOCK_C * 2 * size))
+                stages = (dict(STAGES=_stages(BLOCK_R, BLOCK_C, size, size))  # dout, y
                           if kernel is _layerscale_bwd else {})
                 for aligned in (True, False):
                     yield variant(kernel, aligned, HAS_GAMMA=has_gamma, HAS_DROP=has_drop,
@@ -297,7 +300,7 @@ def aot_configs(dtype: str):
         for has_res, has_gamma, has_drop in combos:
             for kernel, tile in ((_residual_ln_fwd, LN_FWD_TILE), (_residual_ln_bwd, LN_BWD_TILE)):
                 block_r, block_c, warps = _ln_tile(C, tile)
-                stages = (dict(STAGES=_stages(block_r * block_c * 4 * size))
+                stages = (dict(STAGES=_stages(block_r, block_c, *[size] * 4))  # as the host
                           if kernel is _residual_ln_bwd else {})
                 yield variant(kernel, True, HAS_RESIDUAL=has_res, HAS_GAMMA=has_gamma,
                               HAS_DROP=has_drop, BLOCK_R=block_r, BLOCK_C=block_c, warps=warps,

@@ -436,8 +436,9 @@ def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRE
 
 
 # Padding in the loops below, without per-score masks where the zeros make them harmless (each
-# mask costs instructions per score): rows past N and slots past H load zero q, k, v and dO, so their logits
-# are 0, their lse (loaded as 0) finite, their dP' and ds zero, and nothing of theirs is stored.
+# mask costs instructions per score): rows past N and slots past H load zero q, k, v and dO, so
+# their logits are 0, their lse (loaded as 0) finite, their dP' and ds zero, and nothing of
+# theirs is stored.
 # Keys past N need a mask only on the last key tile: -inf in the row statistics, and p = 0, not
 # exp2(-lse), which overflows to inf for lse < -128 (inf times a zero row of V, or a zero mixing
 # weight, is NaN). The forward's loops stream only full tiles, with no row mask on their loads
@@ -468,7 +469,8 @@ def _out_tc(q, kp, vp, wl, ww, bw, lse, acc, head, keys, H, n_left, D, qk_scale,
             PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """The forward's second pass on the key tile at kp, vp: acc += P' v."""
     k = _slot_load(kp, head, keys, H, n_left, D, BLOCK_D, MASKED)
-    p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
+    mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1]
+    p = tl.exp2(mixed * qk_scale - lse[:, :, None])
     if MASKED:
         p = tl.where(keys[:, None, :] < n_left, p, 0.0)
     pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]  # P'
