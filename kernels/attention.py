@@ -44,6 +44,16 @@ from . import cdiv, next_pow2
 FWD = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
 BWD_KV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)   # key tile owns dk, dv
 BWD_Q = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)   # query tile owns dq
+# fp32 inputs multiply in exact fp32 (_precision): FMA dots, every operand in registers. At the
+# tiles above they took 0.1-12 KB of stack per thread at sm_90 (spills), and dq at D = 128 213 KB
+# of shared memory. These spill nothing up to head dim 64 (every DeiT and CaiT) and 0.1-1.2 KB
+# at 80-128 (triton 3.8, sm_90, 2026-11-27; chosen from 14 candidates per kernel by that alone:
+# untimed, no GPU has run fp32 attention at any tile). The forward and dq share one tile, as the
+# 16-bit ones do: dq's recomputed q k^T must round as the forward's did, or sum_j dS_ij drifts
+# from 0 and k's common component leaks into dq (60x torch's fp32 error when every logit is near
+# -290, test_all_negative_logits_keep_grads_finite, under the interpreter with FWD 32 x 16).
+FWD_FP32 = BWD_Q_FP32 = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
+BWD_KV_FP32 = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 
 
@@ -73,7 +83,9 @@ def _tail(N: int, block: int) -> int:
     return max(16, next_pow2(rest)) if rest else 0
 
 
-def _config(cfg: dict, blocks) -> dict:
+def _config(cfg: dict, fp32_cfg: dict, blocks, dtype: torch.dtype) -> dict:
+    """A kernel's tiles and launch options for inputs of `dtype` (fp32_cfg for fp32)."""
+    cfg = fp32_cfg if dtype == torch.float32 else cfg
     # At a 128-wide head the dk/dv kernel needed all 255 registers with 4 warps at sm_90.
     return dict(cfg, num_warps=8) if sum(blocks) >= 128 else dict(cfg)
 
@@ -391,7 +403,7 @@ def forward(q, k, v, scale, split=None):
     blocks = _blocks(D, SPLIT_HEAD_DIM if split is None else split)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype))
-    cfg = _config(FWD, blocks)
+    cfg = _config(FWD, FWD_FP32, blocks, q.dtype)
     _attn_fwd[(cdiv(N, cfg["BLOCK_M"]), B * H)](q, k, v, o, lse, *strides, H, N, D, scale, **consts,
                                                 TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     return o, lse
@@ -409,11 +421,11 @@ def backward(do, q, k, v, o, lse, scale, split=None, out=None):
     qkv, o_strides = (*_strides(q), *_strides(k), *_strides(v)), _strides(o)
     grads = (*_strides(do), *_strides(dq))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
-    cfg = _config(BWD_Q, blocks)
+    cfg = _config(BWD_Q, BWD_Q_FP32, blocks, q.dtype)
     _attn_bwd_dq[(cdiv(N, cfg["BLOCK_M"]), B * H)](  # first: it writes delta
         q, k, v, o, do, lse, delta, dq, *qkv, *o_strides, *grads, H, N, D, scale, **consts,
         TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
-    cfg = _config(BWD_KV, blocks)
+    cfg = _config(BWD_KV, BWD_KV_FP32, blocks, q.dtype)
     _attn_bwd_dkdv[(cdiv(N, cfg["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, *qkv, *grads, H, N, D, scale, **consts,
         TAIL=_tail(N, cfg["BLOCK_M"]), **cfg)
@@ -431,14 +443,17 @@ def aot_configs(dtype: str):
     ptrs.update(dict.fromkeys(["LSE", "DELTA"], "*fp32"))
     variants = sorted({_blocks(d, split) for d in HEAD_DIMS for split in (False, True)})
     # the tail tiles: ViT's (16) and the widest, the streamed tile's own width
-    kernels = ((_attn_fwd, FWD, "BLOCK_N"), (_attn_bwd_dkdv, BWD_KV, "BLOCK_M"),
-               (_attn_bwd_dq, BWD_Q, "BLOCK_N"))
-    for blocks, (kernel, base, streamed) in itertools.product(variants, kernels):
-        cfg = _config(base, blocks)
+    kernels = ((_attn_fwd, FWD, FWD_FP32, "BLOCK_N"),
+               (_attn_bwd_dkdv, BWD_KV, BWD_KV_FP32, "BLOCK_M"),
+               (_attn_bwd_dq, BWD_Q, BWD_Q_FP32, "BLOCK_N"))
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.float16  # the tiles' one distinction
+    for blocks, (kernel, base, base_fp32, streamed) in itertools.product(variants, kernels):
+        cfg = _config(base, base_fp32, blocks, torch_dtype)
         sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
         for tail in sorted({16, cfg[streamed]}):
             constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-            constexprs.update(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION="tf32", TAIL=tail)
+            constexprs.update(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], TAIL=tail,
+                              PRECISION="ieee" if dtype == "fp32" else "tf32")  # as _precision
             yield dict(kernel=kernel, signature=sig, constexprs=constexprs,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                       aligned=(*strides, "D"), matmul=True)
+                       aligned=(*strides, "D"), matmul=dtype != "fp32")  # fp32: FMA dots

@@ -276,7 +276,7 @@ def aot_configs(dtype: str):
     ints["eps"] = "fp32"
     ptrs = dict.fromkeys(("X", "Y", "OUT", "DO", "DY", "DOUT", "DNORM", "DX", "NORMED"), f"*{dtype}")
     ptrs.update(dict.fromkeys(("G", "S", "PARTIAL", "W", "Bias", "MEAN", "RSTD"), "*fp32"))
-    size = 2  # bytes per activation element: fp16 / bf16
+    size = 4 if dtype == "fp32" else 2  # bytes per activation element
 
     def variant(kernel, aligned, **constexprs):
         sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}

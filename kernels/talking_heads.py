@@ -633,10 +633,17 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
     _store_heads(DKV, acc, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D)
 
 
-def _family(heads: int, tc):
-    """((fwd, dq, dkdv kernels), tiles) of a mixing strategy at `heads` heads: tensor cores when
-    tc (None: TENSOR_CORE_MIXING), else CUDA cores."""
-    if TENSOR_CORE_MIXING if tc is None else tc:
+def _family(heads: int, tc, dtype: torch.dtype):
+    """((fwd, dq, dkdv kernels), tiles) of a mixing strategy at `heads` heads for q, k, v of
+    `dtype`: tensor cores when tc (None: TENSOR_CORE_MIXING) and the inputs are 16-bit, else CUDA
+    cores. fp32 inputs get exact fp32 products (_precision), which no tensor core computes: the
+    tensor-core kernels' dots would be FMA loops all the same, and their fp32 tiles need 264-347 KB
+    of shared memory at BLOCK_D 64, past the 227 KB of an sm_90 block, so they would not launch
+    (compiled for sm_90 by triton 3.6 and 3.8, 2026-11-27); the CUDA-core kernels need 16-41 KB."""
+    if tc and dtype == torch.float32:
+        raise ValueError("tc=True (tensor-core head mixing) needs fp16 or bf16 q, k, v, got "
+                         "float32: fp32 inputs run the CUDA-core kernels (tc=None or False)")
+    if (TENSOR_CORE_MIXING if tc is None else tc) and dtype != torch.float32:
         return (_th_fwd_tc, _th_bwd_dq_tc, _th_bwd_dkdv_tc), _tiles_tc(heads)
     return (_th_fwd, _th_bwd_dq, _th_bwd_dkdv), _tiles(heads)
 
@@ -647,7 +654,7 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     tc: mix the heads on tensor cores (default: _family's choice)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N, D = q.shape
-    (fwd, _, _), tiles = _family(H, tc)
+    (fwd, _, _), tiles = _family(H, tc, q.dtype)
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     grid, batch, straddle = _grid(tiles, B, N, "BLOCK_M")
@@ -662,7 +669,7 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
     write dq, dk, dv, as in attention.backward (one set of strides, unit last stride)."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
-    (_, dq_kernel, dkdv_kernel), tiles = _family(H, tc)
+    (_, dq_kernel, dkdv_kernel), tiles = _family(H, tc, q.dtype)
     meta = dict(tiles, BLOCK_D=next_pow2(D), PRECISION=_precision(q.dtype))
     hg = tiles.get("HG", tiles["HP"])  # the weight grads' partial sums are [hg, hg]
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
@@ -683,20 +690,22 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
 
 
 def aot_configs(dtype: str):
-    """Every shipped variant (head counts 4, 8, 16 of CaiT, in both mixing families; head-dim
-    tiles 32 and 64) for the sm_90 AOT test. The products are dots of 16-32 rows: mma.sync, not
-    wgmma. D is aligned as in attention.aot_configs."""
+    """Every shipped variant (head counts 4, 8, 16 of CaiT, in both mixing families, fp32 in the
+    CUDA-core one alone (_family); head-dim tiles 32 and 64) for the sm_90 AOT test. The products
+    are dots of 16-32 rows: mma.sync, not wgmma. D is aligned as in attention.aot_configs."""
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
     ints = dict.fromkeys(["B", "H", "N", "D"] + strides, "i32")
     ints.update(qk_scale="fp32", scale="fp32")
     ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["WL", "WW", "BW", "LSE", "DELTA", "PART"], "*fp32"))
     for heads in (4, 8, 16):
-        for (fwd, dq, dkdv), tiles in (_family(heads, False), _family(heads, True)):
+        tcs = (False,) if dtype == "fp32" else (False, True)
+        for (fwd, dq, dkdv), tiles in (_family(heads, tc, torch_dtype) for tc in tcs):
             consts = {k: v for k, v in tiles.items() if not k.startswith("num_")}
             straddles = [{"STRADDLE": s} for s in (False, True)] if "HG" in tiles else [{}]
             for block_d, straddle in itertools.product((32, 64), straddles):
-                base = dict(consts, BLOCK_D=block_d, PRECISION="tf32", **straddle)
+                base = dict(consts, BLOCK_D=block_d, PRECISION=_precision(torch_dtype), **straddle)
                 for kernel, extra in ((fwd, {}), (dq, {}), (dkdv, {"DK": True}), (dkdv, {"DK": False})):
                     sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
                     yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),

@@ -10,7 +10,8 @@ fwd+bwd >= 2.5x timm eager and >= 1.5x torch.compile of it, with peak memory O(B
 appends the speedups to the .md, and peak_mib is in every CUDA row. triton is the triton backend
 with the head mixing on CUDA cores, triton_tc with it on tensor cores (each forced through
 kernels.talking_heads.TENSOR_CORE_MIXING); the backend's default is tensor cores at every head
-count, from SASS counts this bench is to confirm.
+count for fp16/bf16 inputs, from SASS counts this bench is to confirm; fp32 inputs always run
+the CUDA-core family (triton_tc: unavailable).
 """
 
 import torch
@@ -61,6 +62,8 @@ IMPLS = {"triton_tc": lambda: _ours, "eager": lambda: _eager, "compile": _compil
 
 def setup(case: common.Case, impl: str, args):
     (B, H, N, D), dtype = case.shape, DTYPES[case.dtype]
+    if impl == "triton_tc" and dtype == torch.float32:
+        raise common.Unavailable("fp32 inputs run the CUDA-core kernels (kernels.talking_heads._family)")
     device = torch.device(args.device)
     f = IMPLS[impl]()
     io = B * H * N * D * dtype.itemsize
@@ -117,7 +120,8 @@ def main(argv=None):
     device = torch.device(args.device)
     smoke = args.quick and device.type == "cpu"
     shapes = SMOKE_SHAPES if smoke else {k: SHAPES[k] for k in (args.shapes or ",".join(SHAPES)).split(",")}
-    dtypes = (args.dtypes or ("fp32" if smoke else "bf16")).split(",")
+    # smoke: fp16, the interpreter's 16-bit type (it has no bf16) and the tensor-core family's
+    dtypes = (args.dtypes or ("fp16" if smoke else "bf16")).split(",")
     report = ops.backend_report()["talking_heads_attention"].get(device.type, {}).get("unavailable", {})
     impls = {"triton_tc": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
              "compile": common.Impl(True), "triton": common.Impl(False, report.get("triton"))}

@@ -12,6 +12,8 @@ divided by the scores a thread owns in that tile, less the padded head slots (H 
 """
 import sys
 
+import torch
+
 import compile_triton
 from deit_fast.kernels import talking_heads as th
 
@@ -32,7 +34,7 @@ def per_tile(loops, heads: int) -> int:
 def main(block_d: int = 64) -> None:
     for heads in (4, 8, 16):
         for tc in (False, True):
-            (fwd, dq, dkdv), tiles = th._family(heads, tc)
+            (fwd, dq, dkdv), tiles = th._family(heads, tc, torch.bfloat16)
             hp, hg = tiles["HP"], tiles.get("HG", tiles["HP"])
             consts = {k: v for k, v in tiles.items() if not k.startswith("num_")}
             counts = {}

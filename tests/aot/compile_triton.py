@@ -26,6 +26,10 @@ from triton.compiler import ASTSource
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TARGET = GPUTarget("cuda", 90, 32)
+# Every input dtype the ops take: fp32 has its own tiles in places (twice the bytes per
+# element), and the fp32 talking-heads tensor-core tiles needed 264-347 KB of shared memory,
+# which no sm_90 block may have, while only 16-bit inputs were compiled here.
+DTYPES = ("fp16", "bf16", "fp32")
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -92,7 +96,7 @@ def compile_variant(cfg: dict):
 
 def main(module_name: str) -> None:
     module = importlib.import_module(f"deit_fast.kernels.{module_name}")
-    for dtype in ("fp16", "bf16"):
+    for dtype in DTYPES:
         for cfg in module.aot_configs(dtype):
             kernel, compiled = cfg["kernel"], compile_variant(cfg)
             row = {"kernel": kernel.__name__, "triton": triton.__version__, "dtype": dtype,

@@ -1,6 +1,6 @@
-"""Tier 2: every Triton kernel compiles for sm_90 (Hopper) in fp16 and bf16 at its shipped
-configs, with no register spills, and matmul kernels use wgmma. No GPU needed: ptxas and
-cuobjdump ship inside triton."""
+"""Tier 2: every Triton kernel compiles for sm_90 (Hopper) in fp16, bf16 and fp32 at its shipped
+configs, with no register spills and shared memory an sm_90 block may have, and the 16-bit
+matmul kernels use wgmma. No GPU needed: ptxas and cuobjdump ship inside triton."""
 import json
 import os
 import shutil
@@ -55,10 +55,10 @@ def compiled(request):
     return rows
 
 
-def test_every_variant_compiles_in_fp16_and_bf16(compiled):
-    assert {row["dtype"] for row in compiled} == {"fp16", "bf16"}
-    per_dtype = {d: sum(row["dtype"] == d for row in compiled) for d in ("fp16", "bf16")}
-    assert per_dtype["fp16"] == per_dtype["bf16"] > 0
+def test_every_variant_compiles_in_each_input_dtype(compiled):
+    per_dtype = {d: sum(row["dtype"] == d for row in compiled) for d in ("fp16", "bf16", "fp32")}
+    assert sum(per_dtype.values()) == len(compiled)
+    assert per_dtype["fp16"] == per_dtype["bf16"] > 0 and per_dtype["fp32"] > 0
 
 
 # cuobjdump prints no spill counts for Triton's cubins: spills show as the stack frame. triton 3.6
@@ -67,8 +67,21 @@ def test_every_variant_compiles_in_fp16_and_bf16(compiled):
 MAX_STACK = 64
 
 
+# Except fp32 self-attention at head dims 96 and 128, which no DeiT or CaiT has: its exact FMA
+# products hold every operand in registers, and its smallest tiles still take 120-1152 bytes
+# (kernels/attention.py, FWD_FP32).
+MAX_STACK_FP32_WIDE_HEADS = 1536
+
+
+def _stack_limit(row) -> int:
+    heads = row["constexprs"].get("BLOCK_D", 0) + row["constexprs"].get("BLOCK_D2", 0)
+    wide = row["dtype"] == "fp32" and row["kernel"].startswith("_attn") and heads > 80
+    return MAX_STACK_FP32_WIDE_HEADS if wide else MAX_STACK
+
+
 def test_no_register_spills(compiled):
-    spilled = [row for row in compiled if row["spill_bytes"] or row["local"] or row["stack"] > MAX_STACK]
+    spilled = [row for row in compiled
+               if row["spill_bytes"] or row["local"] or row["stack"] > _stack_limit(row)]
     assert not spilled, spilled
 
 
@@ -89,11 +102,12 @@ def test_matmul_kernels_use_wgmma(compiled):
             assert row["wgmma"], row
 
 
-# fp16/bf16 inputs multiply in 16 bits. An fp32 operand enters a tf32 MMA with its low 13 bits
-# dropped, and the talking-heads mixing-weight grads summed that bias over B x N x N terms: on an
-# H100 (2026-11-26) fp16 dw_w came out 3.1x torch's own error (kernels.talking_heads._mix). The
-# interpreter multiplies fp32 exactly, so only the compiled PTX shows it.
-def test_16bit_inputs_take_no_tf32_mma(compiled):
+# fp16/bf16 inputs multiply in 16 bits, fp32 inputs in exact fp32. An fp32 operand enters a tf32
+# MMA with its low 13 bits dropped, and the talking-heads mixing-weight grads summed that bias
+# over B x N x N terms: on an H100 (2026-11-26) fp16 dw_w came out 3.1x torch's own error
+# (kernels.talking_heads._mix). The interpreter multiplies fp32 exactly, so only the compiled
+# PTX shows it.
+def test_no_input_dtype_takes_tf32_mma(compiled):
     tf32 = [(row["kernel"], row["dtype"], row["tf32_mma"]) for row in compiled if row["tf32_mma"]]
     assert not tf32, tf32
 

@@ -53,6 +53,11 @@ def check(q, k, v, w):
 
 # Both kernel families, forced: head mixing on CUDA cores and on tensor cores.
 MIXING = pytest.mark.parametrize("tc", [False, True], ids=["mix_cuda_cores", "mix_tensor_cores"])
+# The family and input dtype pairs that run: fp32 inputs take the CUDA-core family whatever
+# TENSOR_CORE_MIXING says (kernels.talking_heads._family).
+FAMILY_DTYPES = pytest.mark.parametrize("tc,dtype", [
+    (False, torch.float32), (False, torch.float16), (True, torch.float16)],
+    ids=["mix_cuda_cores-fp32", "mix_cuda_cores-fp16", "mix_tensor_cores-fp16"])
 
 
 def test_default_family_is_tensor_cores_with_row_blocks_filling_the_slots():
@@ -60,19 +65,38 @@ def test_default_family_is_tensor_cores_with_row_blocks_filling_the_slots():
     blocks of HG >= H heads (census.py: fewer SASS instructions per score than the CUDA-core
     family at 2 to 16 heads). Programs straddle batch elements where that saves dead blocks."""
     assert kernels.TENSOR_CORE_MIXING is True
-    assert kernels._grid(kernels._family(4, None)[1], 256, 196, "BLOCK_M")[2] == {"STRADDLE": True}
-    assert kernels._grid(kernels._family(8, None)[1], 256, 196, "BLOCK_M")[2] == {"STRADDLE": False}
+    family = lambda heads: kernels._family(heads, None, torch.bfloat16)  # noqa: E731
+    assert kernels._grid(family(4)[1], 256, 196, "BLOCK_M")[2] == {"STRADDLE": True}
+    assert kernels._grid(family(8)[1], 256, 196, "BLOCK_M")[2] == {"STRADDLE": False}
     for (B, H, N, _), straddle in zip(TC_LAYOUTS, (True, False)):
-        assert kernels._grid(kernels._family(H, None)[1], B, N, "BLOCK_N")[2] == {"STRADDLE": straddle}
+        assert kernels._grid(family(H)[1], B, N, "BLOCK_N")[2] == {"STRADDLE": straddle}
     for heads in range(1, kernels.MAX_HEADS + 1):
-        (fwd, _, _), tiles = kernels._family(heads, None)
-        assert fwd is kernels._th_fwd_tc and tiles["HP"] == 16
-        assert heads <= tiles["HG"] < 2 * heads and 16 % tiles["HG"] == 0
+        for dtype in (torch.float16, torch.bfloat16):
+            (fwd, _, _), tiles = kernels._family(heads, None, dtype)
+            assert fwd is kernels._th_fwd_tc and tiles["HP"] == 16
+            assert heads <= tiles["HG"] < 2 * heads and 16 % tiles["HG"] == 0
 
 
-@MIXING
+def test_fp32_inputs_run_the_cuda_core_family(monkeypatch):
+    """fp32 products are exact (no tensor core computes them), and the tensor-core kernels' fp32
+    tiles need more shared memory than an sm_90 block may have: fp32 runs the CUDA-core kernels
+    even with TENSOR_CORE_MIXING on, and asking for tensor cores outright is an error named
+    before any launch."""
+    for heads in (1, 4, 8, 16):
+        assert kernels._family(heads, None, torch.float32)[0][0] is kernels._th_fwd
+    monkeypatch.setattr(kernels, "_th_fwd_tc", lambda *a: pytest.fail("tensor-core kernel launched"))
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", True)
+    q, k, v = qkv_views(1, 4, 9, 48, torch.float32)
+    w_l, b_l, w_w, b_w = mixing(4)
+    out, _ = kernels.forward(q, k, v, w_l, w_w, b_w, 48 ** -0.5)
+    ref = reference.talking_heads_attention(*(t.double() for t in (q, k, v, w_l, b_l, w_w, b_w)))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="tc=True.*float32"):
+        kernels.forward(q, k, v, w_l, w_w, b_w, 48 ** -0.5, tc=True)
+
+
+@FAMILY_DTYPES
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_reference(shape, dtype, tc, monkeypatch):
     poisoned_empty(monkeypatch)
     monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
@@ -80,11 +104,10 @@ def test_matches_reference(shape, dtype, tc, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", TC_LAYOUTS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_tensor_core_program_layouts_match_reference(shape, dtype, monkeypatch):
+def test_tensor_core_program_layouts_match_reference(shape, monkeypatch):
     poisoned_empty(monkeypatch)
     monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", True)
-    check(*qkv_views(*shape, dtype), mixing(shape[1]))
+    check(*qkv_views(*shape, torch.float16), mixing(shape[1]))
 
 
 @MIXING
@@ -92,8 +115,9 @@ def test_all_negative_logits_keep_grads_finite(tc, monkeypatch):
     """Every mixed logit near -110 (-160 in log2 units): lse is far below 0, so a padded key's exp2(-lse) overflows
     fp32 unless the last key tile masks it (N=40 leaves a partial tile in every kernel)."""
     monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
-    q, k, v = qkv_views(1, 4, 40, 48, torch.float32)
-    u = torch.randn(48, device=DEVICE, dtype=torch.float32)
+    dtype = torch.float16 if tc else torch.float32  # the tensor-core family's inputs are 16-bit
+    q, k, v = qkv_views(1, 4, 40, 48, dtype)
+    u = torch.randn(48, device=DEVICE, dtype=dtype)
     w_l, b_l, w_w, b_w = mixing(4)
     check(0.1 * q + 4 * u, 0.1 * k - 4 * u, v, (torch.eye(4, device=DEVICE) + 0.05 * w_l, b_l, w_w, b_w))
 
@@ -127,10 +151,9 @@ def packed_matches_unpacked(B, H, N, D, dtype, device=DEVICE):
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(w_a, w_b))
 
 
-@MIXING
-@pytest.mark.parametrize("shape,dtype", [((2, 3, 7, 48), torch.float16), ((1, 4, 33, 32), torch.float32)],
-                         ids=str)
-def test_packed_qkv_matches_unpacked(shape, dtype, tc, monkeypatch):
+@FAMILY_DTYPES
+def test_packed_qkv_matches_unpacked(dtype, tc, monkeypatch):
+    shape = (1, 4, 33, 32) if dtype == torch.float32 else (2, 3, 7, 48)
     monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
     packed_matches_unpacked(*shape, dtype)
 
@@ -189,6 +212,13 @@ def test_kernel_limits_are_named_before_launch(H, D, arg, monkeypatch):
 def test_gpu_bf16_fp16(shape, dtype, tc, monkeypatch):
     monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
     check(*qkv_views(*shape, dtype, device="cuda"), mixing(shape[1], device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 8, 196, 48), (2, 16, 197, 48), (3, 4, 1, 48)], ids=str)
+def test_gpu_fp32(shape):
+    """fp32 inputs (the CUDA-core family): the tensor-core tiles did not fit an sm_90 block."""
+    check(*qkv_views(*shape, torch.float32, device="cuda"), mixing(shape[1], device="cuda"))
 
 
 @pytest.mark.gpu
