@@ -1,22 +1,25 @@
-"""Run whole models through Triton's real launch path, compiling for sm_90, launching nothing.
+"""Run whole models through Triton's real launch path, compiling for sm_90 (or sm_80),
+launching nothing.
 
-A stand-in for Triton's CUDA driver reports an H100 (sm_90, 227 KB of shared memory a block) and
-turns each launch into a no-op, so the ops' host code picks its tiles, Triton's JIT specialises
-and compiles every kernel exactly as on a GPU, and the CPU does the rest of the model (its
-tensors stay on the CPU; the kernels' outputs are left unwritten, which only the numbers after
-them see). This checks what compile_triton.py's hand-listed variants cannot: that the variants
-real models launch are the ones that fit. fp32 talking-heads attention was such a case: its
-tiles needed 264-347 KB of shared memory, and no GPU test had run it.
+A stand-in for Triton's CUDA driver reports an H100 (sm_90, 227 KB of shared memory a block;
+with --arch 80 an A100, 163 KB) and turns each launch into a no-op, so the ops' host code picks
+its tiles, Triton's JIT specialises and compiles every kernel exactly as on a GPU, and the CPU
+does the rest of the model (its tensors stay on the CPU; the kernels' outputs are left
+unwritten, which only the numbers after them see). This checks what compile_triton.py's
+hand-listed variants cannot: that the variants real models launch are the ones that fit. fp32
+talking-heads attention was such a case: its tiles needed 264-347 KB of shared memory, and no
+GPU test had run it.
 
 Run as a script in a fresh process (TRITON_INTERPRET unset):
 
-    python tests/aot/launch_sm90.py bf16 deit_small_patch16_224 cait_s24_224
+    python tests/aot/launch_compiled.py [--arch 80] bf16 deit_small_patch16_224 cait_s24_224
 
-Prints one JSON line per distinct compiled kernel (name, model, shared bytes, registers, stack
-bytes from cuobjdump) and one per model (`done`). Inputs: batch 1 at the model's own image size,
-under CPU autocast for bf16 and fp16; the loss is ops.distillation_loss (soft for distilled
-models), so every op's forward and backward runs.
+Prints the arch and its shared-memory limit, then one JSON line per distinct compiled kernel
+(name, model, shared bytes, registers, stack bytes from cuobjdump) and one per model (`done`).
+Inputs: batch 1 at the model's own image size, under CPU autocast for bf16 and fp16; the loss
+is ops.distillation_loss (soft for distilled models), so every op's forward and backward runs.
 """
+import argparse
 import json
 import sys
 
@@ -31,21 +34,25 @@ from deit_fast import ops
 from deit_fast.models.registry import create_model
 from deit_fast.ops import _backend
 
-SM90_MAX_SHARED = 232448
+MAX_SHARED = {90: 232448, 80: 166912}  # bytes a block may have (opt-in), per arch
 
 
 class _Utils:
+    def __init__(self, arch: int):
+        self.arch = arch
+
     def get_device_properties(self, device):
-        return {"max_shared_mem": SM90_MAX_SHARED, "multiprocessor_count": 132,
+        return {"max_shared_mem": MAX_SHARED[self.arch], "multiprocessor_count": 132,
                 "max_num_regs": 65536, "warpSize": 32}
 
     def load_binary(self, name, kernel, shared, device):
         return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads
 
 
-class Sm90WithoutLaunches:
+class GpuWithoutLaunches:
     """The parts of triton.runtime.driver.active that compiling and launching touch."""
-    utils = _Utils()
+    def __init__(self, arch: int):
+        self.arch, self.utils = arch, _Utils(arch)
 
     def is_active(self):
         return True
@@ -57,7 +64,7 @@ class Sm90WithoutLaunches:
         return 0
 
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", self.arch, 32)
 
     def get_active_torch_device(self):
         return torch.device("cpu")
@@ -87,7 +94,8 @@ def _record(model: str, seen: set):
 def step(name: str, dtype: torch.dtype) -> None:
     model = create_model(name)
     x = torch.randn(1, 3, *model.patch_embed.img_size)
-    with ops.use_backend("triton"), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with ops.use_backend("triton"), autocast:
         out = model(x)
         target = torch.tensor([3])
         if isinstance(out, tuple):  # class and distillation heads
@@ -98,16 +106,22 @@ def step(name: str, dtype: torch.dtype) -> None:
     loss.backward()
 
 
-def main(dtype_name: str, models) -> None:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    driver.set_active(Sm90WithoutLaunches())
+def main(argv) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--arch", type=int, choices=sorted(MAX_SHARED), default=90)
+    p.add_argument("dtype", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("models", nargs="+")
+    args = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    driver.set_active(GpuWithoutLaunches(args.arch))
+    print(json.dumps({"arch": args.arch, "max_shared": MAX_SHARED[args.arch]}), flush=True)
     _backend._availability[("triton", "cpu")] = None  # CPU tensors, real (not interpreted) Triton
     seen = set()
-    for name in models:
+    for name in args.models:
         compiler.CompiledKernel._init_handles = _record(name, seen)
         step(name, dtype)
         print(json.dumps({"done": name}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1:])
