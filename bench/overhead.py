@@ -8,6 +8,7 @@ their bwd while SDPA's did not; this bench says where that time goes, per backen
     python -m bench.overhead                 # every op, every backend that can run here
     python -m bench.overhead --calls 200 --out out/overhead
     python -m bench.overhead --stub-kernels  # the host path alone, also on a CPU (see below)
+    TRITON_INTERPRET=0 python -m bench.overhead --stub-driver  # + Triton's dispatch, on a CPU
     python -m bench.overhead --ops attention --profile  # + where one op's triton forward spends it
 
 fwd: under no_grad; fwd(grad): inputs that require grad, no backward; fwd+bwd: forward, then
@@ -15,6 +16,10 @@ backward of the output against a fixed grad. Prints one markdown table; --out al
 --stub-kernels replaces every Triton kernel of deit_fast.kernels by one that launches nothing:
 the triton rows are then the host path alone (checks, dispatch, autograd, allocations, grid
 arithmetic), which a CPU can time too, where the interpreter would otherwise dominate.
+--stub-driver (a machine without a GPU, interpreter off): Triton's own dispatch too (binding,
+specialisation, cache key: bench/stub_driver.py compiles for sm_90 and launches nothing), in
+bf16 as on a GPU. On the 2-core development machine (2026-11-27) the distillation loss then took
+about 30 us a forward, Triton's JITFunction.run about half of it (--profile).
 --profile: cProfile of --calls forward calls of each op on the triton backend, the functions
 with the most own time. On an H100 (2026-11-26) one Triton launch cost the distillation loss
 about 130 us more host time than its CUDA-extension twin behind the same op layer; this says
@@ -32,7 +37,7 @@ from typing import Callable, Dict
 
 import torch
 
-from bench import common  # first: turns the interpreter on when there is no GPU
+from bench import common  # first: turns the interpreter on when there is no GPU (unless set)
 from deit_fast import kernels, ops
 from deit_fast.cli import _time_steps
 from deit_fast.ops import _backend
@@ -138,12 +143,24 @@ def main(argv=None):
     p.add_argument("--out", help="also write <out>.jsonl")
     p.add_argument("--stub-kernels", action="store_true",
                    help="Triton kernels launch nothing: the triton rows time the host path alone")
+    p.add_argument("--stub-driver", action="store_true",
+                   help="no GPU, TRITON_INTERPRET=0: real Triton dispatch compiling for sm_90, "
+                        "launching nothing (bench/stub_driver.py)")
     p.add_argument("--profile", action="store_true",
                    help="after the table, cProfile each op's triton forward (own time per function)")
     args = p.parse_args(argv)
+    if args.stub_kernels and args.stub_driver:
+        p.error("--stub-kernels and --stub-driver exclude each other")
     stubbed = f", {stub_kernels()} Triton kernels stubbed out" if args.stub_kernels else ""
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter: no bf16
+    if args.stub_driver:
+        if device.type != "cpu":
+            p.error("--stub-driver replaces the GPU: use it with --device cpu")
+        from bench import stub_driver
+        stub_driver.install()
+        stubbed = ", Triton compiling for sm_90 and launching nothing"
+    # the interpreter has no bf16; real Triton (a GPU, or the stub driver) has
+    dtype = torch.float32 if kernels.INTERPRETED else torch.bfloat16
     makers = _inputs(device, dtype)
     names = args.ops.split(",") if args.ops else list(makers)
     rows = []
@@ -157,7 +174,8 @@ def main(argv=None):
                 print(f"| {op} | {backend} | unavailable: {why} | | |")
                 continue
             us = measure(op, makers[op], backend, args.calls, device)
-            rows.append({"op": op, "backend": backend, "stubbed": args.stub_kernels and backend == "triton", **us})
+            rows.append({"op": op, "backend": backend, "stubbed": args.stub_kernels and backend == "triton",
+                         "stub_driver": args.stub_driver, **us})
             print(f"| {op} | {backend} | {us['fwd']:.1f} | {us['fwd(grad)']:.1f} | {us['fwd+bwd']:.1f} |")
     for op in names if args.profile else ():
         if _backend.unavailable(PACKED.get(op, op), "triton", device.type) is None:

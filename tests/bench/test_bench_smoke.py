@@ -18,10 +18,11 @@ from bench import common
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*args: str) -> str:
+def run(*args: str, interpret: bool = True) -> str:
     # No GPU in the child even on a GPU machine: the smoke mode is the CPU one. One thread: on a
     # busy machine a second OpenMP thread spins in barriers and made these runs 10x slower.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0", "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -126,6 +127,18 @@ def test_overhead_with_stubbed_kernels(tmp_path):
     assert re.search(r"\n\s+2\s.*ops/class_attention\.py:\d+\(class_attention\)", out)
     rows = [json.loads(line) for line in (tmp_path / "overhead.jsonl").read_text().splitlines()[1:]]
     assert {r["backend"]: r["stubbed"] for r in rows} == {"torch": False, "triton": True}
+    for r in rows:
+        positive(r, "fwd", "fwd(grad)", "fwd+bwd")
+
+
+def test_overhead_with_stub_driver(tmp_path):
+    # Real Triton dispatch without a GPU: kernels compile for sm_90, in bf16, and launch nothing.
+    out = run("bench.overhead", "--device", "cpu", "--calls", "2", "--ops", "distillation_loss",
+              "--stub-driver", "--profile", "--out", str(tmp_path / "overhead"), interpret=False)
+    assert "torch.bfloat16" in out and "Triton compiling for sm_90 and launching nothing" in out
+    assert re.search(r"\n\s+2\s.*triton/runtime/jit\.py:\d+\(run\)", out)  # Triton's dispatch ran
+    rows = [json.loads(line) for line in (tmp_path / "overhead.jsonl").read_text().splitlines()[1:]]
+    assert {r["backend"]: r["stub_driver"] for r in rows} == {"torch": True, "triton": True}
     for r in rows:
         positive(r, "fwd", "fwd(grad)", "fwd+bwd")
 
