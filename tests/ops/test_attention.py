@@ -89,12 +89,17 @@ def test_large_logits_stay_finite():
     check(q * 8, k * 8, v)
 
 
-def test_all_negative_logits_keep_grads_finite():
+def all_negative_logits(device=DEVICE):
     """Every score near -290: lse is far below 0, so a padded key's exp2(-lse) overflows fp32
-    unless the last key tile masks it (N=65 leaves a partial tile in every kernel)."""
-    q, k, v = qkv_views(1, 2, 65, 64, torch.float32)
-    u = torch.randn(64, device=DEVICE, dtype=torch.float32)
+    unless the last key tile masks it (N=65 leaves a partial tile in every kernel). dq also
+    needs the forward's and its own q k^T to round alike (kernels/attention.py, FWD_FP32)."""
+    q, k, v = qkv_views(1, 2, 65, 64, torch.float32, device)
+    u = torch.randn(64, device=device, dtype=torch.float32)
     check(0.1 * q + 6 * u, 0.1 * k - 6 * u, v)
+
+
+def test_all_negative_logits_keep_grads_finite():
+    all_negative_logits()
 
 
 def test_grads_are_bitwise_deterministic():
@@ -197,6 +202,19 @@ def test_gpu_bf16_fp16(shape, dtype, split, monkeypatch):
     from deit_fast.kernels import attention
     monkeypatch.setattr(attention, "SPLIT_HEAD_DIM", split)
     check(*qkv_views(*shape, dtype, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 6, 197, 64), (4, 8, 196, 48), (3, 4, 7, 128), (2, 3, 65, 96)],
+                         ids=str)
+def test_gpu_fp32(shape):
+    """fp32 inputs: exact products on their own tiles (FWD_FP32 ...), spilling at 96 and 128."""
+    check(*qkv_views(*shape, torch.float32, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_all_negative_logits_keep_grads_finite():
+    all_negative_logits("cuda")
 
 
 @pytest.mark.gpu
