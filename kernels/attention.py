@@ -46,9 +46,9 @@ BWD_KV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)   # key tile ow
 BWD_Q = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)   # query tile owns dq
 # fp32 inputs multiply in exact fp32 (_precision): FMA dots, every operand in registers. At the
 # tiles above they took 0.1-12 KB of stack per thread at sm_90 (spills), and dq at D = 128 213 KB
-# of shared memory. These spill nothing up to head dim 64 (every DeiT and CaiT) and 0.1-1.2 KB
-# at 80-128 (triton 3.8, sm_90, 2026-11-27; chosen from 14 candidates per kernel by that alone:
-# untimed, no GPU has run fp32 attention at any tile). The forward and dq share one tile, as the
+# of shared memory. These spill nothing up to head dim 80 (every DeiT and CaiT: 48, 64) and take
+# 120-1152 bytes at 96 and 128 (triton 3.8, sm_90, 2026-11-27; chosen from 14 candidates per
+# kernel by stack size alone: untimed, no GPU has run fp32 attention at any tile). The forward and dq share one tile, as the
 # 16-bit ones do: dq's recomputed q k^T must round as the forward's did, or sum_j dS_ij drifts
 # from 0 and k's common component leaks into dq (60x torch's fp32 error when every logit is near
 # -290, test_all_negative_logits_keep_grads_finite, under the interpreter with FWD 32 x 16).
