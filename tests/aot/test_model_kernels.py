@@ -1,6 +1,7 @@
 """Tier 2, from the call sites: every Triton kernel that whole DeiT and CaiT models launch, in
 each input dtype, compiled for sm_90 as the JIT would on an H100 (launch_compiled.py), fits an
-sm_90 block and spills nothing; in bf16 also for sm_80 (an A100's 163 KB). No GPU needed."""
+sm_90 block and spills nothing; in bf16 and fp32 also for sm_80 (an A100's 163 KB). No GPU
+needed."""
 import json
 import os
 import subprocess
@@ -20,9 +21,9 @@ MODELS = ["deit_tiny_distilled_patch16_224", "cait_xxs24_384", "cait_s24_224"]
 
 
 # Each input dtype with this machine's triton, bf16 with the GPU machine's, whose register
-# allocation differs (test_triton_compile.py), and bf16 for an A100.
-PARAMS = [("bf16", None, 90), ("fp16", None, 90), ("fp32", None, 90),
-          ("bf16", GPU_MACHINE_TRITON, 90), ("bf16", None, 80)]  # (dtype, triton, arch)
+# allocation differs (test_triton_compile.py), and bf16 and fp32 for an A100.
+PARAMS = [("bf16", None, 90), ("fp16", None, 90), ("fp32", None, 90),  # (dtype, triton, arch)
+          ("bf16", GPU_MACHINE_TRITON, 90), ("bf16", None, 80), ("fp32", None, 80)]
 
 
 @pytest.fixture(scope="module", params=PARAMS,
