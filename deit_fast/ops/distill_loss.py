@@ -83,16 +83,31 @@ def _rescale(saved: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.mul(saved, scale, out=torch.empty(saved.shape, dtype=dtype, device=saved.device))
 
 
+def _one_launch(drow: Tensor, ds: Tensor, dd: Tensor, dtypes) -> bool:
+    """Whether both heads' grads can come from one multi-tensor multiply (one launch instead of
+    two, on the backward of every distilled training step): drow is one scalar broadcast (the
+    grad of the loss's row_loss.sum() is its upstream scalar expanded, stride 0), both saved
+    grads are already in their heads' dtypes (not fp16 heads: those save fp32), and no double
+    backward needs the differentiable form."""
+    return (drow.dim() == 1 and (drow.stride(0) == 0 or drow.numel() == 1)
+            and ds.dtype == dtypes[0] and dd.dtype == dtypes[1]
+            and not (drow.requires_grad and torch.is_grad_enabled()))
+
+
 def _backward(ctx, drow, _dcomp, _dds, _ddd):
     ds, dd = ctx.saved_tensors
     need = ctx.needs_input_grad
     dlogits = ddist = None
     if drow is not None:
-        scale = drow.unsqueeze(1)  # d loss / d row_loss[b]: the upstream scalar in practice
-        if need[0] and ds.numel():
-            dlogits = _rescale(ds, scale, ctx.dtypes[0])
-        if need[1] and dd.numel():
-            ddist = _rescale(dd, scale, ctx.dtypes[1])
+        both = need[0] and ds.numel() and need[1] and dd.numel()
+        if both and _one_launch(drow, ds, dd, ctx.dtypes):
+            dlogits, ddist = torch._foreach_mul([ds, dd], drow[0])
+        else:
+            scale = drow.unsqueeze(1)  # d loss / d row_loss[b]: the upstream scalar in practice
+            if need[0] and ds.numel():
+                dlogits = _rescale(ds, scale, ctx.dtypes[0])
+            if need[1] and dd.numel():
+                ddist = _rescale(dd, scale, ctx.dtypes[1])
     # target and teacher_logits get no grad (the teacher is frozen; the target is data).
     return dlogits, ddist, None, None, None, None, None, None, None
 

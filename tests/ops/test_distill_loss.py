@@ -175,6 +175,40 @@ def test_saved_grad_dtypes():
     assert out[2].dtype == F32 and out[3].dtype == F32 and out[2].shape == (2, 10)
 
 
+@pytest.mark.parametrize("dtype,launches", [(F32, (1, 0)), (F16, (0, 2))])
+def test_backward_scales_both_heads_in_one_launch(dtype, launches, monkeypatch):
+    """The loss's upstream scalar (here a GradScaler-like 1024) times both saved grads: one
+    multi-tensor multiply where the saved grads are in the heads' dtypes, two multiplies for
+    fp16 heads (saved in fp32, cast back). Bitwise the grads of the two-multiply path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    s, d, t, y = make(4, 30, dtype, "int")
+
+    def grads():
+        leaves = [x.detach().requires_grad_() for x in (s, d)]
+        with ops.use_backend("triton"):
+            loss = ops.distillation_loss(*leaves, y, t, "soft", tau=2.0)
+        with Count() as counted:
+            (loss * 1024).backward()
+        return [x.grad for x in leaves], counted.ops
+
+    (gs, gd), counted = grads()
+    # (multi-tensor multiplies, multiplies), less loss * 1024 and its backward's
+    assert (counted.count("_foreach_mul"), counted.count("mul") - 2) == launches
+    monkeypatch.setattr(op, "_one_launch", lambda *args: False)
+    (rs, rd), _ = grads()
+    assert gs.dtype == dtype and torch.equal(gs, rs) and torch.equal(gd, rd)
+
+
 def test_target_and_teacher_get_no_grad():
     s, d, t, q = make(2, 10, F32, "soft")
     leaves = [x.requires_grad_() for x in (s, d, t, q)]
