@@ -18,8 +18,7 @@ the triton rows are then the host path alone (checks, dispatch, autograd, alloca
 arithmetic), which a CPU can time too, where the interpreter would otherwise dominate.
 --stub-driver (a machine without a GPU, interpreter off): Triton's own dispatch too (binding,
 specialisation, cache key: bench/stub_driver.py compiles for sm_90 and launches nothing), in
-bf16 as on a GPU. On the 2-core development machine (2026-11-27) the distillation loss then took
-about 30 us a forward, Triton's JITFunction.run about half of it (--profile).
+bf16 as on a GPU (--dtype fp32 to set the torch rows beside them: the CPU computes those).
 --profile: cProfile of --calls forward calls of each op on the triton backend, the functions
 with the most own time. On an H100 (2026-11-26) one Triton launch cost the distillation loss
 about 130 us more host time than its CUDA-extension twin behind the same op layer; this says
@@ -146,6 +145,9 @@ def main(argv=None):
     p.add_argument("--stub-driver", action="store_true",
                    help="no GPU, TRITON_INTERPRET=0: real Triton dispatch compiling for sm_90, "
                         "launching nothing (bench/stub_driver.py)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="inputs (default bf16; fp32 under the interpreter). With --stub-driver the "
+                        "torch rows run on the CPU, which computes bf16 slowly: fp32 compares them")
     p.add_argument("--profile", action="store_true",
                    help="after the table, cProfile each op's triton forward (own time per function)")
     args = p.parse_args(argv)
@@ -160,7 +162,8 @@ def main(argv=None):
         stub_driver.install()
         stubbed = ", Triton compiling for sm_90 and launching nothing"
     # the interpreter has no bf16; real Triton (a GPU, or the stub driver) has
-    dtype = torch.float32 if kernels.INTERPRETED else torch.bfloat16
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        args.dtype, torch.float32 if kernels.INTERPRETED else torch.bfloat16)
     makers = _inputs(device, dtype)
     names = args.ops.split(",") if args.ops else list(makers)
     rows = []
