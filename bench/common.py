@@ -36,6 +36,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtypes names
 # What the H100 of these machines measured (.library/device/KINDS.md, 2026-11-13): an 8192^3 bf16
 # matmul on random data, and a large device-to-device copy counting bytes read plus written.
 H100_PEAK_TFLOPS = 798.0

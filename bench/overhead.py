@@ -145,7 +145,7 @@ def main(argv=None):
     p.add_argument("--stub-driver", action="store_true",
                    help="no GPU, TRITON_INTERPRET=0: real Triton dispatch compiling for sm_90, "
                         "launching nothing (bench/stub_driver.py)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", choices=list(common.DTYPES),
                    help="inputs (default bf16; fp32 under the interpreter). With --stub-driver the "
                         "torch rows run on the CPU, which computes bf16 slowly: fp32 compares them")
     p.add_argument("--profile", action="store_true",
@@ -162,8 +162,7 @@ def main(argv=None):
         stub_driver.install()
         stubbed = ", Triton compiling for sm_90 and launching nothing"
     # the interpreter has no bf16; real Triton (a GPU, or the stub driver) has
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
-        args.dtype, torch.float32 if kernels.INTERPRETED else torch.bfloat16)
+    dtype = common.DTYPES.get(args.dtype, torch.float32 if kernels.INTERPRETED else torch.bfloat16)
     makers = _inputs(device, dtype)
     names = args.ops.split(",") if args.ops else list(makers)
     rows = []

@@ -3,9 +3,12 @@
 Only deit_fast.ops calls into here. Whether triton.jit built interpreted functions is fixed at
 import (TRITON_INTERPRET=1 must be set before), so the op layer asks INTERPRETED, not the env.
 """
+import torch
 import triton
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+# The input dtypes by the names aot_configs(dtype) and the AOT tools take.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # Host-side grid arithmetic for the launch wrappers. triton.cdiv and triton.next_power_of_2 are

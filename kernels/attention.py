@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_pow2
+from . import DTYPES, cdiv, next_pow2
 
 # bench.tune on an H100, 2026-11-26, vs the tiles before (all 64 x 64 / 32 x 64 / 64 x 32, 4
 # warps, 2 stages), N = 197 at D = 64 (H = 6) and D = 48 (H = 8), B = 256, each kernel alone:
@@ -446,14 +446,14 @@ def aot_configs(dtype: str):
     kernels = ((_attn_fwd, FWD, FWD_FP32, "BLOCK_N"),
                (_attn_bwd_dkdv, BWD_KV, BWD_KV_FP32, "BLOCK_M"),
                (_attn_bwd_dq, BWD_Q, BWD_Q_FP32, "BLOCK_N"))
-    torch_dtype = torch.float32 if dtype == "fp32" else torch.float16  # the tiles' one distinction
+    torch_dtype = DTYPES[dtype]
     for blocks, (kernel, base, base_fp32, streamed) in itertools.product(variants, kernels):
         cfg = _config(base, base_fp32, blocks, torch_dtype)
         sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
         for tail in sorted({16, cfg[streamed]}):
             constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
             constexprs.update(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], TAIL=tail,
-                              PRECISION="ieee" if dtype == "fp32" else "tf32")  # as _precision
+                              PRECISION=_precision(torch_dtype))
             yield dict(kernel=kernel, signature=sig, constexprs=constexprs,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                       aligned=(*strides, "D"), matmul=dtype != "fp32")  # fp32: FMA dots
+                       aligned=(*strides, "D"), matmul=torch_dtype != torch.float32)  # fp32: FMA

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_pow2
+from . import DTYPES, cdiv, next_pow2
 from .attention import _precision, _strides, _tile, _unit_last, token_major_empty
 
 LOG2E = 1.4426950408889634
@@ -693,7 +693,7 @@ def aot_configs(dtype: str):
     """Every shipped variant (head counts 4, 8, 16 of CaiT, in both mixing families, fp32 in the
     CUDA-core one alone (_family); head-dim tiles 32 and 64) for the sm_90 AOT test. The products
     are dots of 16-32 rows: mma.sync, not wgmma. D is aligned as in attention.aot_configs."""
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    torch_dtype = DTYPES[dtype]
     strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
     ints = dict.fromkeys(["B", "H", "N", "D"] + strides, "i32")
     ints.update(qk_scale="fp32", scale="fp32")

@@ -39,7 +39,7 @@ SHAPES = {"deit_tiny_224": (256, 3, 197, 64), "deit_small_224": (256, 6, 197, 64
           "d48_h4_n197": (256, 4, 197, 48), "d48_h8_n197": (256, 8, 197, 48),
           "d48_h8_n576": (64, 8, 576, 48)}
 SMOKE_SHAPES = {"smoke": (1, 2, 9, 48)}  # 48: triton_masked runs too
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = common.DTYPES
 SMOKE_DTYPE = "fp32"  # the interpreter has no bf16 arithmetic (DESIGN.md section 6)
 SDPA_BACKENDS = common.SDPA_BACKENDS
 PROBED = (*SDPA_BACKENDS, "xformers")  # baselines that may refuse a shape: probed per case

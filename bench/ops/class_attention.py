@@ -21,7 +21,7 @@ SHAPES = {"cait_xxs_224": (256, 4, 197, 48), "cait_s_224": (256, 8, 197, 48),
           "cait_m_224": (256, 16, 197, 48), "cait_xxs_384": (64, 4, 577, 48),
           "cait_s_384": (64, 8, 577, 48), "cait_m_384": (64, 16, 577, 48)}
 SMOKE_SHAPES = {"smoke": (1, 2, 9, 32)}  # a handful of programs under the interpreter
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = common.DTYPES
 SMOKE_DTYPE = "fp32"  # the interpreter has no bf16 arithmetic (DESIGN.md section 6)
 TARGET_PCT_ROOFLINE, TARGET_VS_EAGER = 80.0, 3.0
 OURS = ("triton", "cuda")

@@ -27,7 +27,7 @@ SHAPES = {"cait_s_224": (256, 8, 196, 48), "cait_xxs_224": (256, 4, 196, 48),
           "cait_m_224": (64, 16, 196, 48), "cait_xxs_384": (64, 4, 576, 48),
           "cait_s_384": (64, 8, 576, 48), "cait_m_384": (16, 16, 576, 48)}
 SMOKE_SHAPES = {"smoke": (1, 2, 9, 16)}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = common.DTYPES
 TARGET_VS_EAGER, TARGET_VS_COMPILE = 2.5, 1.5
 
 

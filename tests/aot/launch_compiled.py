@@ -25,7 +25,7 @@ import triton
 
 import compile_triton
 from bench import stub_driver
-from deit_fast import ops
+from deit_fast import kernels, ops
 from deit_fast.models.registry import create_model
 
 
@@ -65,10 +65,10 @@ def step(name: str, dtype: torch.dtype) -> None:
 def main(argv) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--arch", type=int, choices=sorted(stub_driver.MAX_SHARED), default=90)
-    p.add_argument("dtype", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("dtype", choices=sorted(kernels.DTYPES))
     p.add_argument("models", nargs="+")
     args = p.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = kernels.DTYPES[args.dtype]
     recorder = Recorder()
     stub_driver.install(args.arch, recorder)
     print(json.dumps({"arch": args.arch, "max_shared": stub_driver.MAX_SHARED[args.arch]}),
