@@ -48,10 +48,11 @@ BWD_Q = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)   # query tile 
 # tiles above they took 0.1-12 KB of stack per thread at sm_90 (spills), and dq at D = 128 213 KB
 # of shared memory. These spill nothing up to head dim 80 (every DeiT and CaiT: 48, 64) and take
 # 120-1152 bytes at 96 and 128 (triton 3.8, sm_90, 2026-11-27; chosen from 14 candidates per
-# kernel by stack size alone: untimed, no GPU has run fp32 attention at any tile). The forward and dq share one tile, as the
-# 16-bit ones do: dq's recomputed q k^T must round as the forward's did, or sum_j dS_ij drifts
-# from 0 and k's common component leaks into dq (60x torch's fp32 error when every logit is near
-# -290, test_all_negative_logits_keep_grads_finite, under the interpreter with FWD 32 x 16).
+# kernel by stack size alone: untimed, no GPU has run fp32 attention at any tile). The forward
+# and dq share one tile, as the 16-bit ones do: dq's recomputed q k^T must round as the
+# forward's did, or sum_j dS_ij drifts from 0 and k's common component leaks into dq (63-83x
+# torch's fp32 error when every logit is near -290, test_all_negative_logits_keep_grads_finite,
+# under the interpreter with FWD 32 x 16, 3 seeds).
 FWD_FP32 = BWD_Q_FP32 = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
 BWD_KV_FP32 = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)

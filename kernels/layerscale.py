@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_pow2
+from . import DTYPES, cdiv, next_pow2
 
 BLOCK_R, BLOCK_C, NUM_WARPS = 16, 256, 8  # 4096-element tiles, 16 per thread; 256 columns = 512 B of bf16
 BWD_PROGRAMS = 1024  # row strips in the backward: enough to fill 132 SMs a few times over
@@ -276,7 +276,7 @@ def aot_configs(dtype: str):
     ints["eps"] = "fp32"
     ptrs = dict.fromkeys(("X", "Y", "OUT", "DO", "DY", "DOUT", "DNORM", "DX", "NORMED"), f"*{dtype}")
     ptrs.update(dict.fromkeys(("G", "S", "PARTIAL", "W", "Bias", "MEAN", "RSTD"), "*fp32"))
-    size = 4 if dtype == "fp32" else 2  # bytes per activation element
+    size = DTYPES[dtype].itemsize  # bytes per activation element
 
     def variant(kernel, aligned, **constexprs):
         sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
