@@ -3,8 +3,9 @@
 // math). Per row b of the (B, C) class-head logits s, distillation-head logits d, teacher logits
 // t (and soft target q), in fp32 from fp32/fp16/bf16 storage, one kernel writes the row's share
 // of the loss, its two components (base, distill), and the gradients of that share w.r.t. s_b and
-// d_b: the backward then only scales them (deit_fast/ops/distill_loss.py). The batch sum is done
-// by torch over the per-row values, in a fixed order: no atomics anywhere.
+// d_b: the backward then only scales them (deit_fast/ops/distill_loss.py). The block that
+// finishes last sums the rows' shares into the loss and its components, in a fixed order
+// (sum_rows_if_last): one launch for the whole forward, and deterministic.
 //
 // Two kernels, chosen by C:
 //  * C <= kTileCols (4096): the row lives in registers, read from memory once, 8 classes per
@@ -65,8 +66,10 @@ struct Args {
   const T* t;
   const int64_t* y;  // (B,) class targets, or null
   const float* q;    // (B, C) soft targets, or null
-  float* row;        // (B,) the row's share of the loss
-  float* comp;       // (B, 2) its base and distill components (already scaled)
+  float* rows;       // (B, 3) the row's share of the loss, of base and of distill (scaled)
+  float* loss;       // () the sum of rows[:, 0]
+  float* parts;      // (2,) the sums of rows[:, 1] and rows[:, 2]
+  int* tickets;      // 0 at entry, no other launch's meanwhile; left at 0
   G* ds;             // (B, C) contiguous d row / d s, or null when not asked for
   G* dd;             // (B, C) contiguous d row / d d, or null
   int64_t B, ss, sd, st, sq;  // row strides in elements
@@ -424,9 +427,54 @@ __device__ __forceinline__ void write_row(const Args<T>& a, int64_t row, const S
   if constexpr (KIND == kHard) distill = (f.lzd - (st.dat - f.md)) * a.dist_scale;
   if constexpr (KIND == kSoft) distill = acc.kl * a.dist_scale;
   if constexpr (KIND != kNone) total += a.w_dist * distill;
-  a.row[row] = total;
-  a.comp[2 * row] = base;
-  a.comp[2 * row + 1] = distill;
+  a.rows[3 * row] = total;
+  a.rows[3 * row + 1] = base;
+  a.rows[3 * row + 2] = distill;
+}
+
+// The batch sums in the launch that wrote the rows, as kernels/distill_loss._sum_rows_if_last
+// (a torch sum would be one more launch per step, at a size where launches are most of the
+// time). Every thread of every block calls it after its rows are stored. Each block fences its
+// stores and takes a ticket; the block that takes the last one sums all rows in a fixed order
+// (a strided sum per thread, the warp butterfly, warps in order), so the loss is deterministic,
+// and puts the counter back to 0 for the next launch.
+template <typename T>
+__device__ __forceinline__ void sum_rows_if_last(const Args<T>& a) {
+  __shared__ bool last;
+  __shared__ float red[kMaxWarps][3];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;  // warps: blockDim.x is whole warps
+  const int nthr = blockDim.x * blockDim.y;
+  __threadfence();  // this block's rows are visible device-wide before its ticket is
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(a.tickets, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // the other blocks' rows, seen through the ticket, before they are read
+  float v[3] = {0.f, 0.f, 0.f};
+  for (int64_t r = tid; r < a.B; r += nthr) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k) v[k] += __ldcg(a.rows + 3 * r + k);  // from L2, not this L1
+  }
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+  }
+  if ((tid & 31) == 0) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k) red[tid / 32][k] = v[k];
+  }
+  __syncthreads();
+  if (tid == 0) {
+    for (int w = 1; w < nthr / 32; ++w) {
+#pragma unroll
+      for (int k = 0; k < 3; ++k) v[k] += red[w][k];
+    }
+    *a.loss = v[0];
+    a.parts[0] = v[1];
+    a.parts[1] = v[2];
+    *a.tickets = 0;
+  }
 }
 
 template <typename T>
@@ -467,6 +515,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) distill_loss_rows_kernel(const
   tile_terms<KIND>(acc, x, f, a, ds, dd, soft_q, 0, tid, nthr, C);
   acc = row_reduce<TermsOps>(acc, red_terms);
   if (live && tid == 0) write_row<KIND>(a, row, st, f, acc, soft_q, C);
+  sum_rows_if_last(a);
 }
 
 // C > kTileCols. One block of kMaxThreads per row; `stash` holds the row's first stash_cols
@@ -523,6 +572,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) distill_loss_stream_kernel(con
   }
   acc = row_reduce<TermsOps>(acc, red_terms);
   if (tid == 0) write_row<KIND>(a, row, st, f, acc, soft_q, C);
+  sum_rows_if_last(a);
 }
 
 // ---- input checks (shared by the CUDA and Meta kernels) ----------------------------------
@@ -546,7 +596,8 @@ struct Checked {
 Checked check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& dist,
                      const at::Tensor& target, const std::optional<at::Tensor>& teacher,
                      c10::string_view kind, double alpha, double tau, double smoothing,
-                     c10::string_view kl_reduction, bool grad_logits, bool grad_dist) {
+                     c10::string_view kl_reduction, bool grad_logits, bool grad_dist,
+                     const at::Tensor& tickets) {
   const int k = kind == "none" ? kNone : kind == "hard" ? kHard : kind == "soft" ? kSoft : -1;
   TORCH_CHECK(k >= 0, kOp, ": kind must be \"none\", \"hard\" or \"soft\", got \"", kind, "\"");
   TORCH_CHECK(kl_reduction == "numel" || kl_reduction == "batchmean", kOp,
@@ -583,6 +634,10 @@ Checked check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& 
                 target.sizes());
   }
   check_device("target", target, logits);
+  TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.numel() == 1 && tickets.is_contiguous(),
+              kOp, ": tickets must be one contiguous int32, got ", tickets.scalar_type(), " of shape ",
+              tickets.sizes());
+  check_device("tickets", tickets, logits);
   TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, kOp, ": alpha must be in [0, 1], got ", alpha);
   TORCH_CHECK(tau > 0.0, kOp, ": tau must be positive, got ", tau);
   TORCH_CHECK(smoothing >= 0.0 && smoothing < 1.0, kOp,
@@ -590,10 +645,10 @@ Checked check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& 
   return Checked{k, soft_q, grad_logits, grad_dist && k != kNone};
 }
 
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// (row (B,) fp32, comp (B, 2) fp32, ds, dd): a grad not asked for is an empty (0,) tensor of
-// logits' dtype, as the Triton kernel and the op's fake impl return.
+// (loss () fp32, parts (2,) fp32, rows (B, 3) fp32, ds, dd): a grad not asked for is an empty
+// (0,) tensor of logits' dtype, as the Triton kernel and the op's fake impl return.
 Outputs make_outputs(const at::Tensor& logits, const std::optional<at::Tensor>& dist,
                      const Checked& c) {
   const int64_t B = logits.size(0), C = logits.size(1);
@@ -602,16 +657,17 @@ Outputs make_outputs(const at::Tensor& logits, const std::optional<at::Tensor>& 
     return want ? at::empty({B, C}, logits.options().dtype(grad_dtype(head.scalar_type())))
                 : at::empty({0}, logits.options());
   };
-  return {at::empty({B}, f32), at::empty({B, 2}, f32), grad(c.grad_s, logits),
+  return {at::empty({}, f32), at::empty({2}, f32), at::empty({B, 3}, f32), grad(c.grad_s, logits),
           grad(c.grad_d, c.grad_d ? *dist : logits)};
 }
 
 Outputs forward_meta(const at::Tensor& logits, const std::optional<at::Tensor>& dist,
                      const at::Tensor& target, const std::optional<at::Tensor>& teacher,
                      c10::string_view kind, double alpha, double tau, double smoothing,
-                     c10::string_view kl_reduction, bool grad_logits, bool grad_dist) {
+                     c10::string_view kl_reduction, bool grad_logits, bool grad_dist,
+                     const at::Tensor& tickets) {
   const Checked c = check_inputs(logits, dist, target, teacher, kind, alpha, tau, smoothing,
-                                 kl_reduction, grad_logits, grad_dist);
+                                 kl_reduction, grad_logits, grad_dist, tickets);
   return make_outputs(logits, dist, c);
 }
 
@@ -720,20 +776,21 @@ void dispatch(const Args<T>& a, int kind, bool vec, cudaStream_t stream) {
 Outputs forward_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& dist_opt,
                      const at::Tensor& target, const std::optional<at::Tensor>& teacher_opt,
                      c10::string_view kind, double alpha, double tau, double smoothing,
-                     c10::string_view kl_reduction, bool grad_logits, bool grad_dist) {
+                     c10::string_view kl_reduction, bool grad_logits, bool grad_dist,
+                     const at::Tensor& tickets) {
   const Checked c = check_inputs(logits, dist_opt, target, teacher_opt, kind, alpha, tau,
-                                 smoothing, kl_reduction, grad_logits, grad_dist);
+                                 smoothing, kl_reduction, grad_logits, grad_dist, tickets);
   TORCH_CHECK(logits.is_cuda(), kOp, ": logits must be a CUDA tensor, got device ",
               logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
   Outputs out = make_outputs(logits, dist_opt, c);
-  at::Tensor &row = std::get<0>(out), &comp = std::get<1>(out), &ds = std::get<2>(out),
-             &dd = std::get<3>(out);
+  at::Tensor &loss = std::get<0>(out), &parts = std::get<1>(out), &rows = std::get<2>(out),
+             &ds = std::get<3>(out), &dd = std::get<4>(out);
   const int64_t B = logits.size(0), C = logits.size(1);
-  if (B == 0) return out;
-  if (C == 0) {  // a softmax over no classes: the reference's nan, no launch
-    row.fill_(std::numeric_limits<double>::quiet_NaN());
-    comp.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (B == 0 || C == 0) {  // a mean over no rows or a softmax over no classes: nan, no launch
+    loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    parts.fill_(std::numeric_limits<double>::quiet_NaN());
+    rows.fill_(std::numeric_limits<double>::quiet_NaN());
     return out;
   }
 
@@ -767,8 +824,10 @@ Outputs forward_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& 
     a.t = t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
     a.y = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
     a.q = q.defined() ? q.const_data_ptr<float>() : nullptr;
-    a.row = row.data_ptr<float>();
-    a.comp = comp.data_ptr<float>();
+    a.rows = rows.data_ptr<float>();
+    a.loss = loss.data_ptr<float>();
+    a.parts = parts.data_ptr<float>();
+    a.tickets = tickets.data_ptr<int>();
     a.ds = c.grad_s ? static_cast<G*>(ks.data_ptr()) : nullptr;
     a.dd = c.grad_d ? static_cast<G*>(kd.data_ptr()) : nullptr;
     a.B = B;
@@ -790,16 +849,17 @@ Outputs forward_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
-  // kernels/distill_loss.forward's contract: -> (row_loss (B,) fp32, components (B, 2) fp32,
-  // dlogits, ddist). row_loss sums to the loss, components[:, 0] / [:, 1] to base / distill;
-  // dlogits, ddist: d row_loss[b] / d logits[b] (resp. dist_logits), (B, C) contiguous, fp32 for
-  // fp16 heads and the head's dtype otherwise, or empty (0,) when not asked for (ddist also for
-  // kind "none"). logits, dist_logits, teacher_logits: (B, C) fp32/fp16/bf16, any row stride;
-  // target: int64 (B,) (out-of-range classes give a nan row, unchecked: no device sync) or
-  // float (B, C) soft targets.
+  // kernels/distill_loss.forward's contract: -> (loss () fp32, parts (2,) fp32: base and
+  // distill, rows (B, 3) fp32: each row's share of the three, dlogits, ddist). dlogits, ddist:
+  // d loss / d logits (resp. dist_logits), (B, C) contiguous, fp32 for fp16 heads and the
+  // head's dtype otherwise, or empty (0,) when not asked for (ddist also for kind "none").
+  // logits, dist_logits, teacher_logits: (B, C) fp32/fp16/bf16, any row stride; target: int64
+  // (B,) (out-of-range classes give a nan row, unchecked: no device sync) or float (B, C) soft
+  // targets. tickets: one int32 at 0 that no concurrent launch shares; left at 0.
   m.def("distillation_loss_forward(Tensor logits, Tensor? dist_logits, Tensor target, "
         "Tensor? teacher_logits, str kind, float alpha, float tau, float label_smoothing, "
-        "str kl_reduction, bool grad_logits, bool grad_dist) -> (Tensor, Tensor, Tensor, Tensor)");
+        "str kl_reduction, bool grad_logits, bool grad_dist, Tensor(a!) tickets) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deit_fast_C, CUDA, m) {

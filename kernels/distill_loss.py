@@ -19,7 +19,9 @@ gradients d total_b / d s_b and d total_b / d d_b:
     dd = w_dist * dist_scale / tau * (softmax(d / tau) - softmax(t / tau)) soft
 
 with kind "none": w_base = 1, w_dist = 0; else w_base = 1 - alpha, w_dist = alpha. Those are the
-whole backward: autograd later only multiplies row b by the upstream gradient of total_b.
+whole backward: autograd later only multiplies them by the upstream gradient of the loss.
+The program that finishes last also sums the rows' shares into the loss and its two components
+(_sum_rows_if_last), so the whole forward is one launch.
 log_softmax is formed as (x - max) - log(sum), never x - lse, so its rounding is that of torch's.
 
 Rows up to MAX_BLOCK_C classes are held in registers and read once. Wider rows (ImageNet-21k,
@@ -36,6 +38,7 @@ from . import next_pow2
 
 MAX_BLOCK_C = 4096  # widest row held in registers (8 warps: 16 fp32 per thread per tensor)
 CHUNK_C = 2048  # chunk width of the two-sweep path for wider rows
+SUM_BLOCK_B = 1024  # rows per step of the last program's batch sum
 NONE, HARD, SOFT = 0, 1, 2
 KIND_IDS = {"none": NONE, "hard": HARD, "soft": SOFT}
 
@@ -131,10 +134,11 @@ def _sweep_terms(s, d, t, q, cols, mask, DS, DD, g_off, C, y, t_arg, m_s, m_d, m
 
 
 @triton.jit
-def _distill_loss_fwd(S, D, T, Y, Q, ROW, COMP, DS, DD, C, s_stride, d_stride, t_stride, q_stride,
-                      w_base, w_dist, base_scale, dist_scale, gs, gd, smoothing, tau,
-                      KIND: tl.constexpr, SOFT_TARGET: tl.constexpr, GRAD_S: tl.constexpr,
-                      GRAD_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _distill_loss_fwd(S, D, T, Y, Q, ROWS, LOSS, PARTS, TICKETS, DS, DD, B, C, s_stride, d_stride,
+                      t_stride, q_stride, w_base, w_dist, base_scale, dist_scale, gs, gd, smoothing,
+                      tau, KIND: tl.constexpr, SOFT_TARGET: tl.constexpr, GRAD_S: tl.constexpr,
+                      GRAD_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_B: tl.constexpr):
     # KIND: 0 none (base only), 1 hard, 2 soft. Y (int64 classes) is read when not SOFT_TARGET,
     # Q (float soft targets) when SOFT_TARGET. Grads are written contiguous (B, C).
     row = tl.program_id(0).to(tl.int64)  # int64: B * C passes 2**31 at B = 100k, C = 21841
@@ -203,9 +207,36 @@ def _distill_loss_fwd(S, D, T, Y, Q, ROW, COMP, DS, DD, C, s_stride, d_stride, t
         distill = acc_kl * dist_scale
     if KIND != 0:
         total += w_dist * distill
-    tl.store(ROW + row, total)
-    tl.store(COMP + 2 * row, base)
-    tl.store(COMP + 2 * row + 1, distill)
+    tl.store(ROWS + 3 * row, total)
+    tl.store(ROWS + 3 * row + 1, base)
+    tl.store(ROWS + 3 * row + 2, distill)
+    _sum_rows_if_last(ROWS, LOSS, PARTS, TICKETS, B, BLOCK_B)
+
+
+@triton.jit
+def _sum_rows_if_last(ROWS, LOSS, PARTS, TICKETS, B, BLOCK_B: tl.constexpr):
+    """The batch sums in the launch that wrote the rows (a torch sum would be one more launch
+    per step, at a size where launches are most of the time): every program takes a ticket
+    after its row's stores, and the one that takes the last sums all rows in a fixed order, so
+    the loss is deterministic. TICKETS is 0 at entry and left at 0 (see forward)."""
+    tl.debug_barrier()  # the row's stores (whichever thread made them) before the ticket
+    ticket = tl.atomic_add(TICKETS, 1, sem="acq_rel")  # release the row, acquire the others
+    if ticket == B - 1:
+        r = tl.arange(0, BLOCK_B)
+        total = tl.zeros([BLOCK_B], tl.float32)
+        base = tl.zeros([BLOCK_B], tl.float32)
+        distill = tl.zeros([BLOCK_B], tl.float32)
+        for start in range(0, B, BLOCK_B):
+            at = ROWS + 3 * (start + r)
+            live = start + r < B
+            # .cg: read from L2, where the other programs' rows are, not from this SM's L1
+            total += tl.load(at, mask=live, other=0.0, cache_modifier=".cg")
+            base += tl.load(at + 1, mask=live, other=0.0, cache_modifier=".cg")
+            distill += tl.load(at + 2, mask=live, other=0.0, cache_modifier=".cg")
+        tl.store(LOSS, tl.sum(total, axis=0))
+        tl.store(PARTS, tl.sum(base, axis=0))
+        tl.store(PARTS + 1, tl.sum(distill, axis=0))
+        tl.atomic_xchg(TICKETS, 0)  # ready for the next launch on this stream
 
 
 def tile(C: int):
@@ -229,13 +260,16 @@ def _cols_unit(t):
 
 
 def forward(logits, dist_logits, target, teacher_logits, kind: str, alpha: float, tau: float,
-            smoothing: float, kl_reduction: str, grad_logits: bool, grad_dist: bool):
-    """-> (row_loss (B,) fp32, components (B, 2) fp32, dlogits, ddist).
+            smoothing: float, kl_reduction: str, grad_logits: bool, grad_dist: bool, tickets):
+    """-> (loss () fp32, parts (2,) fp32, rows (B, 3) fp32, dlogits, ddist).
 
-    row_loss sums (in torch) to the loss; components[:, 0] and [:, 1] sum to base and distill.
-    dlogits / ddist: d row_loss[b] / d logits[b] (resp. dist_logits), (B, C) contiguous in
-    grad_dtype(...), or empty when not asked for (or kind "none" for ddist).
-    Inputs: (B, C) with any row stride; target int64 (B,) or float (B, C)."""
+    loss is the batch's loss and parts its (base, distill) components, each summed in a fixed
+    order; rows[b] is row b's share of (loss, base, distill). dlogits / ddist: d loss /
+    d logits (resp. dist_logits), (B, C) contiguous in grad_dtype(...), or empty when not asked
+    for (or kind "none" for ddist). Inputs: (B, C) with any row stride; target int64 (B,) or
+    float (B, C). tickets: an int32 (1,) tensor on the logits' device holding 0, which no other
+    launch uses until this one ends (one per stream, see deit_fast.ops.distill_loss); the launch
+    leaves it at 0."""
     s = _cols_unit(logits)
     B, C = s.shape
     kid = KIND_IDS[kind]
@@ -246,8 +280,9 @@ def forward(logits, dist_logits, target, teacher_logits, kind: str, alpha: float
     y = None if soft_target else target.contiguous()
     grad_dist = grad_dist and kid != NONE
     dev = s.device
-    row = torch.empty(B, dtype=torch.float32, device=dev)
-    comp = torch.empty((B, 2), dtype=torch.float32, device=dev)
+    rows = torch.empty((B, 3), dtype=torch.float32, device=dev)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    parts = torch.empty(2, dtype=torch.float32, device=dev)
     ds = (torch.empty((B, C), dtype=grad_dtype(s.dtype), device=dev) if grad_logits
           else s.new_empty(0))
     dd = (torch.empty((B, C), dtype=grad_dtype(d.dtype), device=dev) if grad_dist
@@ -262,25 +297,26 @@ def forward(logits, dist_logits, target, teacher_logits, kind: str, alpha: float
         gd = w_dist * dist_scale
     gs = w_base * base_scale
     block, one_chunk, warps = tile(C)
-    if B:
-        _distill_loss_fwd[(B,)](
-            s, d, t, y, q, row, comp, ds, dd, C, s.stride(0), d.stride(0) if kid else 0,
-            t.stride(0) if kid else 0, q.stride(0) if soft_target else 0,
-            w_base, w_dist, base_scale, dist_scale, gs, gd, smoothing, tau,
-            KIND=kid, SOFT_TARGET=soft_target, GRAD_S=grad_logits, GRAD_D=grad_dist,
-            ONE_CHUNK=one_chunk, BLOCK_C=block, num_warps=warps)
-    return row, comp, ds, dd
+    if B == 0:  # the mean over no rows, as the reference gives it
+        return loss.fill_(float("nan")), parts.fill_(float("nan")), rows, ds, dd
+    _distill_loss_fwd[(B,)](
+        s, d, t, y, q, rows, loss, parts, tickets, ds, dd, B, C, s.stride(0),
+        d.stride(0) if kid else 0, t.stride(0) if kid else 0, q.stride(0) if soft_target else 0,
+        w_base, w_dist, base_scale, dist_scale, gs, gd, smoothing, tau,
+        KIND=kid, SOFT_TARGET=soft_target, GRAD_S=grad_logits, GRAD_D=grad_dist,
+        ONE_CHUNK=one_chunk, BLOCK_C=block, BLOCK_B=SUM_BLOCK_B, num_warps=warps)
+    return loss, parts, rows, ds, dd
 
 
 def aot_configs(dtype: str):
     """Every shipped variant for the sm_90 AOT test (see kernels/layerscale.py): logits of
     `dtype` for all three heads, fp32 soft targets (timm's Mixup), int64 class targets. The
     class counts cover every register tile (C = 10 ... 4096) and the two-sweep path."""
-    ints = dict.fromkeys(("C", "s_stride", "d_stride", "t_stride", "q_stride"), "i32")
+    ints = dict.fromkeys(("B", "C", "s_stride", "d_stride", "t_stride", "q_stride"), "i32")
     floats = dict.fromkeys(("w_base", "w_dist", "base_scale", "dist_scale", "gs", "gd",
                             "smoothing", "tau"), "fp32")
     ptrs = dict.fromkeys(("S", "D", "T"), f"*{dtype}")
-    ptrs.update(Y="*i64", Q="*fp32", ROW="*fp32", COMP="*fp32",
+    ptrs.update(Y="*i64", Q="*fp32", ROWS="*fp32", LOSS="*fp32", PARTS="*fp32", TICKETS="*i32",
                 DS=f"*{dtype}" if dtype != "fp16" else "*fp32")
     ptrs["DD"] = ptrs["DS"]
     kernel = _distill_loss_fwd
@@ -289,7 +325,8 @@ def aot_configs(dtype: str):
         block, one_chunk, warps = tile(C)
         sig = {a: ptrs.get(a) or ints.get(a) or floats.get(a) or "constexpr" for a in kernel.arg_names}
         return dict(kernel=kernel, signature=sig, num_warps=warps, matmul=False,
-                    constexprs=dict(constexprs, ONE_CHUNK=one_chunk, BLOCK_C=block),
+                    constexprs=dict(constexprs, ONE_CHUNK=one_chunk, BLOCK_C=block,
+                                    BLOCK_B=SUM_BLOCK_B),
                     aligned=("C", "s_stride", "d_stride", "t_stride", "q_stride") if aligned else ())
 
     for C in (10, 100, 1000, MAX_BLOCK_C, 21841):

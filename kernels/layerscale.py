@@ -210,6 +210,38 @@ def _residual_ln_bwd(DOUT, DNORM, OUT, Y, G, S, W, MEAN, RSTD, DX, DY, PARTIAL, 
     tl.store(PARTIAL + (2 * programs + pid) * C + c, tl.sum(acc_b, axis=0), mask=cmask)
 
 
+@triton.jit
+def _column_sums(PARTIAL, DG, DW, DB, programs, C, HAS_GAMMA: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid (cdiv(C, BLOCK_N), 3 or 2 without gamma): grad[c] = sum over p of PARTIAL[a, p, c]
+    # for a = dgamma, dweight, dbias, in a fixed order, cast to the grad's dtype. One launch for
+    # the three column sums of _residual_ln_bwd: three torch sums were three launches, a fixed
+    # cost of a few microseconds each on a backward of some tens.
+    a = tl.program_id(1)
+    if not HAS_GAMMA:
+        a += 1
+    c = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = c < C
+    p = tl.arange(0, BLOCK_P)
+    src = PARTIAL + a.to(tl.int64) * programs * C
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, programs, BLOCK_P):
+        strip = start + p
+        acc += tl.load(src + strip[:, None] * C + c[None, :],
+                       mask=(strip < programs)[:, None] & cmask[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    if HAS_GAMMA:
+        if a == 0:
+            tl.store(DG + c, total.to(DG.dtype.element_ty), mask=cmask)
+    if a == 1:
+        tl.store(DW + c, total.to(DW.dtype.element_ty), mask=cmask)
+    if a == 2:
+        tl.store(DB + c, total.to(DB.dtype.element_ty), mask=cmask)
+
+
+# _column_sums' tile: 32 columns (128-byte rows of fp32) by 128 strips, 16 elements a thread;
+# BWD_PROGRAMS strips take at most 8 steps. Untimed on a GPU.
+COLSUM_P, COLSUM_N, COLSUM_WARPS = 128, 32, 8
 LN_FWD_TILE, LN_BWD_TILE = 4096, 2048  # elements per program tile
 LN_MAX_C = 8192  # widest row a program holds in registers (32 warps, 8 elements per thread)
 
@@ -242,7 +274,7 @@ def residual_layernorm_forward(x, y, gamma, scale, weight, bias, eps, out_dtype)
 
 def residual_layernorm_backward(dout, dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype):
     """-> (dx, dy, dgamma, dweight, dbias). For a plain LayerNorm pass out = x and y = dout = None:
-    dy and dgamma are then None. Column sums are fp32 per-strip partials, summed by torch."""
+    dy and dgamma are then None. Column sums are fp32 per-strip partials, then _column_sums."""
     n3 = _rows(dnormed)
     d3 = _rows(dout) if dout is not None else n3
     y3 = _rows(y) if y is not None else n3
@@ -262,8 +294,13 @@ def residual_layernorm_backward(dout, dnormed, out, y, gamma, scale, weight, mea
         HAS_DROP=scale is not None, BLOCK_R=block_r, BLOCK_C=block_c,
         STAGES=_stages(block_r, block_c, *(t.element_size() for t in (n3, d3, src, y3))),
         num_warps=warps)
-    dgamma = partial[0].sum(0).to(gamma.dtype) if gamma is not None else None
-    return dx, dy, dgamma, partial[1].sum(0).to(weight.dtype), partial[2].sum(0).to(weight.dtype)
+    has_gamma = gamma is not None
+    dgamma = torch.empty(C, dtype=gamma.dtype, device=src.device) if has_gamma else None
+    dweight, dbias = (torch.empty(C, dtype=weight.dtype, device=src.device) for _ in range(2))
+    _column_sums[(cdiv(C, COLSUM_N), 3 if has_gamma else 2)](
+        partial, dgamma, dweight, dbias, programs, C, HAS_GAMMA=has_gamma, BLOCK_P=COLSUM_P,
+        BLOCK_N=COLSUM_N, num_warps=COLSUM_WARPS)
+    return dx, dy, dgamma, dweight, dbias
 
 
 def aot_configs(dtype: str):
@@ -275,7 +312,8 @@ def aot_configs(dtype: str):
     ints = dict.fromkeys(("rows", "N", "C", "rows_per_prog", "programs") + strides, "i32")
     ints["eps"] = "fp32"
     ptrs = dict.fromkeys(("X", "Y", "OUT", "DO", "DY", "DOUT", "DNORM", "DX", "NORMED"), f"*{dtype}")
-    ptrs.update(dict.fromkeys(("G", "S", "PARTIAL", "W", "Bias", "MEAN", "RSTD"), "*fp32"))
+    ptrs.update(dict.fromkeys(("G", "S", "PARTIAL", "W", "Bias", "MEAN", "RSTD", "DG", "DW", "DB"),
+                              "*fp32"))
     size = DTYPES[dtype].itemsize  # bytes per activation element
 
     def variant(kernel, aligned, **constexprs):
@@ -305,3 +343,7 @@ def aot_configs(dtype: str):
                 yield variant(kernel, True, HAS_RESIDUAL=has_res, HAS_GAMMA=has_gamma,
                               HAS_DROP=has_drop, BLOCK_R=block_r, BLOCK_C=block_c, warps=warps,
                               **stages)
+    for has_gamma in (True, False):  # the backward's column sums
+        for aligned in (True, False):
+            yield variant(_column_sums, aligned, HAS_GAMMA=has_gamma, BLOCK_P=COLSUM_P,
+                          BLOCK_N=COLSUM_N, warps=COLSUM_WARPS)

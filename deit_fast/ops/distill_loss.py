@@ -2,11 +2,12 @@
 distillation head.
 
 On the kernel backends one kernel launch reads each row of logits, dist_logits and teacher_logits
-once and writes the per-row loss, its two components and the gradients w.r.t. both heads
-(triton: kernels/distill_loss.py; cuda: csrc/distill_loss.cu, the same contract). The batch sum
-of the per-row losses is a plain torch sum (fp32, fixed order: deterministic), and the backward
-is one multiply of the saved gradients by the upstream gradient, row by row: no second pass over
-the logits. It runs behind the torch.library custom op deit_fast::distillation_loss (fake impl
+once and writes the gradients w.r.t. both heads, and the last of its programs to finish sums the
+rows into the loss and its two components (fp32, fixed order: deterministic). (triton:
+kernels/distill_loss.py; cuda: csrc/distill_loss.cu, the same contract.) The backward is one
+multiply of the saved gradients by the upstream gradient: no second pass over the logits. So a
+training step spends two launches on the loss, at a size (B = 256, C = 1000) where launches are
+most of its time. It runs behind the torch.library custom op deit_fast::distillation_loss (fake impl
 + autograd), so torch.compile(fullgraph=True) traces it.
 The torch backend calls reference.py.
 """
@@ -29,12 +30,31 @@ def _grad_dtype(head_dtype: torch.dtype) -> torch.dtype:
 
 def _forward_kernel(backend: str):
     """The kernel backend's forward: (logits, dist_logits, target, teacher_logits, kind, alpha,
-    tau, label_smoothing, kl_reduction, grad_logits, grad_dist) -> the four outputs below."""
+    tau, label_smoothing, kl_reduction, grad_logits, grad_dist, tickets) -> (loss, parts, rows,
+    dlogits, ddist), see kernels/distill_loss.forward."""
     if backend == "cuda":
         from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
         return torch.ops.deit_fast_C.distillation_loss_forward
     from deit_fast.kernels import distill_loss
     return distill_loss.forward
+
+
+# The kernels' ticket counters, one per (device, stream): a launch needs one at 0 that no
+# concurrent launch shares, and leaves it at 0. Launches on one stream are ordered, so one counter
+# per stream serves them all. A counter first needed inside a CUDA graph capture is that call's
+# own (its zeroing is captured with it), not cached: the graph replays its zeroing each time.
+_TICKETS = {}
+
+
+def _tickets(device: torch.device) -> Tensor:
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream)
+    tickets = _TICKETS.get(key)
+    if tickets is None:
+        tickets = torch.zeros(1, dtype=torch.int32, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _TICKETS[key] = tickets
+    return tickets
 
 
 # Few arguments on purpose: torch.library re-reads the schema once per argument on every call
@@ -45,33 +65,35 @@ def _forward_kernel(backend: str):
 def _fused(logits: Tensor, dist_logits: Optional[Tensor], target: Tensor,
            teacher_logits: Optional[Tensor], kind: str, kl_reduction: str, scalars: List[float],
            grads: List[bool], backend: str = "triton") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (row_loss (B,) fp32, components (B, 2) fp32, saved dlogits, saved ddist); a saved grad
-    is empty when not asked for. See kernels/distill_loss (csrc/distill_loss.cu is its twin)."""
+    """-> (loss () fp32, components (2,) fp32: base and distill, saved dlogits, saved ddist); a
+    saved grad is empty when not asked for. See kernels/distill_loss (csrc/distill_loss.cu is its
+    twin)."""
     alpha, tau, label_smoothing = scalars
-    return _forward_kernel(backend)(logits, dist_logits, target, teacher_logits, kind, alpha, tau,
-                                    label_smoothing, kl_reduction, grads[0], grads[1])
+    loss, parts, _, ds, dd = _forward_kernel(backend)(
+        logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
+        kl_reduction, grads[0], grads[1], _tickets(logits.device))
+    return loss, parts, ds, dd
 
 
 @_fused.register_fake
 def _(logits, dist_logits, target, teacher_logits, kind, kl_reduction, scalars, grads,
       backend="triton"):
-    B = logits.shape[0]
     ds = (logits.new_empty(logits.shape, dtype=_grad_dtype(logits.dtype)) if grads[0]
           else logits.new_empty(0))
     dd = (logits.new_empty(logits.shape, dtype=_grad_dtype(dist_logits.dtype))
           if grads[1] and kind != "none" else logits.new_empty(0))
-    return (logits.new_empty(B, dtype=torch.float32), logits.new_empty((B, 2), dtype=torch.float32),
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty(2, dtype=torch.float32),
             ds, dd)
 
 
 def _setup_context(ctx, inputs, output):
     logits, dist_logits, *_ = inputs
-    _, comp, ds, dd = output
+    _, parts, ds, dd = output
     ctx.save_for_backward(ds, dd)
     ctx.dtypes = (logits.dtype, dist_logits.dtype if dist_logits is not None else None)
     # The components are for logging and the saved grads are results, not functions of the
     # inputs to differentiate: no grads flow back through them (and none are materialised).
-    ctx.mark_non_differentiable(comp, ds, dd)
+    ctx.mark_non_differentiable(parts, ds, dd)
     ctx.set_materialize_grads(False)
 
 
@@ -83,31 +105,28 @@ def _rescale(saved: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.mul(saved, scale, out=torch.empty(saved.shape, dtype=dtype, device=saved.device))
 
 
-def _one_launch(drow: Tensor, ds: Tensor, dd: Tensor, dtypes) -> bool:
+def _one_launch(ds: Tensor, dd: Tensor, dtypes, dloss: Tensor) -> bool:
     """Whether both heads' grads can come from one multi-tensor multiply (one launch instead of
-    two, on the backward of every distilled training step): drow is one scalar broadcast (the
-    grad of the loss's row_loss.sum() is its upstream scalar expanded, stride 0), both saved
-    grads are already in their heads' dtypes (not fp16 heads: those save fp32), and no double
-    backward needs the differentiable form."""
-    return (drow.dim() == 1 and (drow.stride(0) == 0 or drow.numel() == 1)
-            and ds.dtype == dtypes[0] and dd.dtype == dtypes[1]
-            and not (drow.requires_grad and torch.is_grad_enabled()))
+    two, on the backward of every distilled training step): both saved grads are already in
+    their heads' dtypes (not fp16 heads: those save fp32), and no double backward needs the
+    differentiable form."""
+    return (ds.dtype == dtypes[0] and dd.dtype == dtypes[1]
+            and not (dloss.requires_grad and torch.is_grad_enabled()))
 
 
-def _backward(ctx, drow, _dcomp, _dds, _ddd):
+def _backward(ctx, dloss, _dparts, _dds, _ddd):
     ds, dd = ctx.saved_tensors
     need = ctx.needs_input_grad
     dlogits = ddist = None
-    if drow is not None:
+    if dloss is not None:
         both = need[0] and ds.numel() and need[1] and dd.numel()
-        if both and _one_launch(drow, ds, dd, ctx.dtypes):
-            dlogits, ddist = torch._foreach_mul([ds, dd], drow[0])
+        if both and _one_launch(ds, dd, ctx.dtypes, dloss):
+            dlogits, ddist = torch._foreach_mul([ds, dd], dloss)
         else:
-            scale = drow.unsqueeze(1)  # d loss / d row_loss[b]: the upstream scalar in practice
             if need[0] and ds.numel():
-                dlogits = _rescale(ds, scale, ctx.dtypes[0])
+                dlogits = _rescale(ds, dloss, ctx.dtypes[0])
             if need[1] and dd.numel():
-                ddist = _rescale(dd, scale, ctx.dtypes[1])
+                ddist = _rescale(dd, dloss, ctx.dtypes[1])
     # target and teacher_logits get no grad (the teacher is frozen; the target is data).
     return dlogits, ddist, None, None, None, None, None, None, None
 
@@ -214,13 +233,12 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     if kind == "none":
         dist_logits = teacher_logits = None
     grad = torch.is_grad_enabled()
-    row, comp, _, _ = dispatch(_fused, logits, dist_logits, target, teacher_logits, kind, kl_reduction,
+    loss, parts, _, _ = dispatch(_fused, logits, dist_logits, target, teacher_logits, kind, kl_reduction,
                              [float(alpha), float(tau), float(label_smoothing)],
                              [grad and logits.requires_grad,
                               grad and dist_logits is not None and dist_logits.requires_grad],
                              backend)
-    loss = row.sum()
     if return_components:
-        base, distill = comp.sum(0).unbind()
+        base, distill = parts.unbind()
         return loss, base, distill
     return loss

@@ -29,7 +29,8 @@ def test_schema(ops):
     assert str(ops.distillation_loss_forward.default._schema) == (
         "deit_fast_C::distillation_loss_forward(Tensor logits, Tensor? dist_logits, Tensor target, "
         "Tensor? teacher_logits, str kind, float alpha, float tau, float label_smoothing, "
-        "str kl_reduction, bool grad_logits, bool grad_dist) -> (Tensor, Tensor, Tensor, Tensor)")
+        "str kl_reduction, bool grad_logits, bool grad_dist, Tensor(a!) tickets) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def test_the_op_picks_the_extension_for_the_cuda_backend(so_path):
@@ -41,11 +42,16 @@ def meta(shape, dtype=F32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+def tickets():
+    return meta((1,), torch.int32)
+
+
 def args(B=4, C=37, dtype=F32, dist_dtype=None, target="int", kind="hard", grads=(True, True)):
     heads = kind != "none"
     y = meta((B,), I64) if target == "int" else meta((B, C), target)
     return [meta((B, C), dtype), meta((B, C), dist_dtype or dtype) if heads else None, y,
-            meta((B, C), dtype) if heads else None, kind, 0.5, 2.0, 0.1, "numel", *grads]
+            meta((B, C), dtype) if heads else None, kind, 0.5, 2.0, 0.1, "numel", *grads,
+            tickets()]
 
 
 @pytest.mark.parametrize("B,C", [(1, 10), (3, 37), (256, 1000), (3, 4096), (2, 4097), (3, 21841)],
@@ -55,8 +61,9 @@ def args(B=4, C=37, dtype=F32, dist_dtype=None, target="int", kind="hard", grads
                                                      (BF16, BF16, "int"), (BF16, F32, BF16)], ids=str)
 def test_output_metadata_and_opcheck(ops, B, C, kind, dtype, dist_dtype, target):
     a = args(B, C, dtype, dist_dtype, target, kind)
-    row, comp, ds, dd = ops.distillation_loss_forward(*a)
-    assert (row.shape, row.dtype) == ((B,), F32) and (comp.shape, comp.dtype) == ((B, 2), F32)
+    loss, parts, rows, ds, dd = ops.distillation_loss_forward(*a)
+    assert [(x.shape, x.dtype) for x in (loss, parts, rows)] == [((), F32), ((2,), F32),
+                                                                 ((B, 3), F32)]
     grad_dtype = lambda t: F32 if t == F16 else t  # the op's _grad_dtype
     assert (ds.shape, ds.dtype) == ((B, C), grad_dtype(dtype)) and ds.is_contiguous()
     if kind == "none":
@@ -68,7 +75,7 @@ def test_output_metadata_and_opcheck(ops, B, C, kind, dtype, dist_dtype, target)
 
 @pytest.mark.parametrize("grads", [(False, False), (True, False), (False, True)], ids=str)
 def test_grads_not_asked_for_are_empty(ops, grads):
-    _, _, ds, dd = ops.distillation_loss_forward(*args(dtype=BF16, grads=grads))
+    _, _, _, ds, dd = ops.distillation_loss_forward(*args(dtype=BF16, grads=grads))
     assert ds.shape == ((4, 37) if grads[0] else (0,))
     assert dd.shape == ((4, 37) if grads[1] else (0,))
     assert ds.dtype == dd.dtype == BF16
@@ -80,22 +87,22 @@ def test_matches_the_fake_impl_of_the_op(ops):
     a = args(3, 37, F16, F32, "int", "soft")
     fake = torch.ops.deit_fast.distillation_loss(*a[:4], "soft", "numel", [0.5, 2.0, 0.1],
                                                  [True, True], "cuda")  # meta: the fake impl
-    ours = ops.distillation_loss_forward(*a)
-    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in ours]
+    loss, parts, _, ds, dd = ops.distillation_loss_forward(*a)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in (loss, parts, ds, dd)]
 
 
 def test_strided_and_transposed_heads(ops):
     s = meta((3, 80))[:, 5:42]
     t = meta((37, 3)).t()
-    row, comp, ds, dd = ops.distillation_loss_forward(s, s, meta((3,), I64), t, "soft", 0.5, 1.0,
-                                                      0.0, "batchmean", True, True)
+    _, _, _, ds, dd = ops.distillation_loss_forward(s, s, meta((3,), I64), t, "soft", 0.5, 1.0,
+                                                    0.0, "batchmean", True, True, tickets())
     assert ds.shape == dd.shape == (3, 37) and ds.is_contiguous() and dd.is_contiguous()
 
 
 def test_kind_none_ignores_the_other_heads(ops):
     out = ops.distillation_loss_forward(meta((2, 10)), meta((5,)), meta((2,), I64), None, "none",
-                                        0.5, 1.0, 0.0, "numel", True, True)
-    assert out[3].shape == (0,)
+                                        0.5, 1.0, 0.0, "numel", True, True, tickets())
+    assert out[4].shape == (0,)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -118,11 +125,13 @@ def test_kind_none_ignores_the_other_heads(ops):
     (dict(tau=0.0), "tau"),
     (dict(label_smoothing=1.0), "label_smoothing"),
     (dict(label_smoothing=-0.1), "label_smoothing"),
+    (dict(tickets=meta((1,), I64)), "tickets must be one contiguous int32"),
+    (dict(tickets=meta((2,), torch.int32)), "tickets must be one contiguous int32"),
 ])
 def test_bad_input_names_the_argument(ops, change, match):
     a = dict(logits=meta((4, 37)), dist_logits=meta((4, 37)), target=meta((4,), I64),
              teacher_logits=meta((4, 37)), kind="hard", alpha=0.5, tau=1.0, label_smoothing=0.0,
-             kl_reduction="numel", grad_logits=True, grad_dist=True)
+             kl_reduction="numel", grad_logits=True, grad_dist=True, tickets=tickets())
     a.update(change)
     with pytest.raises(RuntimeError, match=match):
         ops.distillation_loss_forward(*a.values())
@@ -131,11 +140,12 @@ def test_bad_input_names_the_argument(ops, change, match):
 def test_inputs_on_two_devices_raise(ops):
     with pytest.raises(RuntimeError, match="teacher_logits is on cpu"):
         ops.distillation_loss_forward(meta((2, 10)), meta((2, 10)), meta((2,), I64),
-                                      torch.randn(2, 10), "hard", 0.5, 1.0, 0.0, "numel", True, True)
+                                      torch.randn(2, 10), "hard", 0.5, 1.0, 0.0, "numel", True, True,
+                                      tickets())
 
 
 def test_cpu_tensors_raise_instead_of_crashing(ops):
     s = torch.randn(2, 10)
     with pytest.raises(NotImplementedError, match="CPU"):
         ops.distillation_loss_forward(s, s, torch.tensor([1, 2]), s, "hard", 0.5, 1.0, 0.0, "numel",
-                                      True, True)
+                                      True, True, torch.zeros(1, dtype=torch.int32))

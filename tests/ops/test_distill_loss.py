@@ -4,6 +4,7 @@ asked for are not written; custom-op registration, torch.compile, determinism an
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deit_fast import ops
 from deit_fast.kernels import distill_loss as kernel
@@ -16,6 +17,17 @@ F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float6
 KINDS = ("none", "hard", "soft")
 TARGETS = ("int", "int-smooth", "soft")  # class indices (smoothing 0 / 0.1), mixup soft targets
 UPSTREAM = 0.7  # d(whatever follows) / d loss: the backward must scale the saved grads by it
+
+
+class Count(TorchDispatchMode):
+    """The names of the torch ops run inside it, in order."""
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def make(B, C, dtype, target, device=DEVICE, dist_dtype=None):
@@ -146,7 +158,7 @@ def test_grads_not_required_are_not_written(monkeypatch):
 
     def spy(*args):
         out = real(*args)
-        calls.append((args[-2:], out[2].numel(), out[3].numel()))
+        calls.append((args[9:11], out[3].numel(), out[4].numel()))
         return out
     monkeypatch.setattr(kernel, "forward", spy)
     s, d, t, y = make(3, 100, F32, "int")
@@ -180,17 +192,6 @@ def test_backward_scales_both_heads_in_one_launch(dtype, launches, monkeypatch):
     """The loss's upstream scalar (here a GradScaler-like 1024) times both saved grads: one
     multi-tensor multiply where the saved grads are in the heads' dtypes, two multiplies for
     fp16 heads (saved in fp32, cast back). Bitwise the grads of the two-multiply path."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     s, d, t, y = make(4, 30, dtype, "int")
 
     def grads():
@@ -289,10 +290,56 @@ def test_out_of_range_class_in_the_kernel_is_nan_not_a_stray_read():
     """What compiled code (which skips the check) gets from a bad class index."""
     s, d, t, _ = make(3, 40, F32, "int")
     y = torch.tensor([1, 40, -1], device=DEVICE)
-    row, comp, ds, _ = torch.ops.deit_fast.distillation_loss(s, d, y, t, "hard", "numel",
-                                                             [0.5, 1.0, 0.0], [True, False])
-    assert torch.isfinite(row[0]) and torch.isnan(row[1:]).all() and torch.isnan(comp[1:, 0]).all()
-    assert torch.isfinite(ds).all()
+    loss, parts, rows, ds, _ = kernel.forward(s, d, y, t, "hard", 0.5, 1.0, 0.0, "numel", True,
+                                              False, op._tickets(s.device))
+    assert torch.isfinite(rows[0]).all() and torch.isnan(rows[1:, :2]).all()
+    assert torch.isfinite(rows[:, 2]).all() and torch.isfinite(ds).all()
+    assert torch.isnan(loss) and torch.isnan(parts[0]) and torch.isfinite(parts[1])
+
+
+@pytest.mark.parametrize("B", [1, 37])
+def test_the_last_program_sums_the_rows(B, monkeypatch):
+    """The launch's batch sums: loss and components are the sums of the rows' shares (here in
+    3 steps of a 16-row block, the last one masked), and the ticket counter is back at 0."""
+    monkeypatch.setattr(kernel, "SUM_BLOCK_B", 16)
+    s, d, t, q = make(B, 30, F32, "soft")
+    tickets = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):  # the second launch starts from the counter the first one left
+        loss, parts, rows, _, _ = kernel.forward(s, d, q, t, "soft", 0.4, 2.0, 0.0, "batchmean",
+                                                 False, False, tickets)
+        assert tickets.item() == 0
+        torch.testing.assert_close(loss, rows[:, 0].sum(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(parts, rows[:, 1:].sum(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, reference.distillation_loss(s, d, q, t, "soft", 0.4, 2.0,
+                                                                 kl_reduction="batchmean"))
+
+
+def test_one_counter_per_device_and_stream():
+    """The op's ticket counters: one per (device, stream), kept and reused, at 0 between calls."""
+    first = op._tickets(torch.device(DEVICE))
+    assert op._tickets(torch.device(DEVICE)) is first and first.dtype == torch.int32
+    s, d, t, y = make(5, 20, F32, "int")
+    with ops.use_backend("triton"):
+        ops.distillation_loss(s, d, y, t, "hard")
+    assert first.item() == 0
+    if DEVICE == "cuda":
+        with torch.cuda.stream(torch.cuda.Stream()):
+            assert op._tickets(torch.device(DEVICE)) is not first
+
+
+def test_the_forward_is_the_kernel_alone(monkeypatch):
+    """No torch reduction after the kernel (the batch sums are the kernel's): allocations only."""
+    s, d, t, y = make(4, 30, F32, "int")
+    launches = []
+    with ops.use_backend("triton"):
+        ops.distillation_loss(s, d, y, t, "hard", check_target=False)  # the counter exists now
+        # the launch itself stands aside: the interpreter's host copies are torch ops too
+        monkeypatch.setattr(kernel, "_distill_loss_fwd",
+                            {(4,): lambda *a, **k: launches.append(len(a))})
+        with Count() as counted:
+            ops.distillation_loss(s.requires_grad_(), d.requires_grad_(), y, t, "hard",
+                                  return_components=True, check_target=False)
+    assert len(launches) == 1 and set(counted.ops) == {"empty", "unbind"}, counted.ops
 
 
 def test_check_target_false_skips_the_range_check():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from deit_fast import ops
+from deit_fast.ops import distill_loss as op
 from tests.ops import test_distill_loss
 from tests.ops.test_distill_loss import KINDS, TARGETS, make, run
 from tests.ops.sanitizer import TOOLS, run_sanitizer
@@ -186,16 +187,40 @@ def test_bitwise_deterministic(C):
             assert torch.equal(a, b)
 
 
-def test_extension_op_outputs_and_grads_not_asked_for():
+def extension_forward(*args):
+    """The extension's forward with the op's ticket counter for the current stream."""
     import deit_fast._C  # noqa: F401
-    op = torch.ops.deit_fast_C.distillation_loss_forward
+    return torch.ops.deit_fast_C.distillation_loss_forward(*args, op._tickets(args[0].device))
+
+
+def test_extension_op_outputs_and_grads_not_asked_for():
     s, d, t, y = make(5, 37, BF16, "int", device="cuda")
-    row, comp, ds, dd = op(s, d, y, t, "soft", 0.5, 2.0, 0.1, "numel", False, False)
-    assert row.shape == (5,) and comp.shape == (5, 2) and ds.shape == dd.shape == (0,)
-    with_grads = op(s, d, y, t, "soft", 0.5, 2.0, 0.1, "numel", True, True)
-    assert torch.equal(row, with_grads[0]) and torch.equal(comp, with_grads[1])
-    assert with_grads[2].dtype == with_grads[3].dtype == BF16
-    torch.testing.assert_close(row.sum(), 0.5 * comp[:, 0].sum() + 0.5 * comp[:, 1].sum())
+    loss, parts, rows, ds, dd = extension_forward(s, d, y, t, "soft", 0.5, 2.0, 0.1, "numel",
+                                                  False, False)
+    assert loss.shape == () and parts.shape == (2,) and rows.shape == (5, 3)
+    assert ds.shape == dd.shape == (0,)
+    with_grads = extension_forward(s, d, y, t, "soft", 0.5, 2.0, 0.1, "numel", True, True)
+    for a, b in zip((loss, parts, rows), with_grads):
+        assert torch.equal(a, b)
+    assert with_grads[3].dtype == with_grads[4].dtype == BF16
+    torch.testing.assert_close(loss, 0.5 * parts[0] + 0.5 * parts[1])
+
+
+@pytest.mark.parametrize("B,C", [(1, 10), (300, 37), (5000, 100), (3, 21841)], ids=str)
+def test_the_last_block_sums_the_rows(B, C):
+    """The launch's batch sums (one block, several row blocks, many, the streamed kernel): the
+    rows' shares summed, the ticket counter back at 0, and bitwise the same on every run."""
+    s, d, t, q = make(B, C, F32, "soft", device="cuda")
+    tickets = torch.zeros(1, dtype=torch.int32, device="cuda")
+    import deit_fast._C  # noqa: F401
+    runs = [torch.ops.deit_fast_C.distillation_loss_forward(
+        s, d, q, t, "soft", 0.4, 2.0, 0.0, "batchmean", False, False, tickets) for _ in range(3)]
+    loss, parts, rows, _, _ = runs[0]
+    assert tickets.item() == 0
+    torch.testing.assert_close(loss, rows[:, 0].sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(parts, rows[:, 1:].sum(0), rtol=1e-6, atol=0)
+    for other in runs[1:]:
+        assert torch.equal(other[0], loss) and torch.equal(other[1], parts)
 
 
 def test_out_of_range_class_in_the_kernel_is_nan_not_a_stray_read():
@@ -204,10 +229,10 @@ def test_out_of_range_class_in_the_kernel_is_nan_not_a_stray_read():
     for C in (40, 5000):
         s, d, t, _ = make(3, C, F32, "int", device="cuda")
         y = torch.tensor([1, C, -1], device="cuda")
-        row, comp, ds, _ = torch.ops.deit_fast_C.distillation_loss_forward(
-            s, d, y, t, "hard", 0.5, 1.0, 0.0, "numel", True, False)
-        assert torch.isfinite(row[0]) and torch.isnan(row[1:]).all() and torch.isnan(comp[1:, 0]).all()
-        assert torch.isfinite(ds).all()
+        loss, _, rows, ds, _ = extension_forward(s, d, y, t, "hard", 0.5, 1.0, 0.0, "numel", True,
+                                                 False)
+        assert torch.isfinite(rows[0]).all() and torch.isnan(rows[1:, :2]).all()
+        assert torch.isnan(loss) and torch.isfinite(ds).all()
 
 
 def test_out_of_range_class_raises_before_launch():
@@ -217,16 +242,16 @@ def test_out_of_range_class_raises_before_launch():
 
 
 def test_empty_inputs():
-    import deit_fast._C  # noqa: F401
-    op = torch.ops.deit_fast_C.distillation_loss_forward
     e = torch.empty(0, 10, device="cuda")
-    row, comp, ds, dd = op(e, e, torch.empty(0, dtype=torch.long, device="cuda"), e, "hard", 0.5, 1.0,
-                           0.0, "numel", True, True)
-    assert row.shape == (0,) and comp.shape == (0, 2) and ds.shape == dd.shape == (0, 10)
+    loss, parts, rows, ds, dd = extension_forward(e, e, torch.empty(0, dtype=torch.long,
+                                                                   device="cuda"),
+                                                  e, "hard", 0.5, 1.0, 0.0, "numel", True, True)
+    assert rows.shape == (0, 3) and ds.shape == dd.shape == (0, 10)
+    assert torch.isnan(loss) and torch.isnan(parts).all()
     z = torch.empty(2, 0, device="cuda")
-    row, comp, _, _ = op(z, z, torch.zeros(2, dtype=torch.long, device="cuda"), z, "soft", 0.5, 1.0,
-                         0.0, "numel", True, True)
-    assert torch.isnan(row).all() and torch.isnan(comp).all()
+    loss, parts, rows, _, _ = extension_forward(z, z, torch.zeros(2, dtype=torch.long, device="cuda"),
+                                                z, "soft", 0.5, 1.0, 0.0, "numel", True, True)
+    assert torch.isnan(loss) and torch.isnan(parts).all() and torch.isnan(rows).all()
     with ops.use_backend("cuda"):  # the op itself: the reference's nan, no launch
         assert torch.isnan(ops.distillation_loss(e, e, torch.empty(0, dtype=torch.long, device="cuda"),
                                                  e, "hard"))
@@ -244,11 +269,13 @@ def test_custom_op_passes_opcheck(kind, target):
 
 def test_extension_op_on_cuda_passes_opcheck():
     import deit_fast._C  # noqa: F401
-    op = torch.ops.deit_fast_C.distillation_loss_forward.default
+    ext = torch.ops.deit_fast_C.distillation_loss_forward.default
     s, d, t, q = make(3, 37, BF16, "soft", device="cuda")
-    torch.library.opcheck(op, (s, d, q, t, "soft", 0.5, 2.0, 0.0, "batchmean", True, True))
+    tickets = torch.zeros(1, dtype=torch.int32, device="cuda")
+    torch.library.opcheck(ext, (s, d, q, t, "soft", 0.5, 2.0, 0.0, "batchmean", True, True, tickets))
     y = torch.randint(0, 37, (3,), device="cuda")
-    torch.library.opcheck(op, (s, None, y, None, "none", 0.5, 1.0, 0.1, "numel", True, False))
+    torch.library.opcheck(ext, (s, None, y, None, "none", 0.5, 1.0, 0.1, "numel", True, False,
+                                tickets))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -256,11 +283,12 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_inputs_on_two_devices_raise():
-    import deit_fast._C  # noqa: F401
     s, d, t, y = make(2, 10, F32, "int", device="cuda")
     with pytest.raises(RuntimeError, match="target is on cpu"):
-        torch.ops.deit_fast_C.distillation_loss_forward(s, d, y.cpu(), t, "hard", 0.5, 1.0, 0.0,
-                                                        "numel", True, True)
+        extension_forward(s, d, y.cpu(), t, "hard", 0.5, 1.0, 0.0, "numel", True, True)
+    with pytest.raises(RuntimeError, match="tickets is on cpu"):
+        torch.ops.deit_fast_C.distillation_loss_forward(s, d, y, t, "hard", 0.5, 1.0, 0.0, "numel",
+                                                        True, True, op._tickets(torch.device("cpu")))
 
 
 def test_runs_on_the_current_stream():
@@ -280,8 +308,9 @@ def test_int64_offsets_past_2_to_the_31():
     s = torch.zeros(B, C, device="cuda", dtype=BF16)
     s[-1, 5] = 4.0
     y = torch.full((B,), 5, dtype=torch.long, device="cuda")
-    row, _, ds, _ = torch.ops.deit_fast_C.distillation_loss_forward(
-        s, None, y, None, "none", 0.5, 1.0, 0.0, "numel", True, False)
+    _, _, row, ds, _ = extension_forward(s, None, y, None, "none", 0.5, 1.0, 0.0, "numel", True,
+                                         False)
+    row = row[:, 0]
     lse0 = torch.tensor(float(C), dtype=torch.float64).log()
     lse1 = torch.tensor(C - 1 + torch.e ** 4, dtype=torch.float64).log()
     torch.testing.assert_close(row[0].double().cpu() * B, lse0, rtol=1e-5, atol=0)

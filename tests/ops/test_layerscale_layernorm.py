@@ -53,6 +53,18 @@ def test_without_gamma_or_droppath(gamma, drop):
     check(*make((3, 65, 192), (F16, F16, F32), gamma=gamma, drop=drop))
 
 
+@pytest.mark.parametrize("gamma", [True, False])
+def test_column_sums_over_several_steps(gamma, monkeypatch):
+    """The backward's second kernel adds the strips' partial column sums a block of strips at a
+    time: here 4 strips a step, so 2 steps (5 strips: the second masked) and 2 column blocks
+    (C = 45: the second masked); with and without the gamma grad."""
+    from deit_fast.kernels import layerscale as kernel
+    monkeypatch.setattr(kernel, "COLSUM_P", 4)
+    monkeypatch.setattr(kernel, "BWD_PROGRAMS", 5)  # 5 strips of 8 rows: 1-row tiles
+    monkeypatch.setattr(kernel, "LN_BWD_TILE", 64)
+    check(*make((2, 19, 45), (F32, F32, F32), gamma=gamma, drop=True))
+
+
 def test_strided_inputs():
     B, N, C = 2, 65, 96
     x = torch.randn(B, N, 3 * C, device=DEVICE)[..., C:2 * C]
