@@ -39,21 +39,31 @@ def _forward_kernel(backend: str):
     return distill_loss.forward
 
 
-# The kernels' ticket counters, one per (device, stream): a launch needs one at 0 that no
-# concurrent launch shares, and leaves it at 0. Launches on one stream are ordered, so one counter
-# per stream serves them all. A counter first needed inside a CUDA graph capture is that call's
-# own (its zeroing is captured with it), not cached: the graph replays its zeroing each time.
-_TICKETS = {}
+# The kernels' ticket counters: a launch needs an int32 at 0 that no concurrent launch shares, and
+# leaves it at 0. Eager launches share one per (device, stream): launches on one stream are
+# ordered. A launch captured into a CUDA graph gets one of its own for good, from a slab made with
+# the first eager counter of its device: a graph may be replayed on another stream than it was
+# captured on, alongside eager launches there. (Without a slab, before any eager launch on the
+# device or once 1024 captured launches have used it up, a captured launch zeroes a counter of
+# the graph's own: one more node per replay.)
+_TICKETS = {}  # (device, stream) -> its counter
+_SLABS = {}  # cuda device -> [slab of counters for captured launches, how many are handed out]
+_SLAB = 1024
 
 
 def _tickets(device: torch.device) -> Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        slab = _SLABS.get(device)
+        if slab is None or slab[1] == _SLAB:
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        slab[1] += 1
+        return slab[0][slab[1] - 1:slab[1]]
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    key = (device, stream)
-    tickets = _TICKETS.get(key)
+    tickets = _TICKETS.get((device, stream))
     if tickets is None:
-        tickets = torch.zeros(1, dtype=torch.int32, device=device)
-        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            _TICKETS[key] = tickets
+        if device.type == "cuda" and device not in _SLABS:
+            _SLABS[device] = [torch.zeros(_SLAB, dtype=torch.int32, device=device), 0]
+        tickets = _TICKETS[device, stream] = torch.zeros(1, dtype=torch.int32, device=device)
     return tickets
 
 

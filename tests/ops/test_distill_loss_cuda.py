@@ -223,6 +223,34 @@ def test_the_last_block_sums_the_rows(B, C):
         assert torch.equal(other[0], loss) and torch.equal(other[1], parts)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_captured_launches_get_counters_of_their_own(backend):
+    """A loss captured into a CUDA graph takes a counter from the device's slab, not the
+    capturing stream's: replayed on the default stream while eager losses run there and on the
+    capturing stream, every loss is right and every counter ends at 0."""
+    s, d, t, y = make(512, 1000, BF16, "int", device="cuda")
+    with ops.use_backend(backend):
+        want = ops.distillation_loss(s, d, y, t, "hard", check_target=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ops.distillation_loss(s, d, y, t, "hard", check_target=False)  # warm-up, eager
+            graph = torch.cuda.CUDAGraph()
+            slab, handed = op._SLABS[s.device]
+            with torch.cuda.graph(graph, stream=side):
+                got = ops.distillation_loss(s, d, y, t, "hard", check_target=False)
+            assert op._SLABS[s.device][1] == handed + 1
+        torch.cuda.current_stream().wait_stream(side)
+        for _ in range(20):
+            graph.replay()
+            with torch.cuda.stream(side):
+                eager_side = ops.distillation_loss(s, d, y, t, "hard", check_target=False)
+            eager = ops.distillation_loss(s, d, y, t, "hard", check_target=False)
+            torch.cuda.synchronize()
+            assert torch.equal(got, want) and torch.equal(eager, want) and torch.equal(eager_side, want)
+    assert not slab.any() and all(not c.any() for c in op._TICKETS.values())
+
+
 def test_out_of_range_class_in_the_kernel_is_nan_not_a_stray_read():
     """What compiled code (which skips the Python range check) gets from a bad class index."""
     import deit_fast._C  # noqa: F401
