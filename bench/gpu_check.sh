@@ -16,8 +16,8 @@
 #   1. install (sm_90 only) in the background while the Triton `gpu` tests run (they need no
 #      extension; pytest-xdist spreads their compiles over the cores where it imports), then the
 #      CUDA-extension `gpu` tests (tests/ops/*_cuda.py, compute-sanitizer runs included); part
-#      `demo`: the host overhead per op call (bench/overhead.py, in the logs only), then
-#      `deit-fast demo` cut to a few epochs on the GPU;
+#      `demo`: the host overhead per op call (bench/overhead.py, in the logs only) and per
+#      Triton launch (bench/launch_cost.py), then `deit-fast demo` cut to a few epochs on the GPU;
 #   2. every bench/ops/*.py at its default GPU shapes and dtypes (attention first): their cases
 #      run dtype-major, so the first dtype is covered first (torch.compile's static-shape compile
 #      per case is most of the time);
@@ -99,6 +99,9 @@ want tests && pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
 # Host time per op call at tiny shapes, per backend, and where the triton forwards spend it
 # (cProfile): in this step's log.
 want demo && step bench_overhead "$(budget 45)" "$PY" -m bench.overhead --calls 100 --profile --out "$work/overhead"
+# One Triton launch by tensor count: jit vs its launcher with tensors vs integer pointers, and
+# cuPointerGetAttribute alone (the suspected ~10-20 us a tensor of the H100 run): a few seconds.
+want demo && step bench_launch_cost "$(budget 20)" "$PY" -m bench.launch_cost --out "$work/launch_cost"
 
 # The trainer end to end on the GPU (data loading, bf16, distillation, checkpoints, logs): the
 # README's main job cut to a few epochs; its accuracy table is at the end of this step's log.

@@ -18,7 +18,7 @@ from bench import common
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*args: str, interpret: bool = True) -> str:
+def run(*args: str, interpret: bool = True, ok: bool = True) -> str:
     # No GPU in the child even on a GPU machine: the smoke mode is the CPU one. One thread: on a
     # busy machine a second OpenMP thread spins in barriers and made these runs 10x slower.
     env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0", "CUDA_VISIBLE_DEVICES": "",
@@ -26,8 +26,8 @@ def run(*args: str, interpret: bool = True) -> str:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout
+    assert (proc.returncode == 0) == ok, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout if ok else proc.stderr
 
 
 # Every op benchmark is smoke-tested, those written later too.
@@ -141,6 +141,24 @@ def test_overhead_with_stub_driver(tmp_path):
     assert {r["backend"]: r["stub_driver"] for r in rows} == {"torch": True, "triton": True}
     for r in rows:
         positive(r, "fwd", "fwd(grad)", "fwd+bwd")
+
+
+def test_launch_cost_with_stub_driver(tmp_path):
+    # Triton's jit path and its launcher, by tensor count, through the stand-in driver: the
+    # kernel compiles for sm_90 and every row is timed but the driver call's (no CUDA here).
+    out = run("bench.launch_cost", "--device", "cpu", "--calls", "3", "--stub-driver",
+              "--out", str(tmp_path / "launch"), interpret=False)
+    assert "stand-in driver: nothing launched" in out
+    rows = {r["what"]: r["us"] for r in map(json.loads, (tmp_path / "launch.jsonl").read_text().splitlines())}
+    assert set(rows) == {f"{kind} {k}" for kind in ("jit", "launcher", "launcher_int") for k in (1, 2, 4, 8)} | {
+        "cuPointerGetAttribute", "torch add_"}
+    assert rows.pop("cuPointerGetAttribute").startswith("unavailable")
+    assert all(us > 0 for us in rows.values())
+
+
+def test_launch_cost_refuses_the_interpreter():
+    err = run("bench.launch_cost", "--device", "cpu", "--calls", "1", ok=False)
+    assert "which the interpreter replaces" in err
 
 
 def test_report(op_bench, tmp_path):
