@@ -19,6 +19,9 @@ arithmetic), which a CPU can time too, where the interpreter would otherwise dom
 --stub-driver (a machine without a GPU, interpreter off): Triton's own dispatch too (binding,
 specialisation, cache key: bench/stub_driver.py compiles for sm_90 and launches nothing), in
 bf16 as on a GPU (--dtype fp32 to set the torch rows beside them: the CPU computes those).
+Where Triton really launches (a GPU, or --stub-driver), the triton backend gets a second row,
+"triton raw_pointers": kernels.RAW_POINTERS on, the launcher given addresses, not tensors (see
+bench/launch_cost.py).
 --profile: cProfile of --calls forward calls of each op on the triton backend, the functions
 with the most own time. On an H100 (2026-11-26) one Triton launch cost the distillation loss
 about 130 us more host time than its CUDA-extension twin behind the same op layer; this says
@@ -168,6 +171,9 @@ def main(argv=None):
     rows = []
     print(f"host overhead per call, us ({common.device_name(device)}, {dtype}, {args.calls} calls{stubbed})\n")
     print("| op | backend | fwd | fwd(grad) | fwd+bwd |\n|---|---|---|---|---|")
+    # Real Triton launches (a GPU, or the stub driver) are timed both ways: kernels.launch
+    # passing tensors to Triton's launcher, and passing addresses (kernels.RAW_POINTERS).
+    raw_ok, shipped = not kernels.INTERPRETED and not args.stub_kernels, kernels.RAW_POINTERS
     for op in names:
         kernels_of = PACKED.get(op, op)  # a packed op runs on its unpacked op's backends
         for backend in ("torch",) + _backend.KERNELS[kernels_of]:
@@ -175,10 +181,14 @@ def main(argv=None):
             if why is not None:
                 print(f"| {op} | {backend} | unavailable: {why} | | |")
                 continue
-            us = measure(op, makers[op], backend, args.calls, device)
-            rows.append({"op": op, "backend": backend, "stubbed": args.stub_kernels and backend == "triton",
-                         "stub_driver": args.stub_driver, **us})
-            print(f"| {op} | {backend} | {us['fwd']:.1f} | {us['fwd(grad)']:.1f} | {us['fwd+bwd']:.1f} |")
+            raw = (False, True) if backend == "triton" and raw_ok else (False,)
+            for kernels.RAW_POINTERS in raw:
+                us = measure(op, makers[op], backend, args.calls, device)
+                label = backend + (" raw_pointers" if kernels.RAW_POINTERS else "")
+                rows.append({"op": op, "backend": label, "stub_driver": args.stub_driver,
+                             "stubbed": args.stub_kernels and backend == "triton", **us})
+                print(f"| {op} | {label} | {us['fwd']:.1f} | {us['fwd(grad)']:.1f} | {us['fwd+bwd']:.1f} |")
+            kernels.RAW_POINTERS = shipped
     for op in names if args.profile else ():
         if _backend.unavailable(PACKED.get(op, op), "triton", device.type) is None:
             print("\n" + profile(op, makers[op], args.calls, device))

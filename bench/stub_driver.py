@@ -59,10 +59,12 @@ class GpuWithoutLaunches:
         return lambda *args: None
 
 
-def install(arch: int = 90, on_compiled: Optional[Callable] = None) -> None:
+def install(arch: int = 90, on_compiled: Optional[Callable] = None,
+            on_launch: Optional[Callable] = None) -> None:
     """From now on Triton compiles for sm_`arch` and launches nothing; on_compiled(kernel) sees
-    each CompiledKernel once, before its first launch. The triton backend then takes CPU
-    tensors (ops._backend would otherwise refuse them outside the interpreter)."""
+    each CompiledKernel once, before its first launch, and on_launch(kernel, args) the arguments
+    of each call of its launcher. The triton backend then takes CPU tensors (ops._backend would
+    otherwise refuse them outside the interpreter)."""
     from deit_fast import kernels
     from deit_fast.ops import _backend
     if kernels.INTERPRETED:
@@ -73,6 +75,7 @@ def install(arch: int = 90, on_compiled: Optional[Callable] = None) -> None:
     def init_handles(self):  # CompiledKernel._init_handles: once per kernel, before a launch
         if on_compiled is not None:
             on_compiled(self)
-        self.module, self._run = 1, lambda *args: None
+        self.module = 1
+        self._run = (lambda *args: on_launch(self, args)) if on_launch else (lambda *args: None)
     compiler.CompiledKernel._init_handles = init_handles
     _backend._availability[("triton", "cpu")] = None

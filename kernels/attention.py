@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPES, cdiv, next_pow2
+from . import DTYPES, cdiv, launch, next_pow2
 
 # bench.tune on an H100, 2026-11-26, vs the tiles before (all 64 x 64 / 32 x 64 / 64 x 32, 4
 # warps, 2 stages), N = 197 at D = 64 (H = 6) and D = 48 (H = 8), B = 256, each kernel alone:
@@ -405,8 +405,8 @@ def forward(q, k, v, scale, split=None):
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype))
     cfg = _config(FWD, FWD_FP32, blocks, q.dtype)
-    _attn_fwd[(cdiv(N, cfg["BLOCK_M"]), B * H)](q, k, v, o, lse, *strides, H, N, D, scale, **consts,
-                                                TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
+    launch(_attn_fwd, (cdiv(N, cfg["BLOCK_M"]), B * H), q, k, v, o, lse, *strides, H, N, D, scale,
+           **consts, TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     return o, lse
 
 
@@ -423,11 +423,11 @@ def backward(do, q, k, v, o, lse, scale, split=None, out=None):
     grads = (*_strides(do), *_strides(dq))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
     cfg = _config(BWD_Q, BWD_Q_FP32, blocks, q.dtype)
-    _attn_bwd_dq[(cdiv(N, cfg["BLOCK_M"]), B * H)](  # first: it writes delta
+    launch(_attn_bwd_dq, (cdiv(N, cfg["BLOCK_M"]), B * H),  # first: it writes delta
         q, k, v, o, do, lse, delta, dq, *qkv, *o_strides, *grads, H, N, D, scale, **consts,
         TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     cfg = _config(BWD_KV, BWD_KV_FP32, blocks, q.dtype)
-    _attn_bwd_dkdv[(cdiv(N, cfg["BLOCK_N"]), B * H)](
+    launch(_attn_bwd_dkdv, (cdiv(N, cfg["BLOCK_N"]), B * H),
         q, k, v, do, lse, delta, dk, dv, *qkv, *grads, H, N, D, scale, **consts,
         TAIL=_tail(N, cfg["BLOCK_M"]), **cfg)
     return dq, dk, dv

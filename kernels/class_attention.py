@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_pow2
+from . import cdiv, launch, next_pow2
 
 HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # Elements per K (and V) tile: 4096 = 32 per thread at 4 warps, 8 KB of bf16 per tensor in flight
@@ -235,15 +235,15 @@ def forward(q, k, v, scale: float):
         pacc = torch.empty((splits, BH, D), dtype=torch.float32, device=q.device)
     else:
         pm = pl = pacc = None
-    _ca_fwd[(BH, splits)](
+    launch(_ca_fwd, (BH, splits),
         q, k, v, out, lse, pm, pl, pacc,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         out.stride(0), out.stride(1), out.stride(3), H, N, D, BH, chunk, scale * LOG2E,
         SPLIT=split, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=STAGES, num_warps=NUM_WARPS)
     if split:
-        _ca_fwd_combine[(BH,)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), out.stride(3),
-                               H, D, BH, splits, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
-                               num_warps=NUM_WARPS)
+        launch(_ca_fwd_combine, (BH,), pm, pl, pacc, out, lse, out.stride(0), out.stride(1),
+               out.stride(3), H, D, BH, splits, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
+               num_warps=NUM_WARPS)
     return out, lse
 
 
@@ -259,15 +259,15 @@ def backward(do, q, k, v, o, lse, scale: float):
     splits, chunk = split_plan(BH, N, block_n, q.device)
     split = splits > 1
     pdq = torch.empty((splits, BH, D), dtype=torch.float32, device=q.device) if split else dq
-    _ca_bwd[(BH, splits)](
+    launch(_ca_bwd, (BH, splits),
         q, k, v, o, do, lse, pdq, dk, dv,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         o.stride(0), o.stride(1), o.stride(3), do.stride(0), do.stride(1), do.stride(3),
         dk.stride(0), dk.stride(1), dk.stride(2), H, N, D, BH, chunk, scale, scale * LOG2E,
         SPLIT=split, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=STAGES, num_warps=NUM_WARPS)
     if split:
-        _ca_bwd_dq_combine[(BH,)](pdq, dq, D, BH, splits, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
-                                  num_warps=NUM_WARPS)
+        launch(_ca_bwd_dq_combine, (BH,), pdq, dq, D, BH, splits, BLOCK_S=MAX_SPLITS,
+               BLOCK_D=block_d, num_warps=NUM_WARPS)
     return dq, dk, dv
 
 

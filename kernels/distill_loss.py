@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import next_pow2
+from . import launch, next_pow2
 
 MAX_BLOCK_C = 4096  # widest row held in registers (8 warps: 16 fp32 per thread per tensor)
 CHUNK_C = 2048  # chunk width of the two-sweep path for wider rows
@@ -299,7 +299,7 @@ def forward(logits, dist_logits, target, teacher_logits, kind: str, alpha: float
     block, one_chunk, warps = tile(C)
     if B == 0:  # the mean over no rows, as the reference gives it
         return loss.fill_(float("nan")), parts.fill_(float("nan")), rows, ds, dd
-    _distill_loss_fwd[(B,)](
+    launch(_distill_loss_fwd, (B,),
         s, d, t, y, q, rows, loss, parts, tickets, ds, dd, B, C, s.stride(0),
         d.stride(0) if kid else 0, t.stride(0) if kid else 0, q.stride(0) if soft_target else 0,
         w_base, w_dist, base_scale, dist_scale, gs, gd, smoothing, tau,

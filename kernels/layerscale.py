@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPES, cdiv, next_pow2
+from . import DTYPES, cdiv, launch, next_pow2
 
 BLOCK_R, BLOCK_C, NUM_WARPS = 16, 256, 8  # 4096-element tiles, 16 per thread; 256 columns = 512 B of bf16
 BWD_PROGRAMS = 1024  # row strips in the backward: enough to fill 132 SMs a few times over
@@ -95,10 +95,9 @@ def forward(x, y, gamma, scale, out_dtype):
     B, N, C = x3.shape
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     grid = (cdiv(B * N, BLOCK_R), cdiv(C, BLOCK_C))
-    _layerscale_fwd[grid](x3, y3, gamma, scale, out, B * N, N, C, x3.stride(0), x3.stride(1),
-                          y3.stride(0), y3.stride(1), HAS_GAMMA=gamma is not None,
-                          HAS_DROP=scale is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-                          num_warps=NUM_WARPS)
+    launch(_layerscale_fwd, grid, x3, y3, gamma, scale, out, B * N, N, C, x3.stride(0),
+           x3.stride(1), y3.stride(0), y3.stride(1), HAS_GAMMA=gamma is not None,
+           HAS_DROP=scale is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return out
 
 
@@ -112,7 +111,7 @@ def backward(dout, y, gamma, scale):
     dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     partial = (torch.empty((programs, C), dtype=torch.float32, device=y.device)
                if gamma is not None else None)
-    _layerscale_bwd[(programs, cdiv(C, BLOCK_C))](
+    launch(_layerscale_bwd, (programs, cdiv(C, BLOCK_C)),
         d3, y3, gamma, scale, dy, partial, rows, N, C, d3.stride(0), d3.stride(1),
         y3.stride(0), y3.stride(1), rows_per_prog, HAS_GAMMA=gamma is not None,
         HAS_DROP=scale is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
@@ -264,7 +263,7 @@ def residual_layernorm_forward(x, y, gamma, scale, weight, bias, eps, out_dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device) if y is not None else None
     normed = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean, rstd = (torch.empty(B * N, dtype=torch.float32, device=x.device) for _ in range(2))
-    _residual_ln_fwd[(cdiv(B * N, block_r),)](
+    launch(_residual_ln_fwd, (cdiv(B * N, block_r),),
         x3, y3, gamma, scale, weight, bias, out, normed, mean, rstd, B * N, N, C, x3.stride(0),
         x3.stride(1), y3.stride(0), y3.stride(1), eps, HAS_RESIDUAL=y is not None,
         HAS_GAMMA=gamma is not None, HAS_DROP=scale is not None, BLOCK_R=block_r,
@@ -287,7 +286,7 @@ def residual_layernorm_backward(dout, dnormed, out, y, gamma, scale, weight, mea
     dx = torch.empty(src.shape, dtype=x_dtype, device=src.device)
     dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if y is not None else None
     partial = torch.empty((3, programs, C), dtype=torch.float32, device=src.device)
-    _residual_ln_bwd[(programs,)](
+    launch(_residual_ln_bwd, (programs,),
         d3, n3, src, y3, gamma, scale, weight, mean, rstd, dx, dy, partial, rows, N, C,
         d3.stride(0), d3.stride(1), n3.stride(0), n3.stride(1), y3.stride(0), y3.stride(1),
         rows_per_prog, programs, HAS_RESIDUAL=y is not None, HAS_GAMMA=gamma is not None,
@@ -297,7 +296,7 @@ def residual_layernorm_backward(dout, dnormed, out, y, gamma, scale, weight, mea
     has_gamma = gamma is not None
     dgamma = torch.empty(C, dtype=gamma.dtype, device=src.device) if has_gamma else None
     dweight, dbias = (torch.empty(C, dtype=weight.dtype, device=src.device) for _ in range(2))
-    _column_sums[(cdiv(C, COLSUM_N), 3 if has_gamma else 2)](
+    launch(_column_sums, (cdiv(C, COLSUM_N), 3 if has_gamma else 2),
         partial, dgamma, dweight, dbias, programs, C, HAS_GAMMA=has_gamma, BLOCK_P=COLSUM_P,
         BLOCK_N=COLSUM_N, num_warps=COLSUM_WARPS)
     return dx, dy, dgamma, dweight, dbias

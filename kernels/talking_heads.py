@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPES, cdiv, next_pow2
+from . import DTYPES, cdiv, launch, next_pow2
 from .attention import _precision, _strides, _tile, _unit_last, token_major_empty
 
 LOG2E = 1.4426950408889634
@@ -658,9 +658,9 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     grid, batch, straddle = _grid(tiles, B, N, "BLOCK_M")
-    fwd[grid](q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-              *batch, H, N, D, scale * LOG2E, BLOCK_D=next_pow2(D), PRECISION=_precision(q.dtype),
-              **tiles, **straddle)
+    launch(fwd, grid, q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v),
+           *_strides(o), *batch, H, N, D, scale * LOG2E, BLOCK_D=next_pow2(D),
+           PRECISION=_precision(q.dtype), **tiles, **straddle)
     return o, lse
 
 
@@ -678,11 +678,11 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
             D, scale * LOG2E, scale)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     part = torch.empty((math.prod(grid), 3, hg, hg), dtype=torch.float32, device=q.device)
-    dq_kernel[grid](q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, **meta, **straddle)
+    launch(dq_kernel, grid, q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, **meta, **straddle)
     grid, _, straddle = _grid(tiles, B, N, "BLOCK_N")
     for dst, is_dk in ((dk, True), (dv, False)):
-        dkdv_kernel[grid](q, k, v, do, w_l, w_w, b_w, lse, delta, dst, *args, DK=is_dk, **meta,
-                          **straddle)
+        launch(dkdv_kernel, grid, q, k, v, do, w_l, w_w, b_w, lse, delta, dst, *args, DK=is_dk,
+               **meta, **straddle)
     sums = part.sum(0)  # fixed-order sum over programs: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
         (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))

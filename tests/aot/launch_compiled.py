@@ -22,10 +22,12 @@ import sys
 
 import torch
 import triton
+from triton.compiler.compiler import LazyDict
 
 import compile_triton
 from bench import stub_driver
 from deit_fast import kernels, ops
+from deit_fast.kernels import attention, class_attention, distill_loss, layerscale, talking_heads
 from deit_fast.models.registry import create_model
 
 
@@ -62,21 +64,62 @@ def step(name: str, dtype: torch.dtype) -> None:
     loss.backward()
 
 
+class RawPointersCheck:
+    """--raw-pointers: every launch of the kernel wrappers made twice, by Triton's own path and
+    by kernels.launch with RAW_POINTERS, and the two calls of the launcher compared: the same
+    compiled kernel must get the same arguments, the tensors as their addresses. Counts the
+    launches per kernel."""
+
+    def __init__(self):
+        self.calls, self.launches = [], {}
+        for module in (attention, class_attention, distill_loss, layerscale, talking_heads):
+            module.launch = self.twice
+
+    def on_launch(self, kernel, args) -> None:
+        self.calls.append((kernel, args))
+
+    def twice(self, kernel, grid, *args, **kwargs):
+        first = len(self.calls)
+        kernels.RAW_POINTERS = False
+        compiled = kernels.launch(kernel, grid, *args, **kwargs)
+        kernels.RAW_POINTERS = True
+        try:
+            kernels.launch(kernel, grid, *args, **kwargs)
+        finally:
+            kernels.RAW_POINTERS = False
+        (jit, jit_args), (raw, raw_args) = self.calls[first:]
+        # Argument 6 is the launch metadata, a new LazyDict per launch: compared by its data.
+        unpack = lambda a: a.data if isinstance(a, LazyDict) else a  # noqa: E731
+        addresses = tuple(unpack(a.data_ptr() if isinstance(a, torch.Tensor) else a)
+                          for a in jit_args)
+        if raw is not jit or tuple(map(unpack, raw_args)) != addresses:
+            raise AssertionError(f"{jit.name}: Triton's launcher got {addresses}, "
+                                 f"launch(RAW_POINTERS) gave {raw.name} {raw_args}")
+        self.launches[jit.name] = self.launches.get(jit.name, 0) + 1
+        return compiled
+
+
 def main(argv) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--arch", type=int, choices=sorted(stub_driver.MAX_SHARED), default=90)
+    p.add_argument("--raw-pointers", action="store_true",
+                   help="check kernels.launch's RAW_POINTERS path against Triton's (see "
+                        "RawPointersCheck); prints {\"raw_pointers\": launches per kernel}")
     p.add_argument("dtype", choices=sorted(kernels.DTYPES))
     p.add_argument("models", nargs="+")
     args = p.parse_args(argv)
     dtype = kernels.DTYPES[args.dtype]
     recorder = Recorder()
-    stub_driver.install(args.arch, recorder)
+    raw = RawPointersCheck() if args.raw_pointers else None
+    stub_driver.install(args.arch, recorder, raw.on_launch if raw else None)
     print(json.dumps({"arch": args.arch, "max_shared": stub_driver.MAX_SHARED[args.arch]}),
           flush=True)
     for name in args.models:
         recorder.model = name
         step(name, dtype)
         print(json.dumps({"done": name}), flush=True)
+    if raw:
+        print(json.dumps({"raw_pointers": raw.launches}), flush=True)
 
 
 if __name__ == "__main__":

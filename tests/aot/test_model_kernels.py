@@ -26,21 +26,39 @@ PARAMS = [("bf16", None, 90), ("fp16", None, 90), ("fp32", None, 90),  # (dtype,
           ("bf16", GPU_MACHINE_TRITON, 90), ("bf16", None, 80), ("fp32", None, 80)]
 
 
-@pytest.fixture(scope="module", params=PARAMS,
-                ids=lambda p: f"{p[0]}-sm{p[2]}" + (f"-triton{p[1]}" if p[1] else ""))
-def launched(request):
-    dtype, version, arch = request.param
+def launch_compiled(dtype: str, version, arch: int, *flags: str):
+    """launch_compiled.py's JSON lines for MODELS, run with this machine's triton (version None)
+    or the GPU machine's: (its header, the other lines)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     paths = [str(gpu_machine_triton())] if version else []
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths + [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("launch_compiled.py")),
-                           "--arch", str(arch), dtype, *MODELS], env=env, capture_output=True,
-                          text=True, timeout=1800)
+                           "--arch", str(arch), *flags, dtype, *MODELS], env=env,
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     header, *rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert header["arch"] == arch
     assert {r["triton"] for r in rows if "kernel" in r} == {version or triton.__version__}
+    return header, rows
+
+
+@pytest.fixture(scope="module", params=PARAMS,
+                ids=lambda p: f"{p[0]}-sm{p[2]}" + (f"-triton{p[1]}" if p[1] else ""))
+def launched(request):
+    header, rows = launch_compiled(*request.param)
     return header["max_shared"], rows
+
+
+@pytest.mark.parametrize("version", [None, GPU_MACHINE_TRITON], ids=["this-triton", "gpu-triton"])
+def test_raw_pointer_launches_hand_the_launcher_what_triton_does(version):
+    """kernels.launch with RAW_POINTERS, against Triton's own launch path, for every launch of
+    the models' forward and backward (launch_compiled.py's RawPointersCheck fails the run on the
+    first difference): the same compiled kernel, the same arguments, tensors as addresses."""
+    _, rows = launch_compiled("bf16", version, 90, "--raw-pointers")
+    counts = next(r["raw_pointers"] for r in rows if "raw_pointers" in r)
+    for prefix in ("_attn_", "_th_", "_ca_", "_residual_ln_", "_layerscale_", "_distill_loss",
+                   "_column_sums"):
+        assert any(n.startswith(prefix) for n in counts), (prefix, counts)
 
 
 def test_every_model_ran_and_launched_each_op(launched):

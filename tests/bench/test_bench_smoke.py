@@ -138,7 +138,8 @@ def test_overhead_with_stub_driver(tmp_path):
     assert "torch.bfloat16" in out and "Triton compiling for sm_90 and launching nothing" in out
     assert re.search(r"\n\s+2\s.*triton/runtime/jit\.py:\d+\(run\)", out)  # Triton's dispatch ran
     rows = [json.loads(line) for line in (tmp_path / "overhead.jsonl").read_text().splitlines()[1:]]
-    assert {r["backend"]: r["stub_driver"] for r in rows} == {"torch": True, "triton": True}
+    assert {r["backend"]: r["stub_driver"] for r in rows} == {"torch": True, "triton": True,
+                                                              "triton raw_pointers": True}
     for r in rows:
         positive(r, "fwd", "fwd(grad)", "fwd+bwd")
 

@@ -81,3 +81,16 @@ def test_gpu_full_size_training_step_matches_torch(name):
         for n, g in grads.items():
             scale = ref_grads[n].abs().max().clamp_min(1e-6)
             assert (g - ref_grads[n]).abs().max() <= 5e-2 * scale, (backend, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["deit", "cait"])
+def test_gpu_raw_pointer_launches_train_alike(kind, monkeypatch):
+    """kernels.RAW_POINTERS (the launcher given addresses, not tensors): the same bf16 training
+    curve as Triton's own launch path, to rounding. tests/aot/test_model_kernels.py checks on a
+    CPU that the launcher gets the same arguments; this runs them."""
+    from deit_fast import kernels
+    shipped = train(kind, "triton", "cuda", steps=8, dtype=torch.bfloat16)
+    monkeypatch.setattr(kernels, "RAW_POINTERS", not kernels.RAW_POINTERS)
+    switched = train(kind, "triton", "cuda", steps=8, dtype=torch.bfloat16)
+    torch.testing.assert_close(switched, shipped, rtol=1e-5, atol=1e-5)
