@@ -1,13 +1,13 @@
 """Token-distillation loss (DeiT): cross-entropy on the class head + hard or soft KD on the
 distillation head.
 
-On the kernel backends one kernel launch reads each row of logits, dist_logits and teacher_logits
-once and writes the gradients w.r.t. both heads, and the last of its programs to finish sums the
-rows into the loss and its two components (fp32, fixed order: deterministic). (triton:
-kernels/distill_loss.py; cuda: csrc/distill_loss.cu, the same contract.) The backward is one
-multiply of the saved gradients by the upstream gradient: no second pass over the logits. So a
-training step spends two launches on the loss, at a size (B = 256, C = 1000) where launches are
-most of its time. It runs behind the torch.library custom op deit_fast::distillation_loss (fake impl
+On the kernel backends (triton: kernels/distill_loss.py; cuda: csrc/distill_loss.cu, the same
+contract) one kernel launch reads each row of logits, dist_logits and teacher_logits once and
+writes the gradients w.r.t. both heads, and the last of its programs to finish sums the rows into
+the loss and its two components (fp32, fixed order: deterministic). The backward is one multiply
+of the saved gradients by the upstream gradient: no second pass over the logits. So a training
+step spends two launches on the loss, at a size (B = 256, C = 1000) where launches are most of
+its time. It runs behind the torch.library custom op deit_fast::distillation_loss (fake impl
 + autograd), so torch.compile(fullgraph=True) traces it.
 The torch backend calls reference.py.
 """
@@ -243,11 +243,11 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     if kind == "none":
         dist_logits = teacher_logits = None
     grad = torch.is_grad_enabled()
-    loss, parts, _, _ = dispatch(_fused, logits, dist_logits, target, teacher_logits, kind, kl_reduction,
-                             [float(alpha), float(tau), float(label_smoothing)],
-                             [grad and logits.requires_grad,
-                              grad and dist_logits is not None and dist_logits.requires_grad],
-                             backend)
+    loss, parts, _, _ = dispatch(_fused, logits, dist_logits, target, teacher_logits, kind,
+                                 kl_reduction, [float(alpha), float(tau), float(label_smoothing)],
+                                 [grad and logits.requires_grad,
+                                  grad and dist_logits is not None and dist_logits.requires_grad],
+                                 backend)
     if return_components:
         base, distill = parts.unbind()
         return loss, base, distill
