@@ -96,7 +96,7 @@ def rows(device: torch.device, calls: int):
         tensors = [torch.zeros(1, device=device) for _ in range(k)]
         args = tensors + [None] * (8 - k)
         compiled = touch[(1,)](*args)  # compiles; the launches below reuse it
-        stream = driver.active.get_current_stream(device.index)
+        stream = driver.active.get_current_stream(driver.active.get_current_device())
         launcher, function, meta = compiled.run, compiled.function, compiled.packed_metadata
         ints = [t.data_ptr() for t in tensors] + [None] * (8 - k)
         yield f"jit {k}", per_call_us(lambda: touch[(1,)](*args), calls, device)
