@@ -79,7 +79,8 @@ def _pointer_check(device: torch.device, calls: int):
         libcuda = ctypes.CDLL("libcuda.so.1")
     except OSError as e:
         return f"unavailable: {e}"
-    ptr = ctypes.c_uint64(torch.empty(1, device=device).data_ptr())
+    tensor = torch.empty(1, device=device)  # alive while its address is looked up
+    ptr = ctypes.c_uint64(tensor.data_ptr())
     out = ctypes.c_uint64()
     call = libcuda.cuPointerGetAttribute
     status = call(ctypes.byref(out), CU_POINTER_ATTRIBUTE_DEVICE_POINTER, ptr)
