@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Each op and head count once: DeiT with the distillation token (the loss's soft path), CaiT with
 # 4 heads at 577 tokens and 8 heads at 197 (talking heads, class attention, LayerScale).
 MODELS = ["deit_tiny_distilled_patch16_224", "cait_xxs24_384", "cait_s24_224"]
+# Name prefixes of each op's kernels: every one must be launched by MODELS.
+OP_KERNELS = ("_attn_", "_th_", "_ca_", "_residual_ln_", "_layerscale_", "_distill_loss")
 
 
 # Each input dtype with this machine's triton, bf16 with the GPU machine's, whose register
@@ -56,8 +58,7 @@ def test_raw_pointer_launches_hand_the_launcher_what_triton_does(version):
     first difference): the same compiled kernel, the same arguments, tensors as addresses."""
     _, rows = launch_compiled("bf16", version, 90, "--raw-pointers")
     counts = next(r["raw_pointers"] for r in rows if "raw_pointers" in r)
-    for prefix in ("_attn_", "_th_", "_ca_", "_residual_ln_", "_layerscale_", "_distill_loss",
-                   "_column_sums"):
+    for prefix in OP_KERNELS + ("_column_sums",):
         assert any(n.startswith(prefix) for n in counts), (prefix, counts)
 
 
@@ -65,7 +66,7 @@ def test_every_model_ran_and_launched_each_op(launched):
     _, launched = launched
     assert [r["done"] for r in launched if "done" in r] == MODELS
     names = {r["kernel"] for r in launched if "kernel" in r}
-    for prefix in ("_attn_", "_th_", "_ca_", "_residual_ln_", "_layerscale_", "_distill_loss"):
+    for prefix in OP_KERNELS:
         assert any(n.startswith(prefix) for n in names), (prefix, names)
 
 
