@@ -107,6 +107,13 @@ want demo && step bench_launch_cost "$(budget 20)" "$PY" -m bench.launch_cost --
 # README's main job cut to a few epochs; its accuracy table is at the end of this step's log.
 want demo && step demo_gpu "$(budget 75)" "$PY" -m deit_fast demo --device cuda --epochs 3 --teacher-epochs 2 \
   --no-soft --num_workers 4 --output_dir "$work/demo"
+# DeiT-Ti's host-bound training step, eager and replayed from a CUDA graph (--cuda-graph): the
+# second epoch's img/s of each (the first holds the compiles and the capture).
+for graph in "" --cuda-graph; do
+  want demo && step "train_deit_tiny${graph:+_graph}" "$(budget 40)" "$PY" -m deit_fast train \
+    --model deit_tiny_patch16_224 --synthetic --batch-size 256 --epochs 2 --steps-per-epoch 20 \
+    --device cuda --no-model-ema $graph
+done
 
 # The attention kernels first (the largest unknowns), then the memory-bound ops; any bench/ops
 # file not named here runs after them.

@@ -118,6 +118,10 @@ def build_parser(prog: str = "deit-fast train") -> argparse.ArgumentParser:
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile mode with --compile; reduce-overhead replays the compiled "
                         "forward and backward as CUDA graphs, for models whose steps are host-bound")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole step (forward, teacher, loss, backward, AdamW) into a CUDA "
+                        "graph after a few eager steps and replay it: for host-bound steps; one "
+                        "process, bf16 or fp32, without --compile")
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch (0: all)")
     g.add_argument("--stop-after-steps", type=int, default=0,

@@ -2,9 +2,10 @@
 
 The step: mixup on the device batch -> student forward (and the frozen teacher on the very same
 mixed batch) under autocast -> deit_fast.ops.distillation_loss -> backward (GradScaler in fp16)
--> optional clipping -> AdamW -> per-iteration lr -> EMA. Losses stay on the device and are
-read back every --print-freq steps (one sync, not one per step); a non-finite value stops the
-run before anything else is saved.
+-> optional clipping -> AdamW -> per-iteration lr -> EMA. With --cuda-graph, forward to AdamW is
+one CUDA-graph replay (graphs.py). Losses stay on the device and are read back every
+--print-freq steps (one sync, not one per step); a non-finite value stops the run before
+anything else is saved.
 """
 import math
 import time
@@ -32,9 +33,11 @@ class StopTraining(Exception):
     """--stop-after-steps reached: end the run as a kill would (no epoch-end work)."""
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """cache=False in a step that is captured into a CUDA graph, as torch.cuda.graph asks."""
     dtype = AMP_DTYPES[precision]
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                          cache_enabled=cache)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class State:
     teacher: Optional[nn.Module] = None
     model_ema: Optional[nn.Module] = None
     mixup: Optional[Callable] = None
+    graphed: Optional[Callable] = None  # --cuda-graph: graphs.GraphedStep over eager_step
     global_step: int = 0
     meters: dict = field(default_factory=lambda: {"loss": 0.0, "base": 0.0, "distill": 0.0, "steps": 0})
     step_losses: List[float] = field(default_factory=list)  # the loss curve of this process's run
@@ -61,7 +65,7 @@ class State:
 def compute_loss(model, teacher, samples, targets, args, device):
     """(loss, base, distill) of a batch; the teacher sees exactly `samples`."""
     kind = args.distillation_type
-    with autocast(device, args.precision):
+    with autocast(device, args.precision, cache=not args.cuda_graph):
         outputs = model(samples)
         t_logits = teacher_logits(teacher, samples, args.channels_last_teacher) if kind != "none" else None
     # A distilled DeiT returns (class head, distillation head). A student without a distillation
@@ -83,6 +87,13 @@ def optimizer_step(s: State, loss: torch.Tensor) -> None:
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
+
+
+def eager_step(s: State, samples: torch.Tensor, targets: torch.Tensor):
+    """Loss, backward and optimizer step of one batch; returns (loss, base, distill)."""
+    loss, base, distill = compute_loss(s.model, s.teacher, samples, targets, s.args, s.device)
+    optimizer_step(s, loss)
+    return loss, base, distill
 
 
 def _check_and_log(s: State, window: List[torch.Tensor], epoch: int):
@@ -120,8 +131,10 @@ def train_one_epoch(s: State, loader, epoch: int, start_step: int, save: Callabl
         seed_everything(mix_seed(args.seed, s.dist.rank, s.global_step))
         if s.mixup is not None:
             samples, targets = s.mixup(samples, targets)
-        loss, base, distill = compute_loss(s.model, s.teacher, samples, targets, args, device)
-        optimizer_step(s, loss)
+        if s.graphed is not None:
+            loss, base, distill = s.graphed(samples, targets)
+        else:
+            loss, base, distill = eager_step(s, samples, targets)
         s.global_step += 1
         s.scheduler.step_update(num_updates=s.global_step)
         if s.model_ema is not None:

@@ -21,11 +21,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import deit_fast
 from deit_fast import ops
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, graphs
 from .args import build_parser, parse_args
 from .data import SyntheticLoader, build_dataset, build_loaders, build_mixup, seed_everything
-from .engine import (NonFiniteLossError, State, StopTraining, evaluate, forward_flops, peak_flops,
-                     train_one_epoch)
+from .engine import (NonFiniteLossError, State, StopTraining, eager_step, evaluate, forward_flops,
+                     peak_flops, train_one_epoch)
 from .teacher import build_teacher
 
 
@@ -88,6 +88,7 @@ def train(args: Namespace) -> dict:
 
 
 def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dict:
+    graphs.check(args, device, dist.world)  # before any work
     say = print if dist.main else (lambda *a, **k: None)
     ops.set_backend(args.backend)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth") if args.output_dir else ""
@@ -131,9 +132,11 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
         model_ema = ModelEmaV3(raw_model, decay=args.model_ema_decay)
     total_batch = args.batch_size * dist.world
     lr = args.lr if args.unscale_lr else args.lr * total_batch / 512.0  # the linear scaling rule
+    cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=lr,
                                   betas=tuple(args.opt_betas or (0.9, 0.999)), eps=args.opt_eps,
-                                  fused=device.type == "cuda")  # one kernel per step (apex's FusedAdam)
+                                  fused=cuda,  # one kernel per step (apex's FusedAdam)
+                                  capturable=args.cuda_graph and cuda)  # step count on the GPU
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     from timm.scheduler import CosineLRScheduler
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=args.min_lr,
@@ -157,6 +160,8 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
     s = State(args=args, device=device, dist=dist, model=model, raw_model=raw_model,
               optimizer=optimizer, scaler=scaler, scheduler=scheduler, steps_per_epoch=steps_per_epoch,
               teacher=teacher, model_ema=model_ema, mixup=mixup)
+    if args.cuda_graph:
+        s.graphed = graphs.GraphedStep(functools.partial(eager_step, s), optimizer)
 
     # ---- resume -------------------------------------------------------------------------------
     start_epoch, start_step, max_accuracy = 0, 0, 0.0
@@ -297,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     try:
         train(args)
-    except (NonFiniteLossError, checkpoint.CheckpointError) as e:
+    except (NonFiniteLossError, checkpoint.CheckpointError, graphs.CannotCapture) as e:
         sys.exit(f"error: {e}")
 
 

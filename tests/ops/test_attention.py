@@ -1,6 +1,5 @@
 """Self-attention: the Triton flash kernels vs the fp64 reference (interpreter on CPU, real on a
 GPU), forward and dq/dk/dv, at ViT's odd sequence lengths and head dims, with strided qkv views."""
-import itertools
 
 import pytest
 import torch
