@@ -12,8 +12,9 @@ A tunable is a set of module constants of one kernel file that its host code rea
     and programs per SM that set the key-axis split, and the K/V tiles in flight (STAGES: 1 is
     no pipeline), 20 candidates each.
   - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
-    tensor-core kernels' row tiles, warps and pipeline stages, 7 candidates each (the shipped
-    ones were chosen from SASS counts, registers and shared memory, never timed).
+    tensor-core kernels' row tiles, warps and pipeline stages, 7 candidates each, and in the
+    backward dk and dv in one launch or two (FUSED_DKDV); the shipped ones were chosen from SASS
+    counts, registers and shared memory, never timed.
   - layerscale.ln_fwd, layerscale.ln_bwd (kernels/layerscale.py): the residual + LayerNorm's
     elements per program tile, and in the backward the row strips (BWD_PROGRAMS, which the plain
     layerscale backward shares) that set how many programs stream rows and write column
@@ -210,6 +211,11 @@ def _talking_heads_grid() -> List[dict]:
     return [{"TC_TILES": dict(shipped, **c)} for c in changes]
 
 
+def _talking_heads_bwd_grid() -> List[dict]:
+    """The tiles' grid, and dk and dv in two launches instead of one (FUSED_DKDV)."""
+    return _talking_heads_grid() + [{"FUSED_DKDV": not talking_heads_kernels.FUSED_DKDV}]
+
+
 def _layernorm_grid(direction: str) -> List[dict]:
     if direction == "fwd":
         return [{"LN_FWD_TILE": t} for t in (1024, 2048, 4096, 8192)]
@@ -239,7 +245,7 @@ class Tunable:
 
 TUNABLES = {  # in the order a time-capped run reaches them: the least measured first
     "talking_heads.tc_fwd": Tunable("talking_heads", "fwd", _talking_heads_grid()),
-    "talking_heads.tc_bwd": Tunable("talking_heads", "bwd", _talking_heads_grid()),
+    "talking_heads.tc_bwd": Tunable("talking_heads", "bwd", _talking_heads_bwd_grid()),
     "layerscale.ln_bwd": Tunable("layerscale", "bwd", _layernorm_grid("bwd")),
     "layerscale.ln_fwd": Tunable("layerscale", "fwd", _layernorm_grid("fwd")),
     "class_attention.fwd": Tunable("class_attention", "fwd", _class_attention_grid("FWD_TILE")),

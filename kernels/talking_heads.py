@@ -15,7 +15,8 @@ and its gradient is exactly zero. The forward makes two passes over the keys: th
 row statistics of the mixed logits (saved as the log-sum-exp, O(B H N)), the second for the
 normalised, mixed probabilities times V. The backward recomputes everything from q, k, v and lse:
 one kernel per query tile computes delta = rowsum(dP * P) (a first pass), then dq and the
-weight grads (per-program partial sums, no atomics); two kernels per key tile compute dv and dk.
+weight grads (per-program partial sums, no atomics); then per key tile one kernel computes dk
+and dv (the tensor-core family, FUSED_DKDV; the CUDA-core one launches it once for each).
 """
 import itertools
 import math
@@ -242,12 +243,13 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
 
 
 @triton.jit
-def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, skh, skn,
+def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn, skb, skh, skn,
                  svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, H, N, D, qk_scale, scale, HP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PRECISION: tl.constexpr, DK: tl.constexpr):
-    """One key tile, all heads, looping over the queries: dk when DK else dv (two launches keep
-    one [HP, BLOCK_N, BLOCK_D] accumulator live instead of two)."""
+                 PRECISION: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """One key tile, all heads, looping over the queries: dk into DKO when DK, dv into DVO when
+    DV. backward() launches it once for each (one [HP, BLOCK_N, BLOCK_D] accumulator live, not
+    two)."""
     off_b = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     hh = tl.arange(0, HP)
@@ -267,7 +269,7 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
                 q = _tile(Q, rows, sqb, sqh, sqn, off_b, h, N, D, 0, BLOCK_D)
                 dkh = tl.dot(tl.trans(dsh).to(q.dtype), q, input_precision=PRECISION)
                 acc = tl.where(hh[:, None, None] == h, acc + dkh[None, :, :], acc)
-        else:
+        if DV:
             for g in range(H):
                 w = tl.load(WW + g * H + hh, mask=hh < H, other=0.0).to(tl.float32)
                 pg = tl.sum(w[:, None, None] * p, axis=0) + tl.load(BW + g).to(tl.float32)
@@ -275,8 +277,9 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
                 dvg = tl.dot(tl.trans(pg).to(do.dtype), do, input_precision=PRECISION)
                 acc = tl.where(hh[:, None, None] == g, acc + dvg[None, :, :], acc)
     if DK:
-        acc = acc * scale
-    _store_heads(DKV, acc, off_b, hh, cols[None, :], sgb, sgh, sgn, H, N, D, BLOCK_D)
+        _store_heads(DKO, acc * scale, off_b, hh, cols[None, :], sgb, sgh, sgn, H, N, D, BLOCK_D)
+    if DV:
+        _store_heads(DVO, acc, off_b, hh, cols[None, :], sgb, sgh, sgn, H, N, D, BLOCK_D)
 
 
 # ---- the same, with the head mixing on tensor cores ------------------------------------------
@@ -290,7 +293,8 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, s
 #   heads                           4          8          16
 #   CUDA cores                   101 / 376  208 / 893  577 / 2115
 #   tensor cores, tf32 mixing     38 / 136   40 / 137   38 / 138
-#   tensor cores, 16-bit mixing   36 / 113   35 / 115   35 / 117   (now: see _mix)
+#   tensor cores, 16-bit mixing   36 / 113   35 / 115   35 / 117   (see _mix)
+#   + dk and dv in one kernel     36 / 106   35 / 105   35 / 106   (now: FUSED_DKDV)
 # (Before the row blocks shared the 16 slots, the tensor-core kernels padded 4 heads to 16: 217 /
 # 583, and 8 heads: 109 / 292; streamed pointers and masks on the last tile only took 54 / 150 to
 # 44 / 138, and a forward loop of full tiles without masks 45 to 38-40. Programs that straddle
@@ -304,6 +308,14 @@ TENSOR_CORE_MIXING = True
 # The tensor-core kernels' row tiles and launch options (bench.tune's talking_heads.tc times
 # others); see _tiles_tc for why 8 warps and 2 stages.
 TC_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
+# One tensor-core launch computes dk and dv together (_th_bwd_dkdv_tc with DK and DV): the mixed
+# logits, their exp2 and the q and dO tiles once for both, not once each. SASS per score of the
+# two kernels 50-51 -> 40 under triton 3.6 (backward 113-117 -> 105-106, table below), at the
+# price of two live accumulators: 255 registers and 40-64 bytes of stack (9 local loads and stores
+# per loop step at 4 and 8 heads; the separate kernels have none), 143 KB of shared memory as
+# before (one CTA per SM either way). Not yet timed: False gives the two launches, and bench.tune's
+# talking_heads.tc_bwd times both.
+FUSED_DKDV = True
 
 
 def _tiles_tc(heads: int):
@@ -582,14 +594,15 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
 
 
 @triton.jit
-def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb, skh, skn,
+def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn, skb, skh, skn,
                     svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, B, H, N, D, qk_scale, scale,
                     HP: tl.constexpr, HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DK: tl.constexpr,
-                    STRADDLE: tl.constexpr):
-    """One key block per group (_blocks), all heads, looping over the queries: dk when DK else dv. Queries
-    past N and slots past H load lse = +inf, so their p is exactly 0. Keys past N are masked in
-    the programs that have any (a uniform branch): their exp2(-lse) may be inf, and the
+                    DV: tl.constexpr, STRADDLE: tl.constexpr):
+    """One key block per group (_blocks), all heads, looping over the queries: dk into DKO when
+    DK, dv into DVO when DV (both: one recomputation of the logits for the two, FUSED_DKDV).
+    Queries past N and slots past H load lse = +inf, so their p is exactly 0. Keys past N are
+    masked in the programs that have any (a uniform branch): their exp2(-lse) may be inf, and the
     block-diagonal mixing would spread inf * 0 = NaN to every slot."""
     head, group = _slots(HP, HG)
     off_b, cols = _blocks(B, N, group, HP, HG, BLOCK_N, STRADDLE)
@@ -600,10 +613,11 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
         wl_t = _weights(WL, H, head, group, True, Q.dtype.element_ty)
         ww_t = _weights(WW, H, head, group, True, Q.dtype.element_ty)
         v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)
-    else:
+        dk = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
+    if DV:
         ww = _weights(WW, H, head, group, False, Q.dtype.element_ty)
         bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
-    acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
     qp = _slot_ptrs(Q, head, queries, sqb, sqh, sqn, off_b, BLOCK_D)
     dop = _slot_ptrs(DO, head, queries, sdb, sdh, sdn, off_b, BLOCK_D)
     stats = _stat_offsets(off_b, head, queries, H, N)  # into LSE and DELTA, a step per tile
@@ -621,16 +635,17 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKV, sqb, sqh, sqn, skb
             dp = _mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION)
             ds = p * (dp - tl.load(DELTA + stats, mask=live, other=0.0)[:, :, None])
             dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)
-            acc += tl.dot(tl.permute(dsh, (0, 2, 1)).to(q.dtype), q, input_precision=PRECISION)
-        else:
+            dk += tl.dot(tl.permute(dsh, (0, 2, 1)).to(q.dtype), q, input_precision=PRECISION)
+        if DV:
             pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]
-            acc += tl.dot(tl.permute(pm, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)
+            dv += tl.dot(tl.permute(pm, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)
         qp += BLOCK_M * sqn
         dop += BLOCK_M * sdn
         stats += BLOCK_M
     if DK:
-        acc = acc * scale
-    _store_heads(DKV, acc, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D)
+        _store_heads(DKO, dk * scale, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D)
+    if DV:
+        _store_heads(DVO, dv, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D)
 
 
 def _family(heads: int, tc, dtype: torch.dtype):
@@ -680,9 +695,10 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
     part = torch.empty((math.prod(grid), 3, hg, hg), dtype=torch.float32, device=q.device)
     launch(dq_kernel, grid, q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, **meta, **straddle)
     grid, _, straddle = _grid(tiles, B, N, "BLOCK_N")
-    for dst, is_dk in ((dk, True), (dv, False)):
-        launch(dkdv_kernel, grid, q, k, v, do, w_l, w_w, b_w, lse, delta, dst, *args, DK=is_dk,
-               **meta, **straddle)
+    fused = FUSED_DKDV and "HG" in tiles  # the CUDA-core kernel sums one grad at a time
+    for which in ((True, True),) if fused else ((True, False), (False, True)):
+        launch(dkdv_kernel, grid, q, k, v, do, w_l, w_w, b_w, lse, delta, dk, dv, *args,
+               DK=which[0], DV=which[1], **meta, **straddle)
     sums = part.sum(0)  # fixed-order sum over programs: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
         (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))
@@ -697,7 +713,7 @@ def aot_configs(dtype: str):
     strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
     ints = dict.fromkeys(["B", "H", "N", "D"] + strides, "i32")
     ints.update(qk_scale="fp32", scale="fp32")
-    ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKV"], f"*{dtype}")
+    ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DKO", "DVO"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["WL", "WW", "BW", "LSE", "DELTA", "PART"], "*fp32"))
     for heads in (4, 8, 16):
         tcs = (False,) if dtype == "fp32" else (False, True)
@@ -706,7 +722,9 @@ def aot_configs(dtype: str):
             straddles = [{"STRADDLE": s} for s in (False, True)] if "HG" in tiles else [{}]
             for block_d, straddle in itertools.product((32, 64), straddles):
                 base = dict(consts, BLOCK_D=block_d, PRECISION=_precision(torch_dtype), **straddle)
-                for kernel, extra in ((fwd, {}), (dq, {}), (dkdv, {"DK": True}), (dkdv, {"DK": False})):
+                dkdv_modes = [(True, False), (False, True)] + ([(True, True)] if "HG" in tiles else [])
+                for kernel, extra in ((fwd, {}), (dq, {}),
+                                      *((dkdv, {"DK": a, "DV": b}) for a, b in dkdv_modes)):
                     sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
                     yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
                                num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],

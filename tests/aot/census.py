@@ -38,8 +38,11 @@ def main(block_d: int = 64) -> None:
             hp, hg = tiles["HP"], tiles.get("HG", tiles["HP"])
             consts = {k: v for k, v in tiles.items() if not k.startswith("num_")}
             counts = {}
-            for name, kernel, extra in (("fwd", fwd, {}), ("dq", dq, {}), ("dk", dkdv, {"DK": True}),
-                                        ("dv", dkdv, {"DK": False})):
+            kernels = [("fwd", fwd, {}), ("dq", dq, {}), ("dk", dkdv, {"DK": True, "DV": False}),
+                       ("dv", dkdv, {"DK": False, "DV": True})]
+            if tc:  # FUSED_DKDV: one kernel for both
+                kernels.append(("dkdv", dkdv, {"DK": True, "DV": True}))
+            for name, kernel, extra in kernels:
                 want = dict(consts, BLOCK_D=block_d, **extra)
                 cfg = next(c for c in th.aot_configs("bf16") if c["kernel"] is kernel
                            and all(c["constexprs"].get(a) == v for a, v in want.items()))
@@ -47,9 +50,10 @@ def main(block_d: int = 64) -> None:
                 # real scores a thread owns: slots holding a head below H (HG of HP are heads)
                 scores = hp * tiles["BLOCK_M"] * tiles["BLOCK_N"] / (32 * tiles["num_warps"]) * heads / hg
                 counts[name] = per_tile(compile_triton.loops(compiled.asm["cubin"]), heads) / scores
+            fused = f", fused dk+dv {counts['dkdv']:.0f}: bwd {counts['dq'] + counts['dkdv']:.0f}" if tc else ""
             print(f"H={heads} {'tensor cores' if tc else 'CUDA cores  '}: fwd {counts['fwd']:.0f}, "
                   f"bwd {counts['dq'] + counts['dk'] + counts['dv']:.0f} (dq {counts['dq']:.0f}, "
-                  f"dk {counts['dk']:.0f}, dv {counts['dv']:.0f})", flush=True)
+                  f"dk {counts['dk']:.0f}, dv {counts['dv']:.0f}){fused}", flush=True)
 
 
 if __name__ == "__main__":

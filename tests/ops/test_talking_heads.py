@@ -132,6 +132,27 @@ def test_grads_are_bitwise_deterministic(tc, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("shape", TC_LAYOUTS, ids=str)
+def test_fused_dkdv_equals_two_launches(shape, monkeypatch):
+    """FUSED_DKDV (one tensor-core kernel for dk and dv, the default) against one launch for each:
+    the same products summed in the same order, so bitwise equal grads."""
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", True)
+    q, k, v = qkv_views(*shape, torch.float16)
+    w = mixing(shape[1])
+    do = torch.randn(q.shape, device=q.device, dtype=torch.float64)
+    launches = []
+    real_launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, *a, **kw: (
+        launches.append((kernel, kw.get("DK"), kw.get("DV"))), real_launch(kernel, *a, **kw)))
+    assert kernels.FUSED_DKDV is True
+    fused_grads = run(fused, (q, k, v, *w), do)
+    monkeypatch.setattr(kernels, "FUSED_DKDV", False)
+    split_grads = run(fused, (q, k, v, *w), do)
+    dkdv = [(dk, dv) for kernel, dk, dv in launches if kernel is kernels._th_bwd_dkdv_tc]
+    assert dkdv == [(True, True), (True, False), (False, True)]
+    assert all(torch.equal(a, b) for a, b in zip(fused_grads, split_grads))
+
+
 def packed_matches_unpacked(B, H, N, D, dtype, device=DEVICE):
     """talking_heads_attention_qkv against talking_heads_attention on the views of the same
     packed projection: the same kernels, so output and every grad are bitwise equal; the packed
