@@ -12,9 +12,10 @@ A tunable is a set of module constants of one kernel file that its host code rea
     and programs per SM that set the key-axis split, and the K/V tiles in flight (STAGES: 1 is
     no pipeline), 20 candidates each.
   - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
-    tensor-core kernels' row tiles, warps and pipeline stages, 7 candidates each, and in the
-    backward dk and dv in one launch or two (FUSED_DKDV); the shipped ones were chosen from SASS
-    counts, registers and shared memory, never timed.
+    tensor-core kernels' row tiles, warps and pipeline stages, head dim 48 as 32 + 16 or one
+    masked block (SPLIT_HEAD_DIM), 8 candidates each, and in the backward dk and dv in one launch
+    or two (FUSED_DKDV); the shipped ones were chosen from SASS counts, registers and shared
+    memory, never timed.
   - layerscale.ln_fwd, layerscale.ln_bwd (kernels/layerscale.py): the residual + LayerNorm's
     elements per program tile, and in the backward the row strips (BWD_PROGRAMS, which the plain
     layerscale backward shares) that set how many programs stream rows and write column
@@ -208,7 +209,8 @@ def _talking_heads_grid() -> List[dict]:
     shipped = talking_heads_kernels.TC_TILES
     changes = [dict(num_stages=1), dict(num_stages=3), dict(num_warps=4), dict(BLOCK_M=32),
                dict(BLOCK_N=32), dict(BLOCK_M=32, num_stages=1)]
-    return [{"TC_TILES": dict(shipped, **c)} for c in changes]
+    return [{"TC_TILES": dict(shipped, **c)} for c in changes] + \
+        [{"SPLIT_HEAD_DIM": not talking_heads_kernels.SPLIT_HEAD_DIM}]
 
 
 def _talking_heads_bwd_grid() -> List[dict]:

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import DTYPES, cdiv, launch, next_pow2
+from .attention import _blocks as head_dim_blocks
 from .attention import _precision, _strides, _tile, _unit_last, token_major_empty
 
 LOG2E = 1.4426950408889634
@@ -289,12 +290,14 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn, s
 # Here every [16, rows, D] tile holds all heads of one or more row blocks (one strided load), the
 # per-head products are batched 3D dots, and each mixing is one [16, 16] x [16, M*N] dot with a
 # block-diagonal weight (see _tiles_tc). Instructions a thread issues per real (g, i, j) score,
-# bf16, D=48 (a 64-wide block), sm_90, triton 3.6 (`python tests/aot/census.py`), fwd / bwd:
+# bf16, D=48 (a 64-wide block until the last row), sm_90, triton 3.6 (`python tests/aot/census.py
+# [32 16]`), fwd / bwd:
 #   heads                           4          8          16
 #   CUDA cores                   101 / 376  208 / 893  577 / 2115
 #   tensor cores, tf32 mixing     38 / 136   40 / 137   38 / 138
 #   tensor cores, 16-bit mixing   36 / 113   35 / 115   35 / 117   (see _mix)
-#   + dk and dv in one kernel     36 / 106   35 / 105   35 / 106   (now: FUSED_DKDV)
+#   + dk and dv in one kernel     36 / 106   35 / 105   35 / 106   (FUSED_DKDV)
+#   + head dim as 32 + 16         33 / 89    34 / 89    35 / 88    (now: SPLIT_HEAD_DIM)
 # (Before the row blocks shared the 16 slots, the tensor-core kernels padded 4 heads to 16: 217 /
 # 583, and 8 heads: 109 / 292; streamed pointers and masks on the last tile only took 54 / 150 to
 # 44 / 138, and a forward loop of full tiles without masks 45 to 38-40. Programs that straddle
@@ -310,12 +313,19 @@ TENSOR_CORE_MIXING = True
 TC_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
 # One tensor-core launch computes dk and dv together (_th_bwd_dkdv_tc with DK and DV): the mixed
 # logits, their exp2 and the q and dO tiles once for both, not once each. SASS per score of the
-# two kernels 50-51 -> 40 under triton 3.6 (backward 113-117 -> 105-106, table below), at the
-# price of two live accumulators: 255 registers and 40-64 bytes of stack (9 local loads and stores
-# per loop step at 4 and 8 heads; the separate kernels have none), 143 KB of shared memory as
-# before (one CTA per SM either way). Not yet timed: False gives the two launches, and bench.tune's
-# talking_heads.tc_bwd times both.
+# two kernels 50-51 -> 40 under triton 3.6 at a 64-wide head-dim block (backward 113-117 ->
+# 105-106, table below), at the price of two live accumulators: 255 registers, and there 9 local
+# loads and stores per loop step (none with SPLIT_HEAD_DIM's 32 + 16). One CTA per SM either way
+# (shared memory 111 KB at 32 + 16, 143 KB at 64). Not yet timed: False gives the two launches,
+# and bench.tune's talking_heads.tc_bwd times both.
 FUSED_DKDV = True
+# The tensor-core kernels cover CaiT's head dim 48 with two exact blocks, 32 + 16, as the
+# self-attention kernels do (attention.SPLIT_HEAD_DIM), instead of one 64-wide block masked past
+# 48: a quarter fewer MMAs and loads per dot over the head dim, and [16, rows, 32 + 16] fp32
+# accumulators instead of [16, rows, 64]. SASS per score under triton 3.6 at 8 heads, fwd / bwd:
+# 35 / 105 -> 34 / 89, and no spill left in the fused dk/dv loop (census.py; below). Not yet
+# timed; False: one masked block.
+SPLIT_HEAD_DIM = True
 
 
 def _tiles_tc(heads: int):
@@ -393,6 +403,74 @@ def _heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constex
 
 
 @triton.jit
+def _pair_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """_slot_ptrs of the head-dim blocks [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) (the unit
+    last stride makes the second PTR + BLOCK_D); without a second block the first again, unused.
+    `if BLOCK_D2 > 0` is resolved at compile time: the one-block variants carry no extra code."""
+    p = _slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D)
+    p2 = p
+    if BLOCK_D2 > 0:
+        p2 = _slot_ptrs(PTR + BLOCK_D, head, rows, sb, sh, sn, off_b, BLOCK_D2)
+    return p, p2
+
+
+@triton.jit
+def _pair_load(p, p2, head, rows, H, n_rows, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Both head-dim blocks' tiles (_slot_load); without a second block the first again."""
+    t = _slot_load(p, head, rows, H, n_rows, D, BLOCK_D, MASKED)
+    t2 = t
+    if BLOCK_D2 > 0:
+        t2 = _slot_load(p2, head, rows, H, n_rows, D - BLOCK_D, BLOCK_D2, MASKED)
+    return t, t2
+
+
+@triton.jit
+def _pair_heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constexpr,
+                BLOCK_D2: tl.constexpr):
+    """Both head-dim blocks of a [HP, M, D] tile (slots as _slot_ptrs), zero past H and n_rows."""
+    p, p2 = _pair_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D, BLOCK_D2)
+    return _pair_load(p, p2, head, rows, H, n_rows, D, BLOCK_D, BLOCK_D2, True)
+
+
+@triton.jit
+def _pair_zeros(HP: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """fp32 accumulators of both head-dim blocks; without a second block the first again."""
+    acc = tl.zeros([HP, R, BLOCK_D], tl.float32)
+    acc2 = acc
+    if BLOCK_D2 > 0:
+        acc2 = tl.zeros([HP, R, BLOCK_D2], tl.float32)
+    return acc, acc2
+
+
+@triton.jit
+def _pair_dot_t(a, a2, b, b2, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
+    """a b^T per slot over the whole head dim, [HP, M, N] fp32: both blocks' products."""
+    out = tl.dot(a, tl.permute(b, (0, 2, 1)), input_precision=PRECISION)
+    if BLOCK_D2 > 0:
+        out += tl.dot(a2, tl.permute(b2, (0, 2, 1)), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _pair_add_dot(acc, acc2, p, x, x2, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc + p x, acc2 + p x2) per slot, p [HP, R, M] cast to x's dtype."""
+    p = p.to(x.dtype)
+    acc += tl.dot(p, x, input_precision=PRECISION)
+    if BLOCK_D2 > 0:
+        acc2 += tl.dot(p, x2, input_precision=PRECISION)
+    return acc, acc2
+
+
+@triton.jit
+def _store_pair(PTR, acc, acc2, off_b, head, rows, sb, sh, sn, H, N, D, BLOCK_D: tl.constexpr,
+                BLOCK_D2: tl.constexpr):
+    _store_heads(PTR, acc, off_b, head, rows, sb, sh, sn, H, N, D, BLOCK_D)
+    if BLOCK_D2 > 0:
+        _store_heads(PTR + BLOCK_D, acc2, off_b, head, rows, sb, sh, sn, H, N, D - BLOCK_D, BLOCK_D2)
+
+
+@triton.jit
 def _weights(W, H, head, group, TRANSPOSE: tl.constexpr, DT: tl.constexpr):
     """The [HP, HP] block-diagonal mixing matrix in dtype DT (see _mix): W[head[s], head[t]] (W^T
     when TRANSPOSE) where slots s and t are in one group, zero elsewhere and past H."""
@@ -440,10 +518,11 @@ def _contract(a, b, DT: tl.constexpr, HP: tl.constexpr, M: tl.constexpr, N: tl.c
 
 
 @triton.jit
-def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+def _logits_tc(q, q2, k, k2, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
+               BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     """(q k^T, sum_h w_l[g, h] q_h k_h^T), both [HP, M, N] and unscaled (mixing is linear: the
-    caller applies scale or scale * log2(e))."""
-    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION)
+    caller applies scale or scale * log2(e)); q2, k2: the second head-dim blocks."""
+    s = _pair_dot_t(q, q2, k, k2, BLOCK_D2, PRECISION)
     return s, _mix(wl, s, HP, M, N, PRECISION)
 
 
@@ -460,13 +539,13 @@ def _logits_tc(q, k, wl, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr, PRE
 # loop pushed dq and dk, already at 255 registers, to 232 and 136 bytes of stack.
 
 @triton.jit
-def _stats_tc(q, kp, wl, m, l, head, keys, H, n_left, D, qk_scale, HP: tl.constexpr,
+def _stats_tc(q, q2, kp, kp2, wl, m, l, head, keys, H, n_left, D, qk_scale, HP: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """The forward's first pass on the key tile at kp (n_left keys left when MASKED): the running
-    max m and sum l of exp2 of the scaled mixed logits."""
-    k = _slot_load(kp, head, keys, H, n_left, D, BLOCK_D, MASKED)
-    mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1]  # unscaled
+              BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """The forward's first pass on the key tile at kp, kp2 (n_left keys left when MASKED): the
+    running max m and sum l of exp2 of the scaled mixed logits."""
+    k, k2 = _pair_load(kp, kp2, head, keys, H, n_left, D, BLOCK_D, BLOCK_D2, MASKED)
+    mixed = _logits_tc(q, q2, k, k2, wl, HP, BLOCK_M, BLOCK_N, BLOCK_D2, PRECISION)[1]  # unscaled
     if MASKED:
         mixed = tl.where(keys[:, None, :] < n_left, mixed, float("-inf"))
     # the scale rides in the exponent's FFMA: max(x) * scale == max(x * scale), scale > 0
@@ -476,59 +555,61 @@ def _stats_tc(q, kp, wl, m, l, head, keys, H, n_left, D, qk_scale, HP: tl.conste
 
 
 @triton.jit
-def _out_tc(q, kp, vp, wl, ww, bw, lse, acc, head, keys, H, n_left, D, qk_scale, HP: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """The forward's second pass on the key tile at kp, vp: acc += P' v."""
-    k = _slot_load(kp, head, keys, H, n_left, D, BLOCK_D, MASKED)
-    mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1]
+def _out_tc(q, q2, kp, kp2, vp, vp2, wl, ww, bw, lse, acc, acc2, head, keys, H, n_left, D, qk_scale,
+            HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """The forward's second pass on the key tile at kp, vp (and kp2, vp2): acc += P' v."""
+    k, k2 = _pair_load(kp, kp2, head, keys, H, n_left, D, BLOCK_D, BLOCK_D2, MASKED)
+    mixed = _logits_tc(q, q2, k, k2, wl, HP, BLOCK_M, BLOCK_N, BLOCK_D2, PRECISION)[1]
     p = tl.exp2(mixed * qk_scale - lse[:, :, None])
     if MASKED:
         p = tl.where(keys[:, None, :] < n_left, p, 0.0)
     pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]  # P'
-    v = _slot_load(vp, head, keys, H, n_left, D, BLOCK_D, MASKED)
-    return acc + tl.dot(pm.to(v.dtype), v, input_precision=PRECISION)
+    v, v2 = _pair_load(vp, vp2, head, keys, H, n_left, D, BLOCK_D, BLOCK_D2, MASKED)
+    return _pair_add_dot(acc, acc2, pm, v, v2, BLOCK_D2, PRECISION)
 
 
 @triton.jit
 def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                sob, soh, son, B, H, N, D, qk_scale, HP: tl.constexpr, HG: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               PRECISION: tl.constexpr, STRADDLE: tl.constexpr):
+               BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr, STRADDLE: tl.constexpr):
     head, group = _slots(HP, HG)
     off_b, rows = _blocks(B, N, group, HP, HG, BLOCK_M, STRADDLE)
     keys = tl.arange(0, BLOCK_N)[None, :]  # the same keys in every slot, from `start`
     wl = _weights(WL, H, head, group, False, Q.dtype.element_ty)
     ww = _weights(WW, H, head, group, False, Q.dtype.element_ty)
     bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
-    q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
+    q, q2 = _pair_heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D, BLOCK_D2)
     m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([HP, BLOCK_M], tl.float32)
     full = N - N % BLOCK_N
-    kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
+    kp, kp2 = _pair_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D, BLOCK_D2)
     for start in range(0, full, BLOCK_N):  # pass 1: row statistics of the mixed logits
-        m, l = _stats_tc(q, kp, wl, m, l, head, keys, H, BLOCK_N, D, qk_scale, HP, BLOCK_M,
-                         BLOCK_N, BLOCK_D, PRECISION, False)
-        kp += BLOCK_N * skn
+        m, l = _stats_tc(q, q2, kp, kp2, wl, m, l, head, keys, H, BLOCK_N, D, qk_scale, HP,
+                         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2, PRECISION, False)
+        kp, kp2 = kp + BLOCK_N * skn, kp2 + BLOCK_N * skn
     if full < N:  # (pointers made afresh: the loop's, live past it, cost adds in every step)
-        kp = _slot_ptrs(K, head, keys + full, skb, skh, skn, off_b, BLOCK_D)
-        m, l = _stats_tc(q, kp, wl, m, l, head, keys, H, N - full, D, qk_scale, HP, BLOCK_M,
-                         BLOCK_N, BLOCK_D, PRECISION, True)
+        kp, kp2 = _pair_ptrs(K, head, keys + full, skb, skh, skn, off_b, BLOCK_D, BLOCK_D2)
+        m, l = _stats_tc(q, q2, kp, kp2, wl, m, l, head, keys, H, N - full, D, qk_scale, HP,
+                         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2, PRECISION, True)
     lse = m + tl.log2(l)
-    acc = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
-    kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
-    vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
+    acc, acc2 = _pair_zeros(HP, BLOCK_M, BLOCK_D, BLOCK_D2)
+    kp, kp2 = _pair_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D, BLOCK_D2)
+    vp, vp2 = _pair_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D, BLOCK_D2)
     for start in range(0, full, BLOCK_N):  # pass 2: mixed probabilities times V
-        acc = _out_tc(q, kp, vp, wl, ww, bw, lse, acc, head, keys, H, BLOCK_N, D, qk_scale, HP,
-                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, False)
-        kp += BLOCK_N * skn
-        vp += BLOCK_N * svn
+        acc, acc2 = _out_tc(q, q2, kp, kp2, vp, vp2, wl, ww, bw, lse, acc, acc2, head, keys, H,
+                            BLOCK_N, D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2,
+                            PRECISION, False)
+        kp, kp2 = kp + BLOCK_N * skn, kp2 + BLOCK_N * skn
+        vp, vp2 = vp + BLOCK_N * svn, vp2 + BLOCK_N * svn
     if full < N:
-        kp = _slot_ptrs(K, head, keys + full, skb, skh, skn, off_b, BLOCK_D)
-        vp = _slot_ptrs(V, head, keys + full, svb, svh, svn, off_b, BLOCK_D)
-        acc = _out_tc(q, kp, vp, wl, ww, bw, lse, acc, head, keys, H, N - full, D, qk_scale, HP,
-                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, True)
-    _store_heads(O, acc, off_b, head, rows, sob, soh, son, H, N, D, BLOCK_D)
+        kp, kp2 = _pair_ptrs(K, head, keys + full, skb, skh, skn, off_b, BLOCK_D, BLOCK_D2)
+        vp, vp2 = _pair_ptrs(V, head, keys + full, svb, svh, svn, off_b, BLOCK_D, BLOCK_D2)
+        acc, acc2 = _out_tc(q, q2, kp, kp2, vp, vp2, wl, ww, bw, lse, acc, acc2, head, keys, H,
+                            N - full, D, qk_scale, HP, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2,
+                            PRECISION, True)
+    _store_pair(O, acc, acc2, off_b, head, rows, sob, soh, son, H, N, D, BLOCK_D, BLOCK_D2)
     _store_rows(LSE, lse, off_b, head, rows, H, N)
 
 
@@ -536,7 +617,8 @@ def _th_fwd_tc(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, s
 def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, skh, skn,
                   svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, B, H, N, D, qk_scale, scale,
                   HP: tl.constexpr, HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, STRADDLE: tl.constexpr):
+                  BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr,
+                  STRADDLE: tl.constexpr):
     # PART: (programs, 3, HG, HG) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
     pid = tl.program_id(0)
     head, group = _slots(HP, HG)
@@ -546,49 +628,51 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
     wl_t = _weights(WL, H, head, group, True, Q.dtype.element_ty)
     ww_t = _weights(WW, H, head, group, True, Q.dtype.element_ty)
     lse = _load_rows(LSE, off_b, head, rows, H, N)
-    q = _heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D)
-    do = _heads(DO, head, rows, sdb, sdh, sdn, off_b, H, N, D, BLOCK_D)
+    q, q2 = _pair_heads(Q, head, rows, sqb, sqh, sqn, off_b, H, N, D, BLOCK_D, BLOCK_D2)
+    do, do2 = _pair_heads(DO, head, rows, sdb, sdh, sdn, off_b, H, N, D, BLOCK_D, BLOCK_D2)
     delta = tl.zeros([HP, BLOCK_M], tl.float32)
     psum = tl.zeros([HP, BLOCK_M], tl.float32)
-    kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
-    vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
+    kp, kp2 = _pair_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D, BLOCK_D2)
+    vp, vp2 = _pair_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D, BLOCK_D2)
     for start in range(0, N, BLOCK_N):  # pass 1: delta = rowsum(dP * P) per head
-        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D, True)
-        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D, True)
-        p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
-        if start + BLOCK_N > N:
-            p = tl.where(keys[:, None, :] < N - start, p, 0.0)
-        dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)  # dP'
-        delta += tl.sum(_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) * p, axis=2)
-        psum += tl.sum(p, axis=2)
-        kp += BLOCK_N * skn
-        vp += BLOCK_N * svn
-    delta = _normalised(delta, psum)
-    _store_rows(DELTA, delta, off_b, head, rows, H, N)
-    dq = tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)
-    dwl = tl.zeros([HP, HP], tl.float32)
-    dww = tl.zeros([HP, HP], tl.float32)
-    dbw = tl.zeros([HP], tl.float32)
-    kp = _slot_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D)
-    vp = _slot_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D)
-    for start in range(0, N, BLOCK_N):  # pass 2: dq and the head-mixing weight grads
-        k = _slot_load(kp, head, keys, H, N - start, D, BLOCK_D, True)
-        v = _slot_load(vp, head, keys, H, N - start, D, BLOCK_D, True)
-        s, mixed = _logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)
+        k, k2 = _pair_load(kp, kp2, head, keys, H, N - start, D, BLOCK_D, BLOCK_D2, True)
+        v, v2 = _pair_load(vp, vp2, head, keys, H, N - start, D, BLOCK_D, BLOCK_D2, True)
+        mixed = _logits_tc(q, q2, k, k2, wl, HP, BLOCK_M, BLOCK_N, BLOCK_D2, PRECISION)[1]
         p = tl.exp2(mixed * qk_scale - lse[:, :, None])
         if start + BLOCK_N > N:
             p = tl.where(keys[:, None, :] < N - start, p, 0.0)
-        dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
+        dpm = _pair_dot_t(do, do2, v, v2, BLOCK_D2, PRECISION)  # dP'
+        delta += tl.sum(_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) * p, axis=2)
+        psum += tl.sum(p, axis=2)
+        kp, kp2 = kp + BLOCK_N * skn, kp2 + BLOCK_N * skn
+        vp, vp2 = vp + BLOCK_N * svn, vp2 + BLOCK_N * svn
+    delta = _normalised(delta, psum)
+    _store_rows(DELTA, delta, off_b, head, rows, H, N)
+    dq, dq2 = _pair_zeros(HP, BLOCK_M, BLOCK_D, BLOCK_D2)
+    dwl = tl.zeros([HP, HP], tl.float32)
+    dww = tl.zeros([HP, HP], tl.float32)
+    dbw = tl.zeros([HP], tl.float32)
+    kp, kp2 = _pair_ptrs(K, head, keys, skb, skh, skn, off_b, BLOCK_D, BLOCK_D2)
+    vp, vp2 = _pair_ptrs(V, head, keys, svb, svh, svn, off_b, BLOCK_D, BLOCK_D2)
+    for start in range(0, N, BLOCK_N):  # pass 2: dq and the head-mixing weight grads
+        k, k2 = _pair_load(kp, kp2, head, keys, H, N - start, D, BLOCK_D, BLOCK_D2, True)
+        v, v2 = _pair_load(vp, vp2, head, keys, H, N - start, D, BLOCK_D, BLOCK_D2, True)
+        s, mixed = _logits_tc(q, q2, k, k2, wl, HP, BLOCK_M, BLOCK_N, BLOCK_D2, PRECISION)
+        p = tl.exp2(mixed * qk_scale - lse[:, :, None])
+        if start + BLOCK_N > N:
+            p = tl.where(keys[:, None, :] < N - start, p, 0.0)
+        dpm = _pair_dot_t(do, do2, v, v2, BLOCK_D2, PRECISION)
         dww += _contract(dpm, p, Q.dtype.element_ty, HP, BLOCK_M, BLOCK_N, PRECISION)
         dbw += tl.sum(tl.sum(dpm, 2), 1)
         ds = p * (_mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION) - delta[:, :, None])
         # scaled once, below
         dwl += _contract(ds, s, Q.dtype.element_ty, HP, BLOCK_M, BLOCK_N, PRECISION)
         dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)  # grad of S[h]
-        dq += tl.dot(dsh.to(k.dtype), k, input_precision=PRECISION)
-        kp += BLOCK_N * skn
-        vp += BLOCK_N * svn
-    _store_heads(DQ, dq * scale, off_b, head, rows, sgb, sgh, sgn, H, N, D, BLOCK_D)
+        dq, dq2 = _pair_add_dot(dq, dq2, dsh, k, k2, BLOCK_D2, PRECISION)
+        kp, kp2 = kp + BLOCK_N * skn, kp2 + BLOCK_N * skn
+        vp, vp2 = vp + BLOCK_N * svn, vp2 + BLOCK_N * svn
+    _store_pair(DQ, dq * scale, dq2 * scale, off_b, head, rows, sgb, sgh, sgn, H, N, D, BLOCK_D,
+                BLOCK_D2)
     _store_parts(PART, pid, _fold(dwl * scale, group, HP, HG), _fold(dww, group, HP, HG),
                  tl.sum(tl.reshape(dbw, [HP // HG, HG]), 0), HG)
 
@@ -597,8 +681,8 @@ def _th_bwd_dq_tc(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb,
 def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn, skb, skh, skn,
                     svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, B, H, N, D, qk_scale, scale,
                     HP: tl.constexpr, HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DK: tl.constexpr,
-                    DV: tl.constexpr, STRADDLE: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, STRADDLE: tl.constexpr):
     """One key block per group (_blocks), all heads, looping over the queries: dk into DKO when
     DK, dv into DVO when DV (both: one recomputation of the logits for the two, FUSED_DKDV).
     Queries past N and slots past H load lse = +inf, so their p is exactly 0. Keys past N are
@@ -608,44 +692,55 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn
     off_b, cols = _blocks(B, N, group, HP, HG, BLOCK_N, STRADDLE)
     queries = tl.arange(0, BLOCK_M)[None, :]  # the same queries in every slot, from `start`
     wl = _weights(WL, H, head, group, False, Q.dtype.element_ty)
-    k = _heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D)
+    k, k2 = _pair_heads(K, head, cols, skb, skh, skn, off_b, H, N, D, BLOCK_D, BLOCK_D2)
     if DK:
         wl_t = _weights(WL, H, head, group, True, Q.dtype.element_ty)
         ww_t = _weights(WW, H, head, group, True, Q.dtype.element_ty)
-        v = _heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D)
-        dk = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
+        v, v2 = _pair_heads(V, head, cols, svb, svh, svn, off_b, H, N, D, BLOCK_D, BLOCK_D2)
+        dk, dk2 = _pair_zeros(HP, BLOCK_N, BLOCK_D, BLOCK_D2)
     if DV:
         ww = _weights(WW, H, head, group, False, Q.dtype.element_ty)
         bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
-        dv = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
-    qp = _slot_ptrs(Q, head, queries, sqb, sqh, sqn, off_b, BLOCK_D)
-    dop = _slot_ptrs(DO, head, queries, sdb, sdh, sdn, off_b, BLOCK_D)
+        dv, dv2 = _pair_zeros(HP, BLOCK_N, BLOCK_D, BLOCK_D2)
+    qp, qp2 = _pair_ptrs(Q, head, queries, sqb, sqh, sqn, off_b, BLOCK_D, BLOCK_D2)
+    dop, dop2 = _pair_ptrs(DO, head, queries, sdb, sdh, sdn, off_b, BLOCK_D, BLOCK_D2)
     stats = _stat_offsets(off_b, head, queries, H, N)  # into LSE and DELTA, a step per tile
     tail = tl.max(tl.max(cols, axis=1), axis=0) >= N
     for start in range(0, N, BLOCK_M):
-        q = _slot_load(qp, head, queries, H, N - start, D, BLOCK_D, True)
-        do = _slot_load(dop, head, queries, H, N - start, D, BLOCK_D, True)
+        q, q2 = _pair_load(qp, qp2, head, queries, H, N - start, D, BLOCK_D, BLOCK_D2, True)
+        do, do2 = _pair_load(dop, dop2, head, queries, H, N - start, D, BLOCK_D, BLOCK_D2, True)
         live = (head[:, None] < H) & (queries < N - start)
         lse = tl.load(LSE + stats, mask=live, other=float("inf"))
-        p = tl.exp2(_logits_tc(q, k, wl, HP, BLOCK_M, BLOCK_N, PRECISION)[1] * qk_scale - lse[:, :, None])
+        mixed = _logits_tc(q, q2, k, k2, wl, HP, BLOCK_M, BLOCK_N, BLOCK_D2, PRECISION)[1]
+        p = tl.exp2(mixed * qk_scale - lse[:, :, None])
         if tail:
             p = tl.where(cols[:, None, :] < N, p, 0.0)
         if DK:
-            dpm = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)
+            dpm = _pair_dot_t(do, do2, v, v2, BLOCK_D2, PRECISION)
             dp = _mix(ww_t, dpm, HP, BLOCK_M, BLOCK_N, PRECISION)
             ds = p * (dp - tl.load(DELTA + stats, mask=live, other=0.0)[:, :, None])
             dsh = _mix(wl_t, ds, HP, BLOCK_M, BLOCK_N, PRECISION)
-            dk += tl.dot(tl.permute(dsh, (0, 2, 1)).to(q.dtype), q, input_precision=PRECISION)
+            dk, dk2 = _pair_add_dot(dk, dk2, tl.permute(dsh, (0, 2, 1)), q, q2, BLOCK_D2, PRECISION)
         if DV:
             pm = _mix(ww, p, HP, BLOCK_M, BLOCK_N, PRECISION) + bw[:, None, None]
-            dv += tl.dot(tl.permute(pm, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)
-        qp += BLOCK_M * sqn
-        dop += BLOCK_M * sdn
+            dv, dv2 = _pair_add_dot(dv, dv2, tl.permute(pm, (0, 2, 1)), do, do2, BLOCK_D2, PRECISION)
+        qp, qp2 = qp + BLOCK_M * sqn, qp2 + BLOCK_M * sqn
+        dop, dop2 = dop + BLOCK_M * sdn, dop2 + BLOCK_M * sdn
         stats += BLOCK_M
     if DK:
-        _store_heads(DKO, dk * scale, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D)
+        _store_pair(DKO, dk * scale, dk2 * scale, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D,
+                    BLOCK_D2)
     if DV:
-        _store_heads(DVO, dv, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D)
+        _store_pair(DVO, dv, dv2, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D, BLOCK_D2)
+
+
+def _head_dim(tiles: dict, D: int) -> dict:
+    """The head-dim constexprs of a family's kernels: BLOCK_D and, for the tensor-core ones,
+    BLOCK_D2 (0, or the second exact block: SPLIT_HEAD_DIM)."""
+    if "HG" not in tiles:
+        return dict(BLOCK_D=next_pow2(D))
+    block_d, block_d2 = head_dim_blocks(D, SPLIT_HEAD_DIM)
+    return dict(BLOCK_D=block_d, BLOCK_D2=block_d2)
 
 
 def _family(heads: int, tc, dtype: torch.dtype):
@@ -674,7 +769,7 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     grid, batch, straddle = _grid(tiles, B, N, "BLOCK_M")
     launch(fwd, grid, q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v),
-           *_strides(o), *batch, H, N, D, scale * LOG2E, BLOCK_D=next_pow2(D),
+           *_strides(o), *batch, H, N, D, scale * LOG2E, **_head_dim(tiles, D),
            PRECISION=_precision(q.dtype), **tiles, **straddle)
     return o, lse
 
@@ -685,7 +780,7 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, N, D = q.shape
     (_, dq_kernel, dkdv_kernel), tiles = _family(H, tc, q.dtype)
-    meta = dict(tiles, BLOCK_D=next_pow2(D), PRECISION=_precision(q.dtype))
+    meta = dict(tiles, **_head_dim(tiles, D), PRECISION=_precision(q.dtype))
     hg = tiles.get("HG", tiles["HP"])  # the weight grads' partial sums are [hg, hg]
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     grid, batch, straddle = _grid(tiles, B, N, "BLOCK_M")
@@ -707,7 +802,8 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
 
 def aot_configs(dtype: str):
     """Every shipped variant (head counts 4, 8, 16 of CaiT, in both mixing families, fp32 in the
-    CUDA-core one alone (_family); head-dim tiles 32 and 64) for the sm_90 AOT test. The products
+    CUDA-core one alone (_family); head-dim tiles 32 and 64, and 32 + 16 in the tensor-core
+    family) for the sm_90 AOT test. The products
     are dots of 16-32 rows: mma.sync, not wgmma. D is aligned as in attention.aot_configs."""
     torch_dtype = DTYPES[dtype]
     strides = [f"s{t}{a}" for t in "qkvodg" for a in "bhn"]
@@ -720,8 +816,12 @@ def aot_configs(dtype: str):
         for (fwd, dq, dkdv), tiles in (_family(heads, tc, torch_dtype) for tc in tcs):
             consts = {k: v for k, v in tiles.items() if not k.startswith("num_")}
             straddles = [{"STRADDLE": s} for s in (False, True)] if "HG" in tiles else [{}]
-            for block_d, straddle in itertools.product((32, 64), straddles):
-                base = dict(consts, BLOCK_D=block_d, PRECISION=_precision(torch_dtype), **straddle)
+            # head-dim blocks: 32, 64, and for the tensor-core kernels 48 as 32 + 16
+            blocks = [{"BLOCK_D": 32}, {"BLOCK_D": 64}]
+            if "HG" in tiles:
+                blocks = [dict(b, BLOCK_D2=0) for b in blocks] + [{"BLOCK_D": 32, "BLOCK_D2": 16}]
+            for block, straddle in itertools.product(blocks, straddles):
+                base = dict(consts, **block, PRECISION=_precision(torch_dtype), **straddle)
                 dkdv_modes = [(True, False), (False, True)] + ([(True, True)] if "HG" in tiles else [])
                 for kernel, extra in ((fwd, {}), (dq, {}),
                                       *((dkdv, {"DK": a, "DV": b}) for a, b in dkdv_modes)):

@@ -110,6 +110,20 @@ def test_tensor_core_program_layouts_match_reference(shape, monkeypatch):
     check(*qkv_views(*shape, torch.float16), mixing(shape[1]))
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["32+16", "masked64"])
+def test_head_dim_48_both_ways_match_reference(split, monkeypatch):
+    """The tensor-core kernels take CaiT's head dim 48 as two exact blocks (SPLIT_HEAD_DIM, the
+    default) or as one 64-wide block masked past 48."""
+    assert kernels.SPLIT_HEAD_DIM is True
+    tiles = kernels._family(8, True, torch.float16)[1]
+    monkeypatch.setattr(kernels, "SPLIT_HEAD_DIM", split)
+    assert kernels._head_dim(tiles, 48) == ({"BLOCK_D": 32, "BLOCK_D2": 16} if split else
+                                            {"BLOCK_D": 64, "BLOCK_D2": 0})
+    poisoned_empty(monkeypatch)
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", True)
+    check(*qkv_views(3, 8, 40, 48, torch.float16), mixing(8))
+
+
 @MIXING
 def test_all_negative_logits_keep_grads_finite(tc, monkeypatch):
     """Every mixed logit near -110 (-160 in log2 units): lse is far below 0, so a padded key's exp2(-lse) overflows
