@@ -47,7 +47,9 @@ def capture_cuda_graph(fn: Callable[[], Sequence[Tensor]]) -> Callable[[], Seque
     """Record fn's kernels into a CUDA graph (running none of them); returns replay(), which runs
     them and returns fn's outputs: the same tensors every time, overwritten by each replay."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # synchronises and empties the cache first
+    # thread_local: the DataLoader's pin-memory thread allocates pinned memory meanwhile, which
+    # the default "global" mode would forbid to every thread during the capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # syncs, empties the cache
         outputs = fn()
 
     def replay():
@@ -72,6 +74,7 @@ class GraphedStep:
         self.replay: Optional[Callable[[], Sequence[Tensor]]] = None
         self.inputs: Tuple[Tensor, Tensor] = ()
         self.lrs: List[Tensor] = []  # one device tensor per param group: what the graph reads
+        self.side: Optional[torch.cuda.Stream] = None  # the warm-up's stream
 
     def __call__(self, samples: Tensor, targets: Tensor) -> Tuple[Tensor, ...]:
         self.calls += 1
@@ -81,9 +84,9 @@ class GraphedStep:
             self._capture(samples, targets)
         for new, static in zip((samples, targets), self.inputs):
             if new.shape != static.shape or new.dtype != static.dtype:
-                raise CannotCapture(f"--cuda-graph: a batch of {tuple(new.shape)} {new.dtype} after the "
-                                 f"capture at {tuple(static.shape)} {static.dtype}: every step must "
-                                 "have the shapes of the captured one")
+                raise CannotCapture(
+                    f"--cuda-graph: a batch of {tuple(new.shape)} {new.dtype} after the capture at "
+                    f"{tuple(static.shape)} {static.dtype}: every step must have the captured shapes")
             static.copy_(new)
         for lr, group in zip(self.lrs, self.optimizer.param_groups):
             lr.fill_(group["lr"])  # the scheduler's float for this step
@@ -92,11 +95,13 @@ class GraphedStep:
     def _on_side_stream(self, device: torch.device, fn):
         if device.type != "cuda":
             return fn()
-        side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        if self.side is None:
+            self.side = torch.cuda.Stream(device)
+        current = torch.cuda.current_stream(device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
             out = fn()
-        current.wait_stream(side)
+        current.wait_stream(self.side)
         return out
 
     def _capture(self, samples: Tensor, targets: Tensor) -> None:
