@@ -26,8 +26,9 @@
 #      DeiT-Ti's step under torch.profiler, ours and timm (bench/profile.py, in the logs);
 #   4. whole training steps (bench/train.py): DeiT-S and CaiT-XXS24, ours vs timm eager, without
 #      distillation and hard-distilled from RegNetY-16GF in channels-last and NCHW;
-#   5. ours and timm under torch.compile (a minute or more each) for DeiT-S, then CaiT-XXS24 if
-#      time is left.
+#   5. DeiT-S hard-distilled with the teacher compiled, weights frozen (--compile-teacher) against
+#      eager; then ours and timm under torch.compile (a minute or more each) for DeiT-S, then
+#      CaiT-XXS24 if time is left.
 # On the GPU every bench row is also timed replayed from a CUDA graph (bench/common.py): the
 # GPU's time without the host's.
 # Full runs: `python -m bench.models`, `python -m bench.train` and `python -m bench.ops.<op>`.
@@ -167,6 +168,13 @@ if want models; then
   step bench_train "$cap" "$PY" -m bench.train --quick --impls ours,timm --time-budget $((cap - 25)) \
     --models deit_small,cait_xxs24 --settings none,hard_cl,hard_nchw --out "$work/train"
   jsonl+=("$work/train.jsonl")
+
+  # The RegNetY-16GF teacher was ~2/3 of a hard-distilled DeiT-S step (H200, 2026-11-26): the
+  # same step with the teacher compiled, its BatchNorms folded (--compile-teacher), beside it.
+  cap=$(budget 150)
+  step bench_train_frozen_teacher "$cap" "$PY" -m bench.train --quick --impls ours --time-budget $((cap - 20)) \
+    --models deit_small --settings hard_cl,hard_cl_frozen --out "$work/train_frozen"
+  jsonl+=("$work/train_frozen.jsonl")
 
   cap=$(budget 160)
   step bench_models_compile "$cap" "$PY" -m bench.models --quick --impls ours_compile,timm_compile \

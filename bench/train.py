@@ -10,9 +10,10 @@ runs). The impls differ only in the student and its loss:
   timm          timm.create_model of the same name (SDPA attention) + the official DeiT
                 DistillationLoss with timm's SoftTargetCrossEntropy, eagerly;
   timm_compile  the same, student and loss under torch.compile.
-Distillation runs each model twice: teacher (RegNetY-16GF by default, random weights) in NCHW as
-the official code runs it, and channels-last (our default), so the table shows what the layout is
-worth. DeiTs are distilled through their distillation token (the *_distilled_* model), CaiTs
+Distillation runs each model up to three times: teacher (RegNetY-16GF by default, random weights)
+in NCHW as the official code runs it, channels-last (our default), and channels-last under
+torch.compile with its weights frozen (BatchNorms folded into the convolutions: `deit-fast train
+--compile-teacher`), so the table shows what the layout and the folding are worth. DeiTs are distilled through their distillation token (the *_distilled_* model), CaiTs
 through their class head. FLOPs per image: the student's forward + backward (flop_counter on
 timm's model, as bench.models) plus the teacher's forward; MFU against the bf16 dense peak.
 
@@ -34,6 +35,7 @@ import deit_fast
 from bench.models import flops_per_image
 from bench.ops.distill_loss import DistillationLoss
 from deit_fast import ops
+from deit_fast.train.teacher import CompiledTeacher
 
 # name -> (plain model, distilled model): DeiTs have a distillation-token twin, CaiTs do not.
 MODELS = {"deit_tiny": ("deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"),
@@ -41,12 +43,14 @@ MODELS = {"deit_tiny": ("deit_tiny_patch16_224", "deit_tiny_distilled_patch16_22
           "deit_base": ("deit_base_patch16_224", "deit_base_distilled_patch16_224"),
           "cait_xxs24": ("cait_xxs24_224", "cait_xxs24_224"),
           "cait_s24": ("cait_s24_224", "cait_s24_224")}
-# setting -> (distillation type, teacher channels-last)
-SETTINGS = {"none": ("none", False), "hard_nchw": ("hard", False), "hard_cl": ("hard", True)}
+# setting -> (distillation type, teacher channels-last, teacher compiled with its weights frozen)
+SETTINGS = {"none": ("none", False, False), "hard_nchw": ("hard", False, False),
+            "hard_cl": ("hard", True, False), "hard_cl_frozen": ("hard", True, True)}
 IMPLS = ("ours", "timm", "ours_compile", "timm_compile")
 BATCH, SIZE, CLASSES = 256, 224, 1000
 ALPHA, TAU, LR, WEIGHT_DECAY = 0.5, 1.0, 5e-4, 0.05  # DeiT's recipe
-SMOKE = {"models": "deit_tiny", "settings": "none,hard_cl", "batch": 2, "teacher": "resnet10t"}
+SMOKE = {"models": "deit_tiny", "settings": "none,hard_cl,hard_cl_frozen", "batch": 2,
+         "teacher": "resnet10t"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +92,7 @@ def _loss(impl: str, kind: str):
 
 def setup(case: common.Case, impl: str, args):
     family, setting = case.op.split(" ")
-    kind, channels_last = SETTINGS[setting]
+    kind, channels_last, frozen = SETTINGS[setting]
     name = MODELS[family][kind != "none"]
     (B, _, S, _), device = case.shape, torch.device(args.device)
     if impl.endswith("_compile"):
@@ -105,6 +109,8 @@ def setup(case: common.Case, impl: str, args):
         teacher.eval().requires_grad_(False)
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
+        if frozen:  # what `deit-fast train --compile-teacher` runs
+            teacher = CompiledTeacher(teacher)
     images = torch.randn(B, 3, S, S, device=device)
     targets = torch.softmax(torch.randn(B, CLASSES, device=device), dim=-1)  # mixup-like soft targets
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
@@ -130,7 +136,8 @@ def main(argv=None):
     p = common.parser(__doc__, IMPLS, warmup_ms=200, rep_ms=2000)
     p.add_argument("--models", help=f"comma list out of {','.join(MODELS)}")
     p.add_argument("--settings", help=f"comma list out of {','.join(SETTINGS)} (none: no distillation; "
-                   "hard_nchw / hard_cl: hard distillation, teacher NCHW / channels-last)")
+                   "hard_nchw / hard_cl: hard distillation, teacher NCHW / channels-last; "
+                   "hard_cl_frozen: channels-last, compiled with frozen weights)")
     p.add_argument("--batch-size", type=int, help=f"per step (default {BATCH})")
     p.add_argument("--teacher-model", help="timm name (default regnety_160)")
     args = common.parse_args(p, argv)
@@ -150,7 +157,8 @@ def main(argv=None):
     # as `deit-fast train` (and the official main.py) runs: cuDNN times its conv algorithms
     torch.backends.cudnn.benchmark = True
     notes = {"step": "student fwd (bf16 autocast) + teacher fwd (no grad) + loss + backward + fused AdamW",
-             "teacher": f"{args.teacher_model}, random weights; hard_nchw: NCHW, hard_cl: channels-last",
+             "teacher": f"{args.teacher_model}, random weights; hard_nchw: NCHW, hard_cl: channels-last, "
+                        "hard_cl_frozen: channels-last under torch.compile with frozen weights",
              "ours runs": ", ".join(f"{op}: {b}" for op, b in backends.items()),
              "cudnn": "benchmark mode, every impl",
              "FLOPs": "student fwd+bwd (flop_counter on timm's model) + teacher fwd, per image"}

@@ -110,6 +110,9 @@ def build_parser(prog: str = "deit-fast train") -> argparse.ArgumentParser:
                    help="autocast dtype (fp16 with a GradScaler)")
     g.add_argument("--backend", default="auto", choices=_backend.BACKENDS, help="deit_fast.ops backend")
     g.add_argument("--compile", action="store_true", help="torch.compile the student (and teacher)")
+    g.add_argument("--compile-teacher", action="store_true",
+                   help="torch.compile the teacher alone (the student stays eager), its BatchNorms "
+                        "folded into its convolutions (inductor's freezing); --compile does it too")
     _flag_pair(g, "cudnn-benchmark", True,
                "let cuDNN time its algorithms once per conv shape, as the official main.py does: the "
                "teacher's convolutions and the patch embedding get the fastest it has; off, it "

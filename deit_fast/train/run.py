@@ -26,7 +26,7 @@ from .args import build_parser, parse_args
 from .data import SyntheticLoader, build_dataset, build_loaders, build_mixup, seed_everything
 from .engine import (NonFiniteLossError, State, StopTraining, eager_step, evaluate, forward_flops,
                      peak_flops, train_one_epoch)
-from .teacher import build_teacher
+from .teacher import CompiledTeacher, build_teacher
 
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
@@ -154,8 +154,8 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
     if args.compile:
         compile_ = functools.partial(torch.compile, mode=args.compile_mode)
         model, eval_model = compile_(model), compile_(raw_model)
-        if teacher is not None:
-            teacher = compile_(teacher)
+    if teacher is not None and (args.compile or args.compile_teacher):
+        teacher = CompiledTeacher(teacher, args.compile_mode)
 
     s = State(args=args, device=device, dist=dist, model=model, raw_model=raw_model,
               optimizer=optimizer, scaler=scaler, scheduler=scheduler, steps_per_epoch=steps_per_epoch,

@@ -49,6 +49,24 @@ def build_teacher(args, nb_classes: int, device: torch.device) -> nn.Module:
     return teacher
 
 
+class CompiledTeacher(nn.Module):
+    """torch.compile for a frozen inference model, with inductor's `freezing`: the weights become
+    constants, so each BatchNorm folds into the convolution before it (RegNetY-16GF has 59) and
+    the weights are laid out once, where eager PyTorch reads and writes every activation again
+    for each BatchNorm. Freezing is switched on around the calls only (a compile happens at a
+    call): process-wide it would also freeze the weights of a compiled eval model that trains on.
+    (torch.compile's options={"freezing": True} did not fold them, torch 2.14.)"""
+
+    def __init__(self, teacher: nn.Module, mode: str = "default"):
+        super().__init__()
+        self.compiled = torch.compile(teacher, mode=mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, samples: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """The teacher's logits for the batch the student sees (called inside the step's autocast)."""

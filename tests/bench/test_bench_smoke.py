@@ -95,10 +95,11 @@ def test_models(tmp_path):
 
 
 def test_train(tmp_path):
-    # A whole training step (student, teacher, loss, backward, AdamW), distilled and not.
+    # A whole training step (student, teacher, loss, backward, AdamW), distilled and not, the
+    # teacher also compiled with frozen weights.
     run("bench.train", "--device", "cpu", "--quick", "--impls", "ours,timm", "--out", str(tmp_path / "train"))
     rows = check_outputs(tmp_path / "train", ("img_s", "tflops", "mfu_pct"))
-    assert {r["op"] for r in rows} == {"deit_tiny none", "deit_tiny hard_cl"}
+    assert {r["op"] for r in rows} == {"deit_tiny none", "deit_tiny hard_cl", "deit_tiny hard_cl_frozen"}
     assert pairs(rows) == {(i, "train step") for i in ("ours", "timm")}
 
 

@@ -65,3 +65,32 @@ def test_teacher_runs_nchw_when_asked(tmp_path, digits, teacher_path, monkeypatc
     train(tiny_args(tmp_path, digits, "deit_tiny_distilled_patch16_224", "--distillation-type", "soft",
                     "--teacher-path", teacher_path, "--no-channels-last-teacher"))
     assert layouts == [True] * 3
+
+
+def test_compiled_teacher_folds_its_batchnorms_and_trains_alike(tmp_path, digits, teacher_path,
+                                                                monkeypatch):
+    """--compile-teacher: the teacher alone under torch.compile with inductor's freezing (the
+    student stays eager). Its BatchNorms fold into the convolutions: no batch-norm op is left in
+    the generated code. Training gives the eager teacher's losses but for rounding."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from deit_fast.train.teacher import CompiledTeacher
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    conv[1].running_var.uniform_(0.5, 2.0)
+    conv.eval().requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out, code = run_and_get_code(CompiledTeacher(conv), x)
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+    assert "batch_norm" not in "".join(code) and not inductor_config.freezing  # patched per call
+
+    compiled = []
+    monkeypatch.setattr(run, "CompiledTeacher",
+                        lambda *a: compiled.append(a) or CompiledTeacher(*a))
+    argv = ("deit_tiny_distilled_patch16_224", "--distillation-type", "soft", "--teacher-path",
+            teacher_path)
+    eager = train(tiny_args(tmp_path / "eager", digits, *argv))
+    frozen = train(tiny_args(tmp_path / "frozen", digits, *argv, "--compile-teacher"))
+    assert len(compiled) == 1
+    torch.testing.assert_close(frozen["step_losses"], eager["step_losses"], rtol=1e-4, atol=1e-5)
