@@ -13,9 +13,10 @@ A tunable is a set of module constants of one kernel file that its host code rea
     no pipeline), 20 candidates each.
   - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
     tensor-core kernels' row tiles, warps and pipeline stages, head dim 48 as 32 + 16 or one
-    masked block (SPLIT_HEAD_DIM), 8 candidates each, and in the backward dk and dv in one launch
-    or two (FUSED_DKDV); the shipped ones were chosen from SASS counts, registers and shared
-    memory, never timed.
+    masked block (SPLIT_HEAD_DIM), 8 candidates each, the forward capped at 128 registers
+    (TC_FWD_MAXNREG: two CTAs per SM) and the backward's dk and dv in one launch or two
+    (FUSED_DKDV); the shipped ones were chosen from SASS counts, registers and shared memory,
+    never timed.
   - layerscale.ln_fwd, layerscale.ln_bwd (kernels/layerscale.py): the residual + LayerNorm's
     elements per program tile, and in the backward the row strips (BWD_PROGRAMS, which the plain
     layerscale backward shares) that set how many programs stream rows and write column
@@ -213,6 +214,11 @@ def _talking_heads_grid() -> List[dict]:
         [{"SPLIT_HEAD_DIM": not talking_heads_kernels.SPLIT_HEAD_DIM}]
 
 
+def _talking_heads_fwd_grid() -> List[dict]:
+    """The tiles' grid, and the forward capped at 128 registers: two CTAs per SM (TC_FWD_MAXNREG)."""
+    return _talking_heads_grid() + [{"TC_FWD_MAXNREG": 128}]
+
+
 def _talking_heads_bwd_grid() -> List[dict]:
     """The tiles' grid, and dk and dv in two launches instead of one (FUSED_DKDV)."""
     return _talking_heads_grid() + [{"FUSED_DKDV": not talking_heads_kernels.FUSED_DKDV}]
@@ -246,7 +252,7 @@ class Tunable:
 
 
 TUNABLES = {  # in the order a time-capped run reaches them: the least measured first
-    "talking_heads.tc_fwd": Tunable("talking_heads", "fwd", _talking_heads_grid()),
+    "talking_heads.tc_fwd": Tunable("talking_heads", "fwd", _talking_heads_fwd_grid()),
     "talking_heads.tc_bwd": Tunable("talking_heads", "bwd", _talking_heads_bwd_grid()),
     "layerscale.ln_bwd": Tunable("layerscale", "bwd", _layernorm_grid("bwd")),
     "layerscale.ln_fwd": Tunable("layerscale", "fwd", _layernorm_grid("fwd")),

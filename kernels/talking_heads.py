@@ -319,6 +319,13 @@ TC_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
 # (shared memory 111 KB at 32 + 16, 143 KB at 64). Not yet timed: False gives the two launches,
 # and bench.tune's talking_heads.tc_bwd times both.
 FUSED_DKDV = True
+# A register cap for the tensor-core forward: None lets ptxas take 250-254 (one 8-warp CTA per
+# SM); 128 would let two CTAs share an SM (83 KB of shared memory each) at the price of 14 % more
+# SASS per loop step and spills around the loops (triton 3.6: 4 local loads/stores per step,
+# ~100 outside). The kernels issued at about a tenth of their rate on an H100, so two CTAs may
+# hide more latency than the spills cost: not yet timed (bench.tune's talking_heads.tc_fwd tries
+# 128). The backward kernels spill 150-180 times per step at 128: not offered.
+TC_FWD_MAXNREG = None
 # The tensor-core kernels cover CaiT's head dim 48 with two exact blocks, 32 + 16, as the
 # self-attention kernels do (attention.SPLIT_HEAD_DIM), instead of one 64-wide block masked past
 # 48: a quarter fewer MMAs and loads per dot over the head dim, and [16, rows, 32 + 16] fp32
@@ -768,9 +775,10 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     grid, batch, straddle = _grid(tiles, B, N, "BLOCK_M")
+    cap = {"maxnreg": TC_FWD_MAXNREG} if TC_FWD_MAXNREG and "HG" in tiles else {}
     launch(fwd, grid, q, k, v, w_l, w_w, b_w, o, lse, *_strides(q), *_strides(k), *_strides(v),
            *_strides(o), *batch, H, N, D, scale * LOG2E, **_head_dim(tiles, D),
-           PRECISION=_precision(q.dtype), **tiles, **straddle)
+           PRECISION=_precision(q.dtype), **tiles, **straddle, **cap)
     return o, lse
 
 
