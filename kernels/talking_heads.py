@@ -403,13 +403,6 @@ def _slot_load(ptrs, head, rows, H, n_rows, D, BLOCK_D: tl.constexpr, MASKED: tl
 
 
 @triton.jit
-def _heads(PTR, head, rows, sb, sh, sn, off_b, H, n_rows, D, BLOCK_D: tl.constexpr):
-    """[HP, M, BLOCK_D] tile (slots as _slot_ptrs), zero past H, n_rows and D."""
-    return _slot_load(_slot_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D), head, rows, H,
-                      n_rows, D, BLOCK_D, True)
-
-
-@triton.jit
 def _pair_ptrs(PTR, head, rows, sb, sh, sn, off_b, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """_slot_ptrs of the head-dim blocks [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) (the unit
     last stride makes the second PTR + BLOCK_D); without a second block the first again, unused.
