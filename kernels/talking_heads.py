@@ -251,6 +251,7 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn, s
     """One key tile, all heads, looping over the queries: dk into DKO when DK, dv into DVO when
     DV. backward() launches it once for each (one [HP, BLOCK_N, BLOCK_D] accumulator live, not
     two)."""
+    tl.static_assert(DK != DV, "one grad per launch: the accumulator holds dk or dv")
     off_b = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     hh = tl.arange(0, HP)
