@@ -13,8 +13,9 @@ runs). The impls differ only in the student and its loss:
 Distillation runs each model up to three times: teacher (RegNetY-16GF by default, random weights)
 in NCHW as the official code runs it, channels-last (our default), and channels-last under
 torch.compile with its weights frozen (BatchNorms folded into the convolutions: `deit-fast train
---compile-teacher`), so the table shows what the layout and the folding are worth. DeiTs are distilled through their distillation token (the *_distilled_* model), CaiTs
-through their class head. FLOPs per image: the student's forward + backward (flop_counter on
+--compile-teacher`), so the table shows what the layout and the folding are worth. DeiTs are
+distilled through their distillation token (the *_distilled_* model), CaiTs through their class
+head. FLOPs per image: the student's forward + backward (flop_counter on
 timm's model, as bench.models) plus the teacher's forward; MFU against the bf16 dense peak.
 
     python -m bench.train                                   # every model and setting, batch 256
