@@ -13,11 +13,13 @@
 // would do 33 % more math and loads). fp32 inputs and other head dims are not handled here: the
 // Python op sends them to the Triton forward.
 //
-// Structure: one CTA of 4 warps per (batch * head, block of 64 queries); warp w owns query rows
-// [16 w, 16 w + 16) and keeps its q fragments, the running max / sum and the output in registers.
-// Keys and values stream through shared memory in tiles of 64, double-buffered with cp.async;
-// rows past N are zero-filled by cp.async and masked to -inf in the logits, and 16-key chunks
-// wholly past N skip their mma (N = 197 computes 208 key columns per query, not 256).
+// Structure: one CTA of WARPS warps (4 or 8: 64 or 128 queries, the op's block_m) per
+// (batch * head, block of queries); warp w owns query rows [16 w, 16 w + 16) and keeps its q
+// fragments, the running max / sum and the output in registers. Keys and values stream through
+// shared memory in tiles of 64, double-buffered with cp.async; rows past N are zero-filled by
+// cp.async and masked to -inf in the logits, and 16-key chunks wholly past N skip their mma
+// (N = 197 computes 208 key columns per query, not 256). 128 queries per CTA read each head's
+// k and v from L2 half as often as 64 do (at N = 197, 2 CTAs per head instead of 4).
 // q, k, v are read through (batch, head, row) strides with a unit last stride, so views of the
 // (B, N, 3, H, D) qkv projection go in without a copy. o is (B, H, N, D) laid out (B, N, H, D) in
 // memory, as FlashAttention writes it: the blocks' head merge o.transpose(1, 2).reshape(B, N, C)
@@ -40,14 +42,11 @@
 namespace deit_fast {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kBlockM = 16 * kWarps;  // queries per CTA
 constexpr int kBlockN = 64;           // keys per shared-memory tile
 constexpr int kStepN = 32;            // keys per online-softmax step (register footprint)
 constexpr int kPad = 8;               // elements added to each shared row (see smem_stride)
 constexpr int64_t kMaxN = int64_t{1} << 30;  // row indices stay in int; offsets are int64
-constexpr int64_t kMaxRowStride = int64_t{1} << 24;  // 64 rows of it stay within int32
+constexpr int64_t kMaxRowStride = int64_t{1} << 24;  // 128 rows of it stay within int32
 
 // Shared rows are D + 8 elements (112 B at D = 48, 144 B at D = 64): the 8 rows that one
 // ldmatrix 8x8 matrix reads then start in 8 different 16-byte bank groups (no conflicts), and
@@ -153,21 +152,24 @@ __device__ __forceinline__ int ldsm_cols_then_rows_col(int lane) { return lane &
 
 // ---- kernel ------------------------------------------------------------------------------
 
-// Copies rows [0, min(rows_left, 64)) of a 64 x D tile starting at `g` (row stride `ld`) to
+// Copies rows [0, min(rows_left, ROWS)) of a ROWS x D tile starting at `g` (row stride `ld`) to
 // shared memory at `dst` (row stride smem_stride<D>()); rows at or past rows_left become zeros.
 // `g` itself is always a valid row, so the zero-byte copies point at it.
-template <typename T, int D>
+template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(uint32_t dst, const T* __restrict__ g, int ld,
                                           int rows_left, int tid) {
   constexpr int kVecs = D / 8;  // 16-byte vectors per row
-  static_assert((kBlockN * kVecs) % kThreads == 0, "every thread copies the same number of vectors");
+  constexpr int kTotal = ROWS * kVecs;
+  // When a row's vectors divide the block (D = 64), spelled so that the column and the row
+  // offset are visibly loop-invariant.
+  constexpr bool kWhole = THREADS % kVecs == 0;
 #pragma unroll
-  for (int i = 0; i < kBlockN * kVecs / kThreads; ++i) {
-    // Vector c = tid + i * kThreads of the tile. When a row's vectors divide the block (D = 64),
-    // spelled so that the column and the row offset are visibly loop-invariant.
-    const int c = tid + i * kThreads;
-    const int row = kThreads % kVecs == 0 ? tid / kVecs + i * (kThreads / kVecs) : c / kVecs;
-    const int col = (kThreads % kVecs == 0 ? tid % kVecs : c % kVecs) * 8;
+  for (int i = 0; i < (kTotal + THREADS - 1) / THREADS; ++i) {
+    const int c = tid + i * THREADS;  // vector c of the tile
+    // The last round is partial where THREADS does not divide the tile (D = 48, 256 threads).
+    if (kTotal % THREADS != 0 && c >= kTotal) break;
+    const int row = kWhole ? tid / kVecs + i * (THREADS / kVecs) : c / kVecs;
+    const int col = (kWhole ? tid % kVecs : c % kVecs) * 8;
     const bool ok = row < rows_left;
     const T* src = ok ? g + row * ld + col : g;
     cp_async_16(dst + (row * smem_stride<D>() + col) * 2, src, ok ? 16 : 0);
@@ -274,19 +276,23 @@ __device__ __forceinline__ void key_step(const uint32_t (&qf)[D / 16][4], uint32
   }
 }
 
-// Grid: m_blocks * B * H CTAs of 128 threads; CTA x handles queries [64 (x % m_blocks), +64) of
-// (batch, head) x / m_blocks, so the CTAs that share one head's k and v run side by side.
-// 4 CTAs per SM: what an H100's shared memory holds at D = 64 (4 x 46 KB), and it caps registers
-// at 128 per thread (D = 64 fits with no spill: only 32 keys of logits are live at once).
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 4) attention_fwd_kernel(const FwdParams p) {
+// Grid: m_blocks * B * H CTAs of 32 * WARPS threads; CTA x handles queries
+// [16 WARPS (x % m_blocks), +16 WARPS) of (batch, head) x / m_blocks, so the CTAs that share one
+// head's k and v run side by side. 16 warps per SM (4 CTAs of 4 warps, 2 of 8) cap registers at
+// 128 per thread (D = 64 fits with no spill: only 32 keys of logits are live at once).
+template <typename T, int D, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(const FwdParams p) {
+  constexpr int kThreads = 32 * WARPS, kBlockM = 16 * WARPS;
   constexpr int kStride = smem_stride<D>();
   constexpr uint32_t kTileBytes = kBlockN * kStride * 2;
-  // [q: 64 rows][k: 2 buffers x 64 rows][v: 2 buffers x 64 rows]; 46 KB at D = 64 (static limit 48)
-  __shared__ alignas(16) uint16_t smem[(kBlockM + 4 * kBlockN) * kStride];
-  const uint32_t sq = smem_addr(smem);
-  const uint32_t sk = sq + kBlockM * kStride * 2;
-  const uint32_t sv = sk + 2 * kTileBytes;
+  static_assert(kBlockM <= 2 * kBlockN, "the q tile and the o staging fit in one k + v buffer");
+  // Buffers [k 0][v 0][k 1][v 1] of 64 rows each: 36 KB at D = 64. The q tile arrives in buffer
+  // 1, which the prefetch of key tile 1 overwrites only after every warp has read its q
+  // fragments (the first barrier of the loop); the epilogue stages o in the buffer the last
+  // tile did not use.
+  __shared__ alignas(16) uint16_t smem[4 * kBlockN * kStride];
+  const uint32_t sk = smem_addr(smem), sv = sk + kTileBytes;
+  const uint32_t sq = sk + 2 * kTileBytes;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m_block = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.m_blocks));
@@ -298,13 +304,14 @@ __global__ void __launch_bounds__(kThreads, 4) attention_fwd_kernel(const FwdPar
   const T* v = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
 
   // Group 0: the q tile; group 1: key / value tile 0.
-  load_tile<T, D>(sq, q, p.q_sn, N - q0, tid);
+  load_tile<T, D, kBlockM, kThreads>(sq, q, p.q_sn, N - q0, tid);
   cp_async_commit();
-  load_tile<T, D>(sk, k, p.k_sn, N, tid);
-  load_tile<T, D>(sv, v, p.v_sn, N, tid);
+  load_tile<T, D, kBlockN, kThreads>(sk, k, p.k_sn, N, tid);
+  load_tile<T, D, kBlockN, kThreads>(sv, v, p.v_sn, N, tid);
   cp_async_commit();
 
-  // Warps whose 16 rows all lie past N (N = 197: 3 of the last CTA's 4) only help load.
+  // Warps whose 16 rows all lie past N (N = 197 at 64 queries per CTA: 3 of the last CTA's 4)
+  // only help load.
   const bool active = q0 + warp * 16 < N;
   const uint32_t q_lane = sq + ((warp * 16 + ldsm_rows_then_cols_row(lane)) * kStride +
                                 ldsm_rows_then_cols_col(lane)) * 2;
@@ -336,13 +343,13 @@ __global__ void __launch_bounds__(kThreads, 4) attention_fwd_kernel(const FwdPar
     __syncthreads();
     if (j + 1 < n_tiles) {
       const int next = (j + 1) * kBlockN;
-      const uint32_t buf = ((j + 1) & 1) * kTileBytes;
-      load_tile<T, D>(sk + buf, k + int64_t{next} * p.k_sn, p.k_sn, N - next, tid);
-      load_tile<T, D>(sv + buf, v + int64_t{next} * p.v_sn, p.v_sn, N - next, tid);
+      const uint32_t buf = ((j + 1) & 1) * 2 * kTileBytes;
+      load_tile<T, D, kBlockN, kThreads>(sk + buf, k + int64_t{next} * p.k_sn, p.k_sn, N - next, tid);
+      load_tile<T, D, kBlockN, kThreads>(sv + buf, v + int64_t{next} * p.v_sn, p.v_sn, N - next, tid);
       cp_async_commit();
     }
     if (!active) continue;  // warp-uniform; the warp still reaches every barrier
-    const uint32_t buf = (j & 1) * kTileBytes;
+    const uint32_t buf = (j & 1) * 2 * kTileBytes;
     const int valid = N - j * kBlockN;
 #pragma unroll
     for (int i = 0; i < kBlockN / kStepN; ++i) {
@@ -356,8 +363,9 @@ __global__ void __launch_bounds__(kThreads, 4) attention_fwd_kernel(const FwdPar
   }
   if (!active) return;
 
-  // Epilogue: full row sums, lse, and o / l staged through this warp's own 16 q rows in shared
-  // memory (only this warp ever read them) so that global stores are whole 16-byte vectors.
+  // Epilogue: full row sums, lse, and o / l staged through shared memory so that global stores
+  // are whole 16-byte vectors. This warp's 16 rows of the buffer that the last tile did not use:
+  // every warp finished its tile before the last barrier, and no prefetch went there since.
   const int g = lane >> 2, t = lane & 3;
   float inv[2];
 #pragma unroll
@@ -368,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 4) attention_fwd_kernel(const FwdPar
     const int row = q0 + warp * 16 + g + 8 * r;
     if (t == 0 && row < N) p.lse[bh * N + row] = st.m[r] + log2f(st.l[r]);
   }
-  uint16_t* stage = smem + warp * 16 * kStride;
+  uint16_t* stage = smem + ((n_tiles & 1) * 2 * kBlockN + warp * 16) * kStride;
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
@@ -397,7 +405,8 @@ __global__ void __launch_bounds__(kThreads, 4) attention_fwd_kernel(const FwdPar
 
 constexpr const char* kOp = "attention_forward";
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                  int64_t block_m) {
   TORCH_CHECK(q.dim() == 4, kOp, ": q must be (B, H, N, D), got shape ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), kOp, ": k must have q's shape ", q.sizes(),
               " (self-attention: as many keys as queries), got ", k.sizes());
@@ -412,6 +421,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(q.size(2) <= kMaxN, kOp, ": q has N=", q.size(2), " rows, more than ", kMaxN);
   TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": scale must be a positive finite float, got ",
               scale);
+  TORCH_CHECK(block_m == 64 || block_m == 128, kOp,
+              ": block_m (queries per CTA) must be 64 or 128, got ", block_m);
   TORCH_CHECK(k.device() == q.device(), kOp, ": k is on ", k.device(), " but q is on ", q.device());
   TORCH_CHECK(v.device() == q.device(), kOp, ": v is on ", v.device(), " but q is on ", q.device());
 }
@@ -422,8 +433,8 @@ std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& q) {
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, double scale) {
-  check_inputs(q, k, v, scale);
+                                                const at::Tensor& v, double scale, int64_t block_m) {
+  check_inputs(q, k, v, scale, block_m);
   return empty_outputs(q);
 }
 
@@ -445,15 +456,16 @@ HeadView head_view(const at::Tensor& t) {
   return HeadView{x, stride(x, 0), stride(x, 1), stride(x, 2)};
 }
 
-template <typename T, int D>
+template <typename T, int D, int WARPS>
 void launch(const FwdParams& p, int64_t blocks, cudaStream_t stream) {
-  attention_fwd_kernel<T, D><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  attention_fwd_kernel<T, D, WARPS><<<static_cast<unsigned>(blocks), 32 * WARPS, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                const at::Tensor& v_in, double scale) {
-  check_inputs(q_in, k_in, v_in, scale);
+                                                const at::Tensor& v_in, double scale,
+                                                int64_t block_m) {
+  check_inputs(q_in, k_in, v_in, scale, block_m);
   TORCH_CHECK(q_in.is_cuda(), kOp, ": q must be a CUDA tensor, got device ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   auto [o, lse] = empty_outputs(q_in);
@@ -461,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 
   const HeadView q = head_view(q_in), k = head_view(k_in), v = head_view(v_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
-  const int64_t m_blocks = (N + kBlockM - 1) / kBlockM;
+  const int64_t m_blocks = (N + block_m - 1) / block_m;
   const int64_t blocks = m_blocks * B * H;
   TORCH_CHECK(blocks <= INT32_MAX, kOp, ": too large: B * H = ", B * H, " heads of ", N, " rows");
   FwdParams p{q.t.const_data_ptr(), k.t.const_data_ptr(), v.t.const_data_ptr(), o.data_ptr(),
@@ -471,10 +483,18 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
               static_cast<float>(scale) * 1.4426950408889634f};  // as the Triton kernel rounds it
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = q_in.scalar_type() == at::kHalf;
+  // One instantiation per (dtype, head dim, warps): a runtime switch over compile-time tiles.
+  auto go = [&](auto t, auto d) {
+    using T = decltype(t);
+    constexpr int kD = decltype(d)::value;
+    block_m == 64 ? launch<T, kD, 4>(p, blocks, stream) : launch<T, kD, 8>(p, blocks, stream);
+  };
+  using D48 = std::integral_constant<int, 48>;
+  using D64 = std::integral_constant<int, 64>;
   if (D == 48) {
-    half ? launch<__half, 48>(p, blocks, stream) : launch<__nv_bfloat16, 48>(p, blocks, stream);
+    half ? go(__half{}, D48{}) : go(__nv_bfloat16{}, D48{});
   } else {
-    half ? launch<__half, 64>(p, blocks, stream) : launch<__nv_bfloat16, 64>(p, blocks, stream);
+    half ? go(__half{}, D64{}) : go(__nv_bfloat16{}, D64{});
   }
   return {o, lse};
 }
@@ -483,10 +503,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
   // Self-attention forward: q, k, v (B, H, N, D), fp16 or bf16, D 48 or 64, any (batch, head,
-  // row) strides. Returns o (B, H, N, D) in q's dtype, (B, N, H, D) in memory, and lse
-  // (B, H, N) fp32, the per-row log2-sum-exp2 of the logits * scale * log2(e) that the Triton
-  // backward takes.
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  // row) strides; block_m queries per CTA, 64 or 128. Returns o (B, H, N, D) in q's dtype,
+  // (B, N, H, D) in memory, and lse (B, H, N) fp32, the per-row log2-sum-exp2 of the logits *
+  // scale * log2(e) that the Triton backward takes.
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deit_fast_C, CUDA, m) { m.impl("attention_forward", &forward_cuda); }

@@ -19,8 +19,13 @@ triton fwd+bwd >= 1.0x the fastest forced SDPA backend at N=197/198, D=64, and >
 is timed fwd and fwd+bwd only: its backward is the Triton one. triton_masked is the Triton
 backend with head dim 48 as one masked 64-wide block instead of two exact ones (32 + 16,
 kernels/attention.py SPLIT_HEAD_DIM, the default since an H100 measured it faster on 2026-11-26):
-the measurement that keeps the default honest.
+the measurement that keeps the default honest. cuda_m128 is the cuda backend with 128 queries
+per CTA of the CUDA forward instead of 64 (deit_fast.ops.attention CUDA_BLOCK_M), which halves
+the L2 reads of k and v at N = 197. The CUDA forward has a target of its own (the CUDA-kernels
+issue): fwd >= 1.2x the fastest forced SDPA backend at head dim 48 (CaiT shapes).
 """
+
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,8 @@ import torch.nn.functional as F
 from bench import common  # first: sets TRITON_INTERPRET on a machine without a GPU
 from deit_fast import ops
 from deit_fast.kernels import attention as attention_kernels
+
+op_module = importlib.import_module("deit_fast.ops.attention")  # ops.attention is the function
 
 # (B, H, N, D): DeiT-Ti/S/B at 224 px (N = 196 patches + cls, + dist for the distilled models),
 # DeiT-B at 384 px, and CaiT's head dim 48 at 4 and 8 heads (XXS, S) over 196 patches or 197
@@ -45,6 +52,7 @@ SDPA_BACKENDS = common.SDPA_BACKENDS
 PROBED = (*SDPA_BACKENDS, "xformers")  # baselines that may refuse a shape: probed per case
 # (head dim, token counts) -> fwd+bwd speedup over the fastest forced SDPA backend
 TARGETS = {(64, (197, 198)): 1.0, (48, (196, 197)): 1.15}
+CUDA_FWD_TARGETS = {48: 1.2}  # head dim -> the CUDA forward's fwd speedup over the same baseline
 
 
 def _ours(backend):
@@ -71,8 +79,10 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
-OURS = ("triton", "triton_masked", "cuda")
-IMPLS = {"triton": lambda: _ours("triton"), "triton_masked": lambda: _ours("triton"), "cuda": lambda: _ours("cuda"),
+OURS = ("triton", "triton_masked", "cuda", "cuda_m128")
+CUDA_IMPLS = {"cuda": 64, "cuda_m128": 128}  # impl -> the CUDA forward's queries per CTA
+IMPLS = {"triton": lambda: _ours("triton"), "triton_masked": lambda: _ours("triton"),
+         **{name: (lambda: _ours("cuda")) for name in CUDA_IMPLS},
          "eager": lambda: _eager,
          "sdpa": lambda: F.scaled_dot_product_attention,
          **{name: (lambda b=b: common.sdpa_forced(b)) for name, b in SDPA_BACKENDS.items()},
@@ -118,9 +128,10 @@ def setup(case: common.Case, impl: str, args):
     thunks = common.directions(call, lambda grad: [leaf(grad)], sets,
                                lambda: torch.randn(B, H, N, D, device=device, dtype=dtype),
                                fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
-    if impl == "cuda":  # the backward is Triton's: its bwd row would repeat the triton one
+    if impl in CUDA_IMPLS:  # the backward is Triton's: its bwd row would repeat the triton one
         del thunks["bwd"]
-        return thunks
+        return {d: common.with_flag(op_module, "CUDA_BLOCK_M", t, CUDA_IMPLS[impl])
+                for d, t in thunks.items()}
     if impl == "triton_masked":  # graphs built and every timed call run with one masked block
         if attention_kernels._blocks(D, True)[1] == 0:
             raise common.Unavailable(f"head dim {D} has no split (a power of two, or no exact second block)")
@@ -136,8 +147,9 @@ def _target(shape: str):
 
 
 def targets(rows, interpreted: bool):
-    """Per case and our impl (triton, cuda): it against the fastest forced SDPA backend, each
-    direction; the verdict on fwd+bwd where the shape has a target."""
+    """Per case and our impl (triton, cuda...): it against the fastest forced SDPA backend, each
+    direction; the verdict on fwd+bwd where the shape has a target, and on the CUDA forward's fwd
+    at the head dims of CUDA_FWD_TARGETS."""
     best, ours = {}, {}
     for r in rows:
         if not r.get("us"):
@@ -148,7 +160,9 @@ def targets(rows, interpreted: bool):
         elif r["impl"] in OURS:
             ours[(r["impl"], *key)] = r["us"]
     lines = ["### targets (triton and cuda fwd+bwd vs the fastest forced SDPA backend): "
-             + ", ".join(f">= {want:g}x at N={'/'.join(map(str, n))} D={d}" for (d, n), want in TARGETS.items()),
+             + ", ".join(f">= {want:g}x at N={'/'.join(map(str, n))} D={d}" for (d, n), want in TARGETS.items())
+             + "; the CUDA forward alone: "
+             + ", ".join(f"fwd >= {want:g}x at D={d}" for d, want in CUDA_FWD_TARGETS.items()),
              ""]
     for impl, shape, dtype in dict.fromkeys((i, s, t) for i, s, t, _ in ours):
         ratios = {d: (best[(shape, dtype, d)][0] / ours[(impl, shape, dtype, d)],
@@ -164,6 +178,9 @@ def targets(rows, interpreted: bool):
             tail = f"target fwd+bwd >= {want:g}x: fwd+bwd not measured"
         else:
             tail = f"target fwd+bwd >= {want:g}x: {common.verdict(fb[0] >= want, interpreted)}"
+        fwd_want, f = CUDA_FWD_TARGETS.get(int(shape.split("x")[3])), ratios.get("fwd")
+        if impl in CUDA_IMPLS and fwd_want is not None and f is not None:
+            tail += f"; target fwd >= {fwd_want:g}x: {common.verdict(f[0] >= fwd_want, interpreted)}"
         lines.append(f"- {impl} {shape} {dtype}: "
                      + ", ".join(f"{d} {r:.2f}x ({base})" for d, (r, base) in ratios.items()) + f"; {tail}")
     return lines
@@ -181,7 +198,8 @@ def main(argv=None):
     report = ops.backend_report()["attention"].get(device.type, {}).get("unavailable", {})
     impls = {"triton": common.Impl(False, report.get("triton")),
              "triton_masked": common.Impl(False, report.get("triton")),
-             "cuda": common.Impl(False, report.get("cuda")), "eager": common.Impl(True),
+             **{name: common.Impl(False, report.get("cuda")) for name in CUDA_IMPLS},
+             "eager": common.Impl(True),
              "sdpa": common.Impl(True), "compile": common.Impl(True)}
     wanted = args.impls.split(",")
     for name in PROBED:  # skipped outright only when it refuses every case of this run

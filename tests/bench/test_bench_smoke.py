@@ -212,6 +212,26 @@ def test_graph_columns_and_targets():
     assert "| graph us | graph % roofline | graph speedup |" in md and "CUDA graph" in md
 
 
+def test_attention_targets_judge_the_cuda_forward():
+    # Both CUDA-forward variants get issue 5's fwd verdict at head dim 48 (none at 64); the
+    # fwd+bwd verdict of the attention issue stays per shape.
+    from bench.ops import attention
+
+    def row(impl, shape, direction, us):
+        return {"impl": impl, "shape": shape, "dtype": "bf16", "direction": direction, "us": us}
+    d48, d64 = "256x8x197x48", "256x6x197x64"
+    rows = [row("sdpa_cudnn", s, d, 120.0) for s in (d48, d64) for d in ("fwd", "fwd+bwd")]
+    rows += [row("cuda", d48, "fwd", 110.0), row("cuda", d48, "fwd+bwd", 100.0),
+             row("cuda_m128", d48, "fwd", 90.0), row("cuda", d64, "fwd", 90.0)]
+    lines = attention.targets(rows, interpreted=False)
+    assert "fwd >= 1.2x at D=48" in lines[0]
+    cuda, m128, d64_line = (next(x for x in lines if x.startswith(f"- {i} {s} ")) for i, s in
+                            (("cuda", d48), ("cuda_m128", d48), ("cuda", d64)))
+    assert "target fwd+bwd >= 1.15x: met" in cuda and "target fwd >= 1.2x: MISSED" in cuda  # 1.09x
+    assert "fwd 1.33x (sdpa_cudnn)" in m128 and "target fwd >= 1.2x: met" in m128
+    assert "target fwd >=" not in d64_line
+
+
 def test_profile(tmp_path):
     # A step under torch.profiler; on CPU the table of ops by CPU time (the GPU adds kernels and
     # the GPU-busy share).

@@ -3,7 +3,9 @@ dim 48/64, N <= 1024), the backward the Triton kernels on its o and lse. Against
 with FlashAttention's tolerance rule (out and dq/dk/dv, so the lse layout is checked by the
 backward too), lse against fp64 directly, agreement with the Triton forward, ViT's odd lengths,
 qkv-projection views and views the kernel must copy, bitwise determinism, the fallbacks to the
-Triton forward, the custom-op checks, and a compute-sanitizer memcheck/racecheck run."""
+Triton forward, the custom-op checks, and a compute-sanitizer memcheck/racecheck run. The forward
+has two tilings, 64 and 128 queries per CTA (block_m); both are checked, the op's default
+(deit_fast.ops.attention CUDA_BLOCK_M) everywhere."""
 import importlib
 import math
 
@@ -81,9 +83,12 @@ def check_against_reference(q, k, v, scale=None):
         assert_rule(name, a, r, s)
 
 
-def cuda_op(q, k, v, scale):
+def cuda_op(q, k, v, scale, block_m=64):
     import deit_fast._C  # noqa: F401
-    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale)
+    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, block_m)
+
+
+BLOCK_M = [64, 128]
 
 
 @pytest.mark.parametrize("BH", HEADS, ids=str)
@@ -98,10 +103,21 @@ def test_matches_reference(BH, N, D, dtype, cuda_forward_only, monkeypatch):
 @pytest.mark.parametrize("N", LENGTHS)
 @pytest.mark.parametrize("D", [48, 64])
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-def test_lse_and_output_match_fp64_and_triton(N, D, dtype):
+def test_the_other_block_m_matches_reference(N, D, dtype, cuda_forward_only, monkeypatch):
+    """Through the op and its backward, the tiling the op does not use by default."""
+    other = next(m for m in BLOCK_M if m != op_module.CUDA_BLOCK_M)
+    monkeypatch.setattr(op_module, "CUDA_BLOCK_M", other)
+    check_against_reference(*qkv_views(3, 4, N, D, dtype))
+
+
+@pytest.mark.parametrize("block_m", BLOCK_M)
+@pytest.mark.parametrize("N", LENGTHS)
+@pytest.mark.parametrize("D", [48, 64])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_lse_and_output_match_fp64_and_triton(N, D, dtype, block_m):
     q, k, v = qkv_views(3, 4, N, D, dtype)
     scale = D ** -0.5
-    o, lse = cuda_op(q, k, v, scale)
+    o, lse = cuda_op(q, k, v, scale, block_m)
     assert o.dtype == dtype and o.shape == q.shape and o.transpose(1, 2).is_contiguous()
     assert lse.dtype == F32 and lse.shape == q.shape[:3] and lse.is_contiguous()
     ref = reference_lse(q, k)
@@ -159,11 +175,14 @@ def test_forward_and_grads_are_bitwise_deterministic(dtype, cuda_forward_only):
     q, k, v = qkv_views(2, 6, 577, 48, dtype)
     do = torch.randn(q.shape, device="cuda", dtype=torch.float64)
     first = run(on("cuda"), q, k, v, do)
-    direct = cuda_op(q, k, v, 0.2)
+    direct = [cuda_op(q, k, v, 0.2, m) for m in BLOCK_M]
     for _ in range(3):
         again = run(on("cuda"), q, k, v, do)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
-        assert all(torch.equal(a, b) for a, b in zip(direct, cuda_op(q, k, v, 0.2)))
+        for m, d in zip(BLOCK_M, direct):
+            assert all(torch.equal(a, b) for a, b in zip(d, cuda_op(q, k, v, 0.2, m)))
+    # Each row's keys are visited in the same order whatever the tiling: the same bits.
+    assert all(torch.equal(a, b) for a, b in zip(*direct))
 
 
 @pytest.mark.parametrize("dtype,N,D", [(F32, 197, 64), (F32, 7, 48), (F16, 197, 32), (BF16, 65, 128),
@@ -187,9 +206,9 @@ def test_custom_ops_pass_opcheck():
 
 
 def test_extension_op_on_cuda_passes_opcheck():
-    for dtype, D in [(F16, 48), (BF16, 64)]:
+    for dtype, D, block_m in [(F16, 48, 64), (BF16, 64, 128)]:
         q, k, v = qkv_views(2, 3, 33, D, dtype)
-        torch.library.opcheck(torch.ops.deit_fast_C.attention_forward.default, (q, k, v, 0.2))
+        torch.library.opcheck(torch.ops.deit_fast_C.attention_forward.default, (q, k, v, 0.2, block_m))
 
 
 def test_inputs_on_two_devices_raise():
@@ -235,12 +254,17 @@ def test_int64_batch_offsets_past_2_to_the_31():
 
 
 SANITIZER_SCRIPT = """
+import importlib
 import torch
 from deit_fast import ops
-for (B, H, N, D), dt, misaligned in [((1, 2, 7, 48), torch.bfloat16, False),
-                                     ((2, 1, 197, 64), torch.float16, False),
-                                     ((1, 1, 1, 64), torch.bfloat16, False),
-                                     ((1, 3, 130, 48), torch.float16, True)]:
+op_module = importlib.import_module("deit_fast.ops.attention")
+for (B, H, N, D), dt, misaligned, block_m in [((1, 2, 7, 48), torch.bfloat16, False, 64),
+                                              ((2, 1, 197, 64), torch.float16, False, 64),
+                                              ((2, 1, 197, 48), torch.bfloat16, False, 128),
+                                              ((1, 1, 1, 64), torch.bfloat16, False, 128),
+                                              ((1, 2, 70, 64), torch.float16, False, 128),
+                                              ((1, 3, 130, 48), torch.float16, True, 64)]:
+    op_module.CUDA_BLOCK_M = block_m
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dt)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     if misaligned:
