@@ -16,7 +16,8 @@
 // Structure: one CTA of WARPS warps (4 or 8: 64 or 128 queries, the op's block_m) per
 // (batch * head, block of queries); warp w owns query rows [16 w, 16 w + 16) and keeps its q
 // fragments, the running max / sum and the output in registers. Keys and values stream through
-// shared memory in tiles of 64, double-buffered with cp.async; rows past N are zero-filled by
+// shared memory in tiles of 64, through a ring of STAGES buffers (2 or 4, the op's stages)
+// filled by cp.async; rows past N are zero-filled by
 // cp.async and masked to -inf in the logits, and 16-key chunks wholly past N skip their mma
 // (N = 197 computes 208 key columns per query, not 256). 128 queries per CTA read each head's
 // k and v from L2 half as often as 64 do (at N = 197, 2 CTAs per head instead of 4).
@@ -35,6 +36,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -276,23 +278,30 @@ __device__ __forceinline__ void key_step(const uint32_t (&qf)[D / 16][4], uint32
   }
 }
 
+// Shared memory of one CTA: STAGES buffers [k][v] of 64 rows each (36 KB at D = 64 with 2).
+template <int D, int STAGES>
+constexpr int smem_bytes() { return STAGES * 2 * kBlockN * smem_stride<D>() * 2; }
+
 // Grid: m_blocks * B * H CTAs of 32 * WARPS threads; CTA x handles queries
 // [16 WARPS (x % m_blocks), +16 WARPS) of (batch, head) x / m_blocks, so the CTAs that share one
 // head's k and v run side by side. 16 warps per SM (4 CTAs of 4 warps, 2 of 8) cap registers at
 // 128 per thread (D = 64 fits with no spill: only 32 keys of logits are live at once).
-template <typename T, int D, int WARPS>
+// STAGES - 1 key / value tiles are in flight while one is computed: 2 is double buffering; 4
+// requests the whole of k and v at N <= 256 (4 tiles, 197 included) before the first tile is
+// computed, for more bytes in flight per SM at the price of shared memory (57 KB at D = 48).
+template <typename T, int D, int WARPS, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(const FwdParams p) {
   constexpr int kThreads = 32 * WARPS, kBlockM = 16 * WARPS;
   constexpr int kStride = smem_stride<D>();
   constexpr uint32_t kTileBytes = kBlockN * kStride * 2;
+  static_assert(STAGES >= 2, "a buffer is computed while the next fills");
   static_assert(kBlockM <= 2 * kBlockN, "the q tile and the o staging fit in one k + v buffer");
-  // Buffers [k 0][v 0][k 1][v 1] of 64 rows each: 36 KB at D = 64. The q tile arrives in buffer
-  // 1, which the prefetch of key tile 1 overwrites only after every warp has read its q
-  // fragments (the first barrier of the loop); the epilogue stages o in the buffer the last
-  // tile did not use.
-  __shared__ alignas(16) uint16_t smem[4 * kBlockN * kStride];
-  const uint32_t sk = smem_addr(smem), sv = sk + kTileBytes;
-  const uint32_t sq = sk + 2 * kTileBytes;
+  // The q tile arrives in the last buffer, which the prefetch of key tile STAGES - 1 overwrites
+  // only after every warp has read its q fragments (the first barrier of the loop); the
+  // epilogue stages o in a buffer that the last tile did not use.
+  extern __shared__ __align__(16) uint16_t smem[];
+  const uint32_t sk = smem_addr(smem), sv = sk + kTileBytes;  // buffer 0; buffer s is 2 s tiles on
+  const uint32_t sq = sk + (STAGES - 1) * 2 * kTileBytes;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m_block = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.m_blocks));
@@ -302,13 +311,24 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
   const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t{q0} * p.q_sn;
   const T* k = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* v = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const int n_tiles = (N + kBlockN - 1) / kBlockN;
+  // Key / value tile j into buffer j % STAGES, then one commit group, empty past the last tile:
+  // tile j is then always the (j + 2)-th group, which the waits below count on.
+  auto load_kv = [&](int j) {
+    if (j < n_tiles) {
+      const int first = j * kBlockN;
+      const uint32_t buf = (j % STAGES) * 2 * kTileBytes;
+      load_tile<T, D, kBlockN, kThreads>(sk + buf, k + int64_t{first} * p.k_sn, p.k_sn, N - first, tid);
+      load_tile<T, D, kBlockN, kThreads>(sv + buf, v + int64_t{first} * p.v_sn, p.v_sn, N - first, tid);
+    }
+    cp_async_commit();
+  };
 
-  // Group 0: the q tile; group 1: key / value tile 0.
+  // Group 0: the q tile; groups 1 .. STAGES - 1: key / value tiles 0 .. STAGES - 2.
   load_tile<T, D, kBlockM, kThreads>(sq, q, p.q_sn, N - q0, tid);
   cp_async_commit();
-  load_tile<T, D, kBlockN, kThreads>(sk, k, p.k_sn, N, tid);
-  load_tile<T, D, kBlockN, kThreads>(sv, v, p.v_sn, N, tid);
-  cp_async_commit();
+#pragma unroll
+  for (int j = 0; j < STAGES - 1; ++j) load_kv(j);
 
   // Warps whose 16 rows all lie past N (N = 197 at 64 queries per CTA: 3 of the last CTA's 4)
   // only help load.
@@ -319,7 +339,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
   const uint32_t v_lane = sv + (ldsm_rows_then_cols_row(lane) * kStride + ldsm_rows_then_cols_col(lane)) * 2;
 
   uint32_t qf[D / 16][4];  // q fragments (A operand), one per 16-wide d step
-  cp_async_wait<1>();
+  cp_async_wait<STAGES - 1>();  // the q group; the STAGES - 1 tile groups after it may be pending
   __syncthreads();
   if (active) {
 #pragma unroll
@@ -335,21 +355,15 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
   st.m[0] = st.m[1] = -INFINITY;
   st.l[0] = st.l[1] = 0.f;
 
-  const int n_tiles = (N + kBlockN - 1) / kBlockN;
   for (int j = 0; j < n_tiles; ++j) {
-    // Tile j has landed for every thread, and every warp is done with tile j - 1, whose buffer
-    // the prefetch of tile j + 1 then overwrites while tile j is computed: one barrier per tile.
-    cp_async_wait<0>();
+    // Tile j has landed for every thread (of the groups after it, STAGES - 2 may be pending), and
+    // every warp is done with tile j - 1, whose buffer the prefetch of tile j + STAGES - 1 then
+    // overwrites while tile j is computed: one barrier per tile.
+    cp_async_wait<STAGES - 2>();
     __syncthreads();
-    if (j + 1 < n_tiles) {
-      const int next = (j + 1) * kBlockN;
-      const uint32_t buf = ((j + 1) & 1) * 2 * kTileBytes;
-      load_tile<T, D, kBlockN, kThreads>(sk + buf, k + int64_t{next} * p.k_sn, p.k_sn, N - next, tid);
-      load_tile<T, D, kBlockN, kThreads>(sv + buf, v + int64_t{next} * p.v_sn, p.v_sn, N - next, tid);
-      cp_async_commit();
-    }
+    load_kv(j + STAGES - 1);
     if (!active) continue;  // warp-uniform; the warp still reaches every barrier
-    const uint32_t buf = (j & 1) * 2 * kTileBytes;
+    const uint32_t buf = (j % STAGES) * 2 * kTileBytes;
     const int valid = N - j * kBlockN;
 #pragma unroll
     for (int i = 0; i < kBlockN / kStepN; ++i) {
@@ -364,8 +378,9 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
   if (!active) return;
 
   // Epilogue: full row sums, lse, and o / l staged through shared memory so that global stores
-  // are whole 16-byte vectors. This warp's 16 rows of the buffer that the last tile did not use:
-  // every warp finished its tile before the last barrier, and no prefetch went there since.
+  // are whole 16-byte vectors. This warp's 16 rows of buffer n_tiles % STAGES, which the last
+  // tile did not use: every copy has landed (the last wait covered tile n_tiles - 1, and no tile
+  // comes after it), and the other warps are past every use of it but the last tile's.
   const int g = lane >> 2, t = lane & 3;
   float inv[2];
 #pragma unroll
@@ -376,7 +391,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
     const int row = q0 + warp * 16 + g + 8 * r;
     if (t == 0 && row < N) p.lse[bh * N + row] = st.m[r] + log2f(st.l[r]);
   }
-  uint16_t* stage = smem + ((n_tiles & 1) * 2 * kBlockN + warp * 16) * kStride;
+  uint16_t* stage = smem + ((n_tiles % STAGES) * 2 * kBlockN + warp * 16) * kStride;
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
@@ -406,7 +421,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
 constexpr const char* kOp = "attention_forward";
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                  int64_t block_m) {
+                  int64_t block_m, int64_t stages) {
   TORCH_CHECK(q.dim() == 4, kOp, ": q must be (B, H, N, D), got shape ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), kOp, ": k must have q's shape ", q.sizes(),
               " (self-attention: as many keys as queries), got ", k.sizes());
@@ -423,6 +438,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               scale);
   TORCH_CHECK(block_m == 64 || block_m == 128, kOp,
               ": block_m (queries per CTA) must be 64 or 128, got ", block_m);
+  TORCH_CHECK(stages == 2 || stages == 4, kOp,
+              ": stages (key / value tiles in shared memory) must be 2 or 4, got ", stages);
   TORCH_CHECK(k.device() == q.device(), kOp, ": k is on ", k.device(), " but q is on ", q.device());
   TORCH_CHECK(v.device() == q.device(), kOp, ": v is on ", v.device(), " but q is on ", q.device());
 }
@@ -433,8 +450,9 @@ std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& q) {
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, double scale, int64_t block_m) {
-  check_inputs(q, k, v, scale, block_m);
+                                                const at::Tensor& v, double scale, int64_t block_m,
+                                                int64_t stages) {
+  check_inputs(q, k, v, scale, block_m, stages);
   return empty_outputs(q);
 }
 
@@ -456,16 +474,30 @@ HeadView head_view(const at::Tensor& t) {
   return HeadView{x, stride(x, 0), stride(x, 1), stride(x, 2)};
 }
 
-template <typename T, int D, int WARPS>
-void launch(const FwdParams& p, int64_t blocks, cudaStream_t stream) {
-  attention_fwd_kernel<T, D, WARPS><<<static_cast<unsigned>(blocks), 32 * WARPS, 0, stream>>>(p);
+// Past 48 KB of shared memory a kernel must opt in, once per device (cudaFuncSetAttribute applies
+// to the current device's context); setting it twice is harmless, so no lock.
+constexpr int kMaxDevices = 64;
+
+template <typename T, int D, int WARPS, int STAGES>
+void launch(const FwdParams& p, int64_t blocks, cudaStream_t stream, int device) {
+  constexpr int kBytes = smem_bytes<D, STAGES>();
+  const auto kernel = attention_fwd_kernel<T, D, WARPS, STAGES>;
+  if constexpr (kBytes > 48 * 1024) {
+    static std::atomic<bool> opted_in[kMaxDevices];
+    TORCH_CHECK(device >= 0 && device < kMaxDevices, kOp, ": device index ", device, " past ", kMaxDevices);
+    if (!opted_in[device].load(std::memory_order_relaxed)) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+      opted_in[device].store(true, std::memory_order_relaxed);
+    }
+  }
+  kernel<<<static_cast<unsigned>(blocks), 32 * WARPS, kBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, double scale,
-                                                int64_t block_m) {
-  check_inputs(q_in, k_in, v_in, scale, block_m);
+                                                int64_t block_m, int64_t stages) {
+  check_inputs(q_in, k_in, v_in, scale, block_m, stages);
   TORCH_CHECK(q_in.is_cuda(), kOp, ": q must be a CUDA tensor, got device ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   auto [o, lse] = empty_outputs(q_in);
@@ -483,11 +515,17 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
               static_cast<float>(scale) * 1.4426950408889634f};  // as the Triton kernel rounds it
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = q_in.scalar_type() == at::kHalf;
-  // One instantiation per (dtype, head dim, warps): a runtime switch over compile-time tiles.
+  // One instantiation per (dtype, head dim, warps, stages): a runtime switch over compile-time
+  // tiles.
+  const int device = q_in.get_device();
   auto go = [&](auto t, auto d) {
     using T = decltype(t);
     constexpr int kD = decltype(d)::value;
-    block_m == 64 ? launch<T, kD, 4>(p, blocks, stream) : launch<T, kD, 8>(p, blocks, stream);
+    if (block_m == 64) {
+      stages == 2 ? launch<T, kD, 4, 2>(p, blocks, stream, device) : launch<T, kD, 4, 4>(p, blocks, stream, device);
+    } else {
+      stages == 2 ? launch<T, kD, 8, 2>(p, blocks, stream, device) : launch<T, kD, 8, 4>(p, blocks, stream, device);
+    }
   };
   using D48 = std::integral_constant<int, 48>;
   using D64 = std::integral_constant<int, 64>;
@@ -503,10 +541,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
   // Self-attention forward: q, k, v (B, H, N, D), fp16 or bf16, D 48 or 64, any (batch, head,
-  // row) strides; block_m queries per CTA, 64 or 128. Returns o (B, H, N, D) in q's dtype,
-  // (B, N, H, D) in memory, and lse (B, H, N) fp32, the per-row log2-sum-exp2 of the logits *
-  // scale * log2(e) that the Triton backward takes.
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64) -> (Tensor, Tensor)");
+  // row) strides; block_m queries per CTA, 64 or 128; stages key / value tiles in shared
+  // memory, 2 or 4. Returns o (B, H, N, D) in q's dtype, (B, N, H, D) in memory, and lse
+  // (B, H, N) fp32, the per-row log2-sum-exp2 of the logits * scale * log2(e) that the Triton
+  // backward takes.
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64, int stages=2) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deit_fast_C, CUDA, m) { m.impl("attention_forward", &forward_cuda); }

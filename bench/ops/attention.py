@@ -19,9 +19,11 @@ triton fwd+bwd >= 1.0x the fastest forced SDPA backend at N=197/198, D=64, and >
 is timed fwd and fwd+bwd only: its backward is the Triton one. triton_masked is the Triton
 backend with head dim 48 as one masked 64-wide block instead of two exact ones (32 + 16,
 kernels/attention.py SPLIT_HEAD_DIM, the default since an H100 measured it faster on 2026-11-26):
-the measurement that keeps the default honest. cuda_m128 is the cuda backend with 128 queries
-per CTA of the CUDA forward instead of 64 (deit_fast.ops.attention CUDA_BLOCK_M), which halves
-the L2 reads of k and v at N = 197. The CUDA forward has a target of its own (the CUDA-kernels
+the measurement that keeps the default honest. cuda_m128, cuda_s4 and cuda_m128_s4 are the
+CUDA forward's other tilings (deit_fast.ops.attention CUDA_BLOCK_M, CUDA_STAGES): 128 queries
+per CTA instead of 64 (half the L2 reads of k and v at N = 197), 4 k/v tiles in shared memory
+instead of 2 (all of k and v requested up front at N <= 256); forward only, as their fwd+bwd
+adds cuda's Triton backward. The CUDA forward has a target of its own (the CUDA-kernels
 issue): fwd >= 1.2x the fastest forced SDPA backend at head dim 48 (CaiT shapes).
 """
 
@@ -79,8 +81,9 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
-OURS = ("triton", "triton_masked", "cuda", "cuda_m128")
-CUDA_IMPLS = {"cuda": 64, "cuda_m128": 128}  # impl -> the CUDA forward's queries per CTA
+OURS = ("triton", "triton_masked", "cuda", "cuda_m128", "cuda_s4", "cuda_m128_s4")
+# impl -> the CUDA forward's (queries per CTA, k/v stages); cuda: the op's defaults
+CUDA_IMPLS = {"cuda": None, "cuda_m128": (128, 2), "cuda_s4": (64, 4), "cuda_m128_s4": (128, 4)}
 IMPLS = {"triton": lambda: _ours("triton"), "triton_masked": lambda: _ours("triton"),
          **{name: (lambda: _ours("cuda")) for name in CUDA_IMPLS},
          "eager": lambda: _eager,
@@ -130,8 +133,13 @@ def setup(case: common.Case, impl: str, args):
                                fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
     if impl in CUDA_IMPLS:  # the backward is Triton's: its bwd row would repeat the triton one
         del thunks["bwd"]
-        return {d: common.with_flag(op_module, "CUDA_BLOCK_M", t, CUDA_IMPLS[impl])
-                for d, t in thunks.items()}
+        if CUDA_IMPLS[impl] is None:
+            return thunks
+        # A tiling variant: its fwd+bwd differs from cuda's by the forward alone
+        block_m, stages = CUDA_IMPLS[impl]
+        return {"fwd": common.with_flag(op_module, "CUDA_BLOCK_M",
+                                        common.with_flag(op_module, "CUDA_STAGES", thunks["fwd"], stages),
+                                        block_m)}
     if impl == "triton_masked":  # graphs built and every timed call run with one masked block
         if attention_kernels._blocks(D, True)[1] == 0:
             raise common.Unavailable(f"head dim {D} has no split (a power of two, or no exact second block)")

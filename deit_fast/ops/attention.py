@@ -53,10 +53,12 @@ def check_head_dim(backend: str, q: Tensor, head_dims, name: str = "q") -> None:
 CUDA_DTYPES = (torch.float16, torch.bfloat16)  # mma.sync takes no fp32 (TF32 would lose accuracy)
 CUDA_HEAD_DIMS = (48, 64)
 CUDA_MAX_N = 1024  # the lengths it is tested and tuned at (ViTs up to 448 px)
-# Queries per CTA of the CUDA forward, 64 or 128 (4 or 8 warps). 64 is what an H100 timed
-# (2026-11-26); 128 reads each head's k and v from L2 half as often: bench.ops.attention's
-# cuda_m128 times it, untimed so far.
+# The CUDA forward's tiling: queries per CTA, 64 or 128 (4 or 8 warps), and key / value tiles in
+# shared memory, 2 or 4. (64, 2) is what an H100 timed (2026-11-26). 128 reads each head's k and
+# v from L2 half as often; 4 stages request all of k and v at N <= 256 up front. The other
+# settings are untimed: bench.ops.attention's cuda_m128, cuda_s4 and cuda_m128_s4 time them.
 CUDA_BLOCK_M = 64
+CUDA_STAGES = 2
 
 
 def uses_cuda_kernel(q: Tensor) -> bool:
@@ -66,7 +68,7 @@ def uses_cuda_kernel(q: Tensor) -> bool:
 
 def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
-    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, CUDA_BLOCK_M)
+    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, CUDA_BLOCK_M, CUDA_STAGES)
 
 
 @custom_op("deit_fast::attention")

@@ -33,16 +33,16 @@ def test_holds_sm80_and_sm90_cubins(so_path, cuobjdump):
 def test_no_register_spills(resource_usage):
     for arch in ARCHS:
         kernels = named(resource_usage[arch], KERNEL)
-        # fp16 and bf16 at head dims 48 and 64, 4 and 8 warps (block_m 64 and 128)
-        assert len(kernels) == 8, sorted(resource_usage[arch])
+        # fp16 and bf16 at head dims 48 and 64, 4 and 8 warps (block_m 64 and 128), 2 and 4 stages
+        assert len(kernels) == 16, sorted(resource_usage[arch])
         # __launch_bounds__(128, 4) and (256, 2): 16 warps per SM need <= 128 registers per thread
         assert_no_spills(kernels, 128, arch)
 
 
 def test_schema(ops):
     assert str(ops.attention_forward.default._schema) == (
-        "deit_fast_C::attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64) "
-        "-> (Tensor, Tensor)")
+        "deit_fast_C::attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64, "
+        "int stages=2) -> (Tensor, Tensor)")
 
 
 def test_cpu_tensors_raise_instead_of_crashing(ops):
@@ -54,15 +54,15 @@ def test_cpu_tensors_raise_instead_of_crashing(ops):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 48), (2, 3, 7, 64), (2, 4, 197, 48), (3, 8, 198, 64),
                                    (1, 1, 1024, 48), (1, 2, 1025, 64)], ids=str)
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-@pytest.mark.parametrize("block_m", [64, 128])
-def test_output_metadata_and_opcheck(ops, shape, dtype, block_m):
+@pytest.mark.parametrize("tiling", [(64, 2), (128, 4)], ids=str)
+def test_output_metadata_and_opcheck(ops, shape, dtype, tiling):
     q, k, v = qkv_views(*shape, dtype)
-    o, lse = ops.attention_forward(q, k, v, 0.125, block_m)
+    o, lse = ops.attention_forward(q, k, v, 0.125, *tiling)
     assert o.shape == shape and o.dtype == dtype and o.transpose(1, 2).is_contiguous()  # token-major
     assert lse.shape == shape[:3] and lse.dtype == torch.float32 and lse.is_contiguous()
-    torch.library.opcheck(ops.attention_forward.default, (q, k, v, 0.125, block_m))
+    torch.library.opcheck(ops.attention_forward.default, (q, k, v, 0.125, *tiling))
     c = meta(shape, dtype)
-    torch.library.opcheck(ops.attention_forward.default, (c, c, c, 1.0, block_m))
+    torch.library.opcheck(ops.attention_forward.default, (c, c, c, 1.0, *tiling))
 
 
 @pytest.mark.parametrize("shape", [(0, 2, 7, 48), (2, 0, 7, 64), (2, 3, 0, 48)], ids=str)
@@ -89,10 +89,13 @@ def test_empty_shapes(ops, shape):
     (dict(scale=float("inf")), "scale must"),
     (dict(block_m=32), "block_m .* must be 64 or 128, got 32"),
     (dict(block_m=96), "block_m .* must be 64 or 128, got 96"),
+    (dict(stages=3), "stages .* must be 2 or 4, got 3"),
+    (dict(stages=1), "stages .* must be 2 or 4, got 1"),
     (dict(k=torch.empty(1, 2, 7, 48, dtype=F16)), "k is on cpu"),
 ])
 def test_bad_input_names_the_argument(ops, change, match):
-    args = dict(q=meta((1, 2, 7, 48)), k=meta((1, 2, 7, 48)), v=meta((1, 2, 7, 48)), scale=0.2, block_m=64)
+    args = dict(q=meta((1, 2, 7, 48)), k=meta((1, 2, 7, 48)), v=meta((1, 2, 7, 48)), scale=0.2, block_m=64,
+                stages=2)
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
         ops.attention_forward(*args.values())
@@ -110,14 +113,17 @@ def test_the_op_module_routes_only_what_the_kernel_takes():
     assert not attention.uses_cuda_kernel(meta((2, 3, 197, 64), torch.float32))
 
 
-def test_the_op_module_passes_its_block_m(ops, monkeypatch):
-    """CUDA_BLOCK_M of deit_fast.ops.attention is what the extension op gets (a bad one is refused
-    by the op's own check, before any launch)."""
+def test_the_op_module_passes_its_tiling(ops, monkeypatch):
+    """CUDA_BLOCK_M and CUDA_STAGES of deit_fast.ops.attention are what the extension op gets (a
+    bad one is refused by the op's own check, before any launch)."""
     attention = importlib.import_module("deit_fast.ops.attention")
     q = meta((1, 2, 7, 48))
-    monkeypatch.setattr(attention, "CUDA_BLOCK_M", 96)
-    with pytest.raises(RuntimeError, match="block_m .* got 96"):
-        attention._cuda_forward(q, q, q, 0.2)
+    for name, bad in (("CUDA_BLOCK_M", 96), ("CUDA_STAGES", 3)):
+        with monkeypatch.context() as m:
+            m.setattr(attention, name, bad)
+            with pytest.raises(RuntimeError, match=f"got {bad}"):
+                attention._cuda_forward(q, q, q, 0.2)
     monkeypatch.setattr(attention, "CUDA_BLOCK_M", 128)
+    monkeypatch.setattr(attention, "CUDA_STAGES", 4)
     o, lse = attention._cuda_forward(q, q, q, 0.2)
     assert o.shape == q.shape and lse.shape == q.shape[:3]

@@ -4,8 +4,9 @@ with FlashAttention's tolerance rule (out and dq/dk/dv, so the lse layout is che
 backward too), lse against fp64 directly, agreement with the Triton forward, ViT's odd lengths,
 qkv-projection views and views the kernel must copy, bitwise determinism, the fallbacks to the
 Triton forward, the custom-op checks, and a compute-sanitizer memcheck/racecheck run. The forward
-has two tilings, 64 and 128 queries per CTA (block_m); both are checked, the op's default
-(deit_fast.ops.attention CUDA_BLOCK_M) everywhere."""
+has four tilings, 64 or 128 queries per CTA (block_m) by 2 or 4 k/v tiles in shared memory
+(stages); all are checked, the op's default (deit_fast.ops.attention CUDA_BLOCK_M, CUDA_STAGES)
+everywhere."""
 import importlib
 import math
 
@@ -83,12 +84,12 @@ def check_against_reference(q, k, v, scale=None):
         assert_rule(name, a, r, s)
 
 
-def cuda_op(q, k, v, scale, block_m=64):
+def cuda_op(q, k, v, scale, tiling=(64, 2)):
     import deit_fast._C  # noqa: F401
-    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, block_m)
+    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, *tiling)
 
 
-BLOCK_M = [64, 128]
+TILINGS = [(64, 2), (128, 2), (64, 4), (128, 4)]  # (block_m, stages)
 
 
 @pytest.mark.parametrize("BH", HEADS, ids=str)
@@ -100,24 +101,27 @@ def test_matches_reference(BH, N, D, dtype, cuda_forward_only, monkeypatch):
     check_against_reference(*qkv_views(*BH, N, D, dtype))
 
 
-@pytest.mark.parametrize("N", LENGTHS)
+# 1, 3, 4 and 10 key tiles: at 3 of 4 stages the epilogue stages o where q arrived
+@pytest.mark.parametrize("N", [1, 150, 197, 577])
 @pytest.mark.parametrize("D", [48, 64])
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-def test_the_other_block_m_matches_reference(N, D, dtype, cuda_forward_only, monkeypatch):
-    """Through the op and its backward, the tiling the op does not use by default."""
-    other = next(m for m in BLOCK_M if m != op_module.CUDA_BLOCK_M)
-    monkeypatch.setattr(op_module, "CUDA_BLOCK_M", other)
+@pytest.mark.parametrize("tiling", [t for t in TILINGS if t != (op_module.CUDA_BLOCK_M, op_module.CUDA_STAGES)],
+                         ids=str)
+def test_other_tilings_match_reference(N, D, dtype, tiling, cuda_forward_only, monkeypatch):
+    """Through the op and its backward, the tilings that are not the default."""
+    monkeypatch.setattr(op_module, "CUDA_BLOCK_M", tiling[0])
+    monkeypatch.setattr(op_module, "CUDA_STAGES", tiling[1])
     check_against_reference(*qkv_views(3, 4, N, D, dtype))
 
 
-@pytest.mark.parametrize("block_m", BLOCK_M)
+@pytest.mark.parametrize("tiling", TILINGS, ids=str)
 @pytest.mark.parametrize("N", LENGTHS)
 @pytest.mark.parametrize("D", [48, 64])
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-def test_lse_and_output_match_fp64_and_triton(N, D, dtype, block_m):
+def test_lse_and_output_match_fp64_and_triton(N, D, dtype, tiling):
     q, k, v = qkv_views(3, 4, N, D, dtype)
     scale = D ** -0.5
-    o, lse = cuda_op(q, k, v, scale, block_m)
+    o, lse = cuda_op(q, k, v, scale, tiling)
     assert o.dtype == dtype and o.shape == q.shape and o.transpose(1, 2).is_contiguous()
     assert lse.dtype == F32 and lse.shape == q.shape[:3] and lse.is_contiguous()
     ref = reference_lse(q, k)
@@ -175,14 +179,15 @@ def test_forward_and_grads_are_bitwise_deterministic(dtype, cuda_forward_only):
     q, k, v = qkv_views(2, 6, 577, 48, dtype)
     do = torch.randn(q.shape, device="cuda", dtype=torch.float64)
     first = run(on("cuda"), q, k, v, do)
-    direct = [cuda_op(q, k, v, 0.2, m) for m in BLOCK_M]
+    direct = [cuda_op(q, k, v, 0.2, t) for t in TILINGS]
     for _ in range(3):
         again = run(on("cuda"), q, k, v, do)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
-        for m, d in zip(BLOCK_M, direct):
-            assert all(torch.equal(a, b) for a, b in zip(d, cuda_op(q, k, v, 0.2, m)))
+        for t, d in zip(TILINGS, direct):
+            assert all(torch.equal(a, b) for a, b in zip(d, cuda_op(q, k, v, 0.2, t)))
     # Each row's keys are visited in the same order whatever the tiling: the same bits.
-    assert all(torch.equal(a, b) for a, b in zip(*direct))
+    for d in direct[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(direct[0], d))
 
 
 @pytest.mark.parametrize("dtype,N,D", [(F32, 197, 64), (F32, 7, 48), (F16, 197, 32), (BF16, 65, 128),
@@ -206,9 +211,9 @@ def test_custom_ops_pass_opcheck():
 
 
 def test_extension_op_on_cuda_passes_opcheck():
-    for dtype, D, block_m in [(F16, 48, 64), (BF16, 64, 128)]:
+    for dtype, D, tiling in [(F16, 48, (64, 2)), (BF16, 64, (128, 4))]:
         q, k, v = qkv_views(2, 3, 33, D, dtype)
-        torch.library.opcheck(torch.ops.deit_fast_C.attention_forward.default, (q, k, v, 0.2, block_m))
+        torch.library.opcheck(torch.ops.deit_fast_C.attention_forward.default, (q, k, v, 0.2, *tiling))
 
 
 def test_inputs_on_two_devices_raise():
@@ -258,13 +263,16 @@ import importlib
 import torch
 from deit_fast import ops
 op_module = importlib.import_module("deit_fast.ops.attention")
-for (B, H, N, D), dt, misaligned, block_m in [((1, 2, 7, 48), torch.bfloat16, False, 64),
-                                              ((2, 1, 197, 64), torch.float16, False, 64),
-                                              ((2, 1, 197, 48), torch.bfloat16, False, 128),
-                                              ((1, 1, 1, 64), torch.bfloat16, False, 128),
-                                              ((1, 2, 70, 64), torch.float16, False, 128),
-                                              ((1, 3, 130, 48), torch.float16, True, 64)]:
-    op_module.CUDA_BLOCK_M = block_m
+for (B, H, N, D), dt, misaligned, tiling in [((1, 2, 7, 48), torch.bfloat16, False, (64, 2)),
+                                             ((2, 1, 197, 64), torch.float16, False, (64, 2)),
+                                             ((2, 1, 197, 48), torch.bfloat16, False, (128, 2)),
+                                             ((1, 1, 1, 64), torch.bfloat16, False, (128, 4)),
+                                             ((1, 2, 70, 64), torch.float16, False, (128, 4)),
+                                             ((1, 1, 197, 48), torch.float16, False, (64, 4)),
+                                             ((1, 1, 330, 64), torch.bfloat16, False, (128, 4)),
+                                             ((1, 2, 150, 48), torch.bfloat16, False, (64, 4)),
+                                             ((1, 3, 130, 48), torch.float16, True, (64, 2))]:
+    op_module.CUDA_BLOCK_M, op_module.CUDA_STAGES = tiling
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dt)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     if misaligned:
