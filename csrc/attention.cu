@@ -16,7 +16,7 @@
 // Structure: one CTA of WARPS warps (4 or 8: 64 or 128 queries, the op's block_m) per
 // (batch * head, block of queries); warp w owns query rows [16 w, 16 w + 16) and keeps its q
 // fragments, the running max / sum and the output in registers. Keys and values stream through
-// shared memory in tiles of 64, through a ring of STAGES buffers (2 or 4, the op's stages)
+// shared memory in tiles of 64, through a ring of STAGES buffers (2 to 4, the op's stages)
 // filled by cp.async; rows past N are zero-filled by
 // cp.async and masked to -inf in the logits, and 16-key chunks wholly past N skip their mma
 // (N = 197 computes 208 key columns per query, not 256). 128 queries per CTA read each head's
@@ -289,6 +289,8 @@ constexpr int smem_bytes() { return STAGES * 2 * kBlockN * smem_stride<D>() * 2;
 // STAGES - 1 key / value tiles are in flight while one is computed: 2 is double buffering; 4
 // requests the whole of k and v at N <= 256 (4 tiles, 197 included) before the first tile is
 // computed, for more bytes in flight per SM at the price of shared memory (57 KB at D = 48).
+// (An H100 tune of the Triton forward favoured 128 queries and 3 stages over 64 and 2 by
+// 1.2-1.4x at N = 197: bench/results/2026-11-26-nvidia-h100-tune.md.)
 template <typename T, int D, int WARPS, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(const FwdParams p) {
   constexpr int kThreads = 32 * WARPS, kBlockM = 16 * WARPS;
@@ -438,8 +440,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               scale);
   TORCH_CHECK(block_m == 64 || block_m == 128, kOp,
               ": block_m (queries per CTA) must be 64 or 128, got ", block_m);
-  TORCH_CHECK(stages == 2 || stages == 4, kOp,
-              ": stages (key / value tiles in shared memory) must be 2 or 4, got ", stages);
+  TORCH_CHECK(stages >= 2 && stages <= 4, kOp,
+              ": stages (key / value tiles in shared memory) must be 2, 3 or 4, got ", stages);
   TORCH_CHECK(k.device() == q.device(), kOp, ": k is on ", k.device(), " but q is on ", q.device());
   TORCH_CHECK(v.device() == q.device(), kOp, ": v is on ", v.device(), " but q is on ", q.device());
 }
@@ -521,11 +523,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
   auto go = [&](auto t, auto d) {
     using T = decltype(t);
     constexpr int kD = decltype(d)::value;
-    if (block_m == 64) {
-      stages == 2 ? launch<T, kD, 4, 2>(p, blocks, stream, device) : launch<T, kD, 4, 4>(p, blocks, stream, device);
-    } else {
-      stages == 2 ? launch<T, kD, 8, 2>(p, blocks, stream, device) : launch<T, kD, 8, 4>(p, blocks, stream, device);
-    }
+    auto with_warps = [&](auto warps) {
+      constexpr int kW = decltype(warps)::value;
+      if (stages == 2) launch<T, kD, kW, 2>(p, blocks, stream, device);
+      if (stages == 3) launch<T, kD, kW, 3>(p, blocks, stream, device);
+      if (stages == 4) launch<T, kD, kW, 4>(p, blocks, stream, device);
+    };
+    block_m == 64 ? with_warps(std::integral_constant<int, 4>{}) : with_warps(std::integral_constant<int, 8>{});
   };
   using D48 = std::integral_constant<int, 48>;
   using D64 = std::integral_constant<int, 64>;
@@ -542,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
   // Self-attention forward: q, k, v (B, H, N, D), fp16 or bf16, D 48 or 64, any (batch, head,
   // row) strides; block_m queries per CTA, 64 or 128; stages key / value tiles in shared
-  // memory, 2 or 4. Returns o (B, H, N, D) in q's dtype, (B, N, H, D) in memory, and lse
+  // memory, 2 to 4. Returns o (B, H, N, D) in q's dtype, (B, N, H, D) in memory, and lse
   // (B, H, N) fp32, the per-row log2-sum-exp2 of the logits * scale * log2(e) that the Triton
   // backward takes.
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64, int stages=2) "

@@ -33,8 +33,8 @@ def test_holds_sm80_and_sm90_cubins(so_path, cuobjdump):
 def test_no_register_spills(resource_usage):
     for arch in ARCHS:
         kernels = named(resource_usage[arch], KERNEL)
-        # fp16 and bf16 at head dims 48 and 64, 4 and 8 warps (block_m 64 and 128), 2 and 4 stages
-        assert len(kernels) == 16, sorted(resource_usage[arch])
+        # fp16 and bf16 at head dims 48 and 64, 4 and 8 warps (block_m 64 and 128), 2 to 4 stages
+        assert len(kernels) == 24, sorted(resource_usage[arch])
         # __launch_bounds__(128, 4) and (256, 2): 16 warps per SM need <= 128 registers per thread
         assert_no_spills(kernels, 128, arch)
 
@@ -54,7 +54,7 @@ def test_cpu_tensors_raise_instead_of_crashing(ops):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 48), (2, 3, 7, 64), (2, 4, 197, 48), (3, 8, 198, 64),
                                    (1, 1, 1024, 48), (1, 2, 1025, 64)], ids=str)
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-@pytest.mark.parametrize("tiling", [(64, 2), (128, 4)], ids=str)
+@pytest.mark.parametrize("tiling", [(64, 2), (128, 3)], ids=str)
 def test_output_metadata_and_opcheck(ops, shape, dtype, tiling):
     q, k, v = qkv_views(*shape, dtype)
     o, lse = ops.attention_forward(q, k, v, 0.125, *tiling)
@@ -89,8 +89,8 @@ def test_empty_shapes(ops, shape):
     (dict(scale=float("inf")), "scale must"),
     (dict(block_m=32), "block_m .* must be 64 or 128, got 32"),
     (dict(block_m=96), "block_m .* must be 64 or 128, got 96"),
-    (dict(stages=3), "stages .* must be 2 or 4, got 3"),
-    (dict(stages=1), "stages .* must be 2 or 4, got 1"),
+    (dict(stages=5), "stages .* must be 2, 3 or 4, got 5"),
+    (dict(stages=1), "stages .* must be 2, 3 or 4, got 1"),
     (dict(k=torch.empty(1, 2, 7, 48, dtype=F16)), "k is on cpu"),
 ])
 def test_bad_input_names_the_argument(ops, change, match):
@@ -118,7 +118,7 @@ def test_the_op_module_passes_its_tiling(ops, monkeypatch):
     bad one is refused by the op's own check, before any launch)."""
     attention = importlib.import_module("deit_fast.ops.attention")
     q = meta((1, 2, 7, 48))
-    for name, bad in (("CUDA_BLOCK_M", 96), ("CUDA_STAGES", 3)):
+    for name, bad in (("CUDA_BLOCK_M", 96), ("CUDA_STAGES", 5)):
         with monkeypatch.context() as m:
             m.setattr(attention, name, bad)
             with pytest.raises(RuntimeError, match=f"got {bad}"):
