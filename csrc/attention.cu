@@ -17,10 +17,10 @@
 // (batch * head, block of queries); warp w owns query rows [16 w, 16 w + 16) and keeps its q
 // fragments, the running max / sum and the output in registers. Keys and values stream through
 // shared memory in tiles of 64, through a ring of STAGES buffers (2 to 4, the op's stages)
-// filled by cp.async; rows past N are zero-filled by
-// cp.async and masked to -inf in the logits, and 16-key chunks wholly past N skip their mma
-// (N = 197 computes 208 key columns per query, not 256). 128 queries per CTA read each head's
-// k and v from L2 half as often as 64 do (at N = 197, 2 CTAs per head instead of 4).
+// filled by cp.async; rows past N are zero-filled by cp.async and masked to -inf in the logits,
+// and 16-key chunks wholly past N skip their mma (N = 197 computes 208 key columns per query,
+// not 256). 128 queries per CTA read each head's k and v from L2 half as often as 64 do (at
+// N = 197, 2 CTAs per head instead of 4).
 // q, k, v are read through (batch, head, row) strides with a unit last stride, so views of the
 // (B, N, 3, H, D) qkv projection go in without a copy. o is (B, H, N, D) laid out (B, N, H, D) in
 // memory, as FlashAttention writes it: the blocks' head merge o.transpose(1, 2).reshape(B, N, C)

@@ -2,6 +2,7 @@
 is in the built deit_fast._C for sm_80 and sm_90 without register spills, and its op checks its
 inputs and reports output shapes through the Meta kernel (the same checks as the CUDA one)."""
 import importlib
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 # so_path, cuobjdump, resource_usage and ops are tests/aot/conftest.py's: so_path skips when
 # deit_fast._C was not built (test_cuda_extension.py decides whether that is a failure);
 # resource_usage parses cuobjdump's per-kernel report.
-from tests.aot.extension import ARCHS, archs_per_source, assert_no_spills, cubin_listing, named
+from tests.aot.extension import ARCHS, archs_per_source, assert_no_spills, cubin_listing, named, run
 
 pytestmark = pytest.mark.aot
 F16, BF16 = torch.float16, torch.bfloat16
@@ -37,6 +38,28 @@ def test_no_register_spills(resource_usage):
         assert len(kernels) == 24, sorted(resource_usage[arch])
         # __launch_bounds__(128, 4) and (256, 2): 16 warps per SM need <= 128 registers per thread
         assert_no_spills(kernels, 128, arch)
+
+
+def test_pipeline_waits_match_the_stages(so_path, cuobjdump):
+    """The k/v ring's commit-group accounting as compiled (sm_90 SASS): a kernel of S stages
+    commits q, S - 1 prologue tiles and one tile per loop step (S + 1 LDGDEPBAR), waits for q with
+    S - 1 groups still pending and for each tile with S - 2 (DEPBAR.LE SB0), and keeps nothing in
+    local memory. An off-by-one there computes on a tile still landing: wrong numbers, no error."""
+    sass = run(cuobjdump, "-sass", "-arch", "sm_90", str(so_path))
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    seen = set()
+    for body in functions:
+        name = body.split(None, 1)[0]
+        m = re.search(r"attention_fwd_kernelI\w+?Li(\d+)ELi(\d+)ELi(\d+)E", name)
+        if KERNEL not in name or not m:
+            continue
+        D, warps, stages = map(int, m.groups())
+        waits = sorted(int(x, 16) for x in re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", body))
+        assert waits == [stages - 2, stages - 1], (name, waits)
+        assert len(re.findall(r"\bLDGDEPBAR\b", body)) == stages + 1, name
+        assert not re.search(r"\b(LDL|STL)\b", body), name
+        seen.add((name.split("attention_fwd_kernelI")[1].split("Li")[0], D, warps, stages))
+    assert len(seen) == 24, sorted(seen)  # 2 dtypes x 2 head dims x 2 warp counts x 3 stage counts
 
 
 def test_schema(ops):
