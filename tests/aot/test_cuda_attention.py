@@ -54,8 +54,9 @@ def test_pipeline_waits_match_the_stages(so_path, cuobjdump):
         if KERNEL not in name or not m:
             continue
         D, warps, stages = map(int, m.groups())
-        waits = sorted(int(x, 16) for x in re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", body))
-        assert waits == [stages - 2, stages - 1], (name, waits)
+        # A set: a loop that ptxas peels would repeat a wait, which is harmless.
+        waits = {int(x, 16) for x in re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", body)}
+        assert waits == {stages - 2, stages - 1}, (name, waits)
         assert len(re.findall(r"\bLDGDEPBAR\b", body)) == stages + 1, name
         assert not re.search(r"\b(LDL|STL)\b", body), name
         seen.add((name.split("attention_fwd_kernelI")[1].split("Li")[0], D, warps, stages))
