@@ -23,8 +23,9 @@ the measurement that keeps the default honest. cuda_m128, cuda_m128_s3, cuda_m12
 cuda_s4 are the CUDA forward's other tilings (deit_fast.ops.attention CUDA_BLOCK_M,
 CUDA_STAGES): 128 queries per CTA instead of 64 (half the L2 reads of k and v at N = 197), 3 or
 4 k/v tiles in shared memory instead of 2 (4: all of k and v requested up front at N <= 256);
-forward only, as their fwd+bwd adds cuda's Triton backward. The CUDA forward has a target of its own (the CUDA-kernels
-issue): fwd >= 1.2x the fastest forced SDPA backend at head dim 48 (CaiT shapes).
+forward only, as their fwd+bwd adds cuda's Triton backward. The CUDA forward has a target of
+its own (the CUDA-kernels issue): fwd >= 1.2x the fastest forced SDPA backend at head dim 48
+(CaiT shapes).
 """
 
 import importlib
@@ -81,10 +82,10 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
-OURS = ("triton", "triton_masked", "cuda", "cuda_m128", "cuda_m128_s3", "cuda_m128_s4", "cuda_s4")
 # impl -> the CUDA forward's (queries per CTA, k/v stages); cuda: the op's defaults
 CUDA_IMPLS = {"cuda": None, "cuda_m128": (128, 2), "cuda_m128_s3": (128, 3), "cuda_m128_s4": (128, 4),
               "cuda_s4": (64, 4)}
+OURS = ("triton", "triton_masked", *CUDA_IMPLS)
 IMPLS = {"triton": lambda: _ours("triton"), "triton_masked": lambda: _ours("triton"),
          **{name: (lambda: _ours("cuda")) for name in CUDA_IMPLS},
          "eager": lambda: _eager,
