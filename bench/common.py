@@ -2,7 +2,7 @@
 
 A bench module (bench/ops/<op>.py, bench/models.py) lists its cases and writes one setup
 function; run() times every case x impl x direction, streams rows to <out>.jsonl, then rewrites it
-with speedups and writes <out>.md. On CUDA the timer is triton.testing.do_bench (median, L2 flushed
+with speedups and writes <out>.md and a bar chart, <out>.svg (bench/plot.py). On CUDA the timer is triton.testing.do_bench (median, L2 flushed
 before every call); on CPU a perf_counter loop stands in, so every script smoke-tests here.
 
 On CUDA each row is timed twice: eagerly ("us"), as a user's loop runs it, and replayed from a
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from bench import plot
 
 # Without a GPU the Triton kernels run in the interpreter, which must be on before triton.jit
 # decorates them, i.e. before deit_fast is imported: every bench imports this module first.
@@ -404,7 +406,7 @@ def _free(device: torch.device) -> None:
 def run(bench: str, args, cases: Sequence[Case], impls: Dict[str, Impl], setup: Setup,
         extra_header: Optional[dict] = None,
         targets: Optional[Callable[[List[dict], bool], List[str]]] = None) -> List[dict]:
-    """Time every case x available impl x direction; write <out>.jsonl and <out>.md.
+    """Time every case x available impl x direction; write <out>.jsonl, <out>.md and <out>.svg.
 
     targets(rows, interpreted) -> markdown lines: the bench's target verdicts, printed at the end,
     kept in the footer and under the .md's table (bench.report recomputes them from merged rows).
@@ -462,7 +464,8 @@ def run(bench: str, args, cases: Sequence[Case], impls: Dict[str, Impl], setup: 
         footer["targets"] = lines
     write_jsonl(f"{out}.jsonl", header, rows, footer)
     Path(f"{out}.md").write_text(markdown(header, rows, footer, lines))
-    print("\n".join(lines + [f"wrote {out}.jsonl and {out}.md"]))
+    Path(f"{out}.svg").write_text(plot.svg(header, rows))
+    print("\n".join(lines + [f"wrote {out}.jsonl, {out}.md and {out}.svg"]))
     return rows
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import common
+from bench import common, plot
 
 ROOT = Path(__file__).resolve().parents[2]
+SVG = "{" + plot.NS + "}"
 
 
 def run(*args: str, interpret: bool = True, ok: bool = True) -> str:
@@ -54,6 +55,8 @@ def check_outputs(prefix: Path, keys=()) -> list:
     table = [line for line in Path(f"{prefix}.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == len(rows) + 2  # header, rule, one line per row
     assert len({line.count("|") for line in table}) == 1, "ragged markdown table"
+    bars = ET.parse(f"{prefix}.svg").getroot().iter(SVG + "rect")
+    assert len([b for b in bars if b.get("data-impl")]) == len(rows)  # one bar per row
     return rows
 
 
