@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [DIR]     # DIR: also copy the results there, and all logs as logs.txt
 #   DEIT_FAST_COMMIT=$(git rev-parse --short HEAD) ...  # name the commit when the copy's .git is stale
-#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,demo,ops,models; opt-in: tune)
+#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,demo,ops,models; opt-in: tune, profile)
 #   GPU_CHECK_DEADLINE=400 ...        # seconds for the whole run (default 550)
 #
 # Each step has a cap in seconds and all share the deadline, so the whole run stays under
@@ -74,7 +74,7 @@ if [[ -f $stamp && $(cat "$stamp") == "$sources" ]] && ls deit_fast/_C*.so >/dev
   printf 'install\tskipped\t0\t\n' >>"$steps"
   echo "== install: skipped, deit_fast._C was built from these sources"
   installing=
-elif ! want tests && ! want ops && ! want models; then  # tune alone runs Triton only
+elif ! want tests && ! want ops && ! want models && ! want profile; then  # tune alone runs Triton only
   installing=
 else
   rm -f "$stamp"
@@ -151,6 +151,14 @@ if want tune; then
   step bench_tune "$cap" "$PY" -m bench.tune --time-budget $((cap - 30)) --out "$work/tune"
 fi
 
+# Opt-in (GPU_CHECK_PARTS=profile; about 2 minutes): Nsight Compute profiles of the kernels behind
+# the targets still missed (bench/ncu.py): a table per kernel (throughputs, occupancy, stall
+# reasons) in ncu.md, every metric in ncu.csv, both beside the results.
+if want profile; then
+  cap=$(budget 180)
+  step ncu_profile "$cap" "$PY" -m bench.ncu --timeout $((cap - 15)) --out "$work/ncu"
+fi
+
 if want models; then
   cap=$(budget 50)
   step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
@@ -187,6 +195,7 @@ if [[ -n $copy_to ]]; then
   mkdir -p "$copy_to"
   cp $(cat "$work/written") "$copy_to"/
   [[ -f $work/tune.md ]] && cp "$work/tune.md" "$work/tune.jsonl" "$copy_to"/
+  [[ -f $work/ncu.md ]] && cp "$work/ncu.md" "$work/ncu.csv" "$copy_to"/
   for log in "$work"/*.log; do  # one file: the device tool brings back at most 8
     printf '\n===== %s\n' "$(basename "$log")"
     cat "$log"
