@@ -52,6 +52,8 @@ OPS = {"talking_heads": "talking_heads_attention", "layerscale_layernorm": "laye
 CASES = {
     "th_fwd": ("talking_heads", (256, 8, 196, 48), "bf16", "triton_tc", "fwd", {}),
     "th_bwd": ("talking_heads", (256, 8, 196, 48), "bf16", "triton_tc", "bwd", {}),
+    "th_fwd_chunked": ("talking_heads", (256, 8, 196, 48), "bf16", "triton_chunked", "fwd", {}),
+    "th_bwd_chunked": ("talking_heads", (256, 8, 196, 48), "bf16", "triton_chunked", "bwd", {}),
     "attn_fwd_cuda": ("attention", (256, 8, 197, 48), "bf16", "cuda", "fwd", {}),
     "attn_fwd_cuda_m128_s3": ("attention", (256, 8, 197, 48), "bf16", "cuda_m128_s3", "fwd", {}),
     "attn_fwd_cudnn": ("attention", (256, 8, 197, 48), "bf16", "sdpa_cudnn", "fwd", {}),
@@ -62,7 +64,7 @@ CASES = {
     "ln_bwd_cuda": ("layerscale_layernorm", (256, 197, 384), "fp32/bf16/fp32", "cuda", "bwd", {}),
 }
 PROFILES = {  # named groups of cases, in the order of the gap to their target
-    "talking_heads": ("th_fwd", "th_bwd"),
+    "talking_heads": ("th_fwd", "th_bwd", "th_fwd_chunked", "th_bwd_chunked"),
     "attention_fwd": ("attn_fwd_cuda", "attn_fwd_cuda_m128_s3", "attn_fwd_cudnn", "attn_fwd_triton"),
     "class_attention": ("class_attn_fwd_cuda", "class_attn_bwd_cuda"),
     "layernorm": ("ln_fwd_cuda", "ln_bwd_cuda"),

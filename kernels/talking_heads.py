@@ -17,6 +17,10 @@ normalised, mixed probabilities times V. The backward recomputes everything from
 one kernel per query tile computes delta = rowsum(dP * P) (a first pass), then dq and the
 weight grads (per-program partial sums, no atomics); then per key tile one kernel computes dk
 and dv (the tensor-core family, FUSED_DKDV; the CUDA-core one launches it once for each).
+
+STRATEGY "chunked" hands both directions to kernels/talking_heads_chunked.py instead (the N x N
+products through cuBLAS, a chunk of images at a time); it saves the same lse, so the two
+backwards take either forward.
 """
 import itertools
 import math
@@ -26,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import DTYPES, cdiv, launch, next_pow2
+from . import talking_heads_chunked as chunked
 from .attention import _blocks as head_dim_blocks
 from .attention import _precision, _strides, _tile, _unit_last, token_major_empty
 
@@ -334,6 +339,15 @@ TC_FWD_MAXNREG = None
 # 35 / 105 -> 34 / 89, and no spill left in the fused dk/dv loop (census.py; below). Not yet
 # timed; False: one masked block.
 SPLIT_HEAD_DIM = True
+# Where the heads are mixed: "fused", the kernels of this file (nothing N x N in memory), or
+# "chunked" (kernels/talking_heads_chunked.py): the N x N products through cuBLAS and one
+# memory-bound mixing pass each, a chunk of images at a time, within 2x q's memory. Counted, the
+# chunked path moves ~2.2 GB at 256 x 8 x 196 x 48 fwd+bwd, ~0.7 ms at 3 TB/s against the fused
+# kernels' 3.76 ms on an H100; not yet timed, so "fused" stays the default until a GPU run of
+# bench.ops.talking_heads (impl triton_chunked) says otherwise. Rows longer than
+# chunked.MAX_KEYS (CaiT at 384 px and up) run fused either way.
+STRATEGIES = ("fused", "chunked")
+STRATEGY = "fused"
 
 
 def _tiles_tc(heads: int):
@@ -759,12 +773,23 @@ def _family(heads: int, tc, dtype: torch.dtype):
     return (_th_fwd, _th_bwd_dq, _th_bwd_dkdv), _tiles(heads)
 
 
-def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
+def _chunked(strategy: str, heads: int, n: int) -> bool:
+    """Whether a call runs kernels/talking_heads_chunked.py: STRATEGY (or the call's strategy)
+    "chunked" and its tiles fit (chunked.supported), else the fused kernels here."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return strategy == "chunked" and chunked.supported(heads, n)
+
+
+def forward(q, k, v, w_l, w_w, b_w, scale, tc=None, strategy=None):
     """q, k, v: (B, H, N, D) -> (out (B, H, N, D) token-major in memory, as the attention
     kernels write it, lse fp32 (B, H, N) in log2 units).
-    tc: mix the heads on tensor cores (default: _family's choice)."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    tc: mix the heads on tensor cores (default: _family's choice); strategy: "fused" or
+    "chunked" (default STRATEGY)."""
     B, H, N, D = q.shape
+    if _chunked(strategy or STRATEGY, H, N):
+        return chunked.forward(q, k, v, w_l, w_w, b_w, scale)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     (fwd, _, _), tiles = _family(H, tc, q.dtype)
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
@@ -776,11 +801,14 @@ def forward(q, k, v, w_l, w_w, b_w, scale, tc=None):
     return o, lse
 
 
-def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None):
+def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None, strategy=None):
     """-> (dq, dk, dv, dw_l, dw_w, db_w); db_l is zero (see the module docstring). out: where to
-    write dq, dk, dv, as in attention.backward (one set of strides, unit last stride)."""
-    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    write dq, dk, dv, as in attention.backward (one set of strides, unit last stride). Either
+    strategy's backward takes either's lse."""
     B, H, N, D = q.shape
+    if _chunked(strategy or STRATEGY, H, N):
+        return chunked.backward(do, q, k, v, w_l, w_w, b_w, lse, scale, out=out)
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     (_, dq_kernel, dkdv_kernel), tiles = _family(H, tc, q.dtype)
     meta = dict(tiles, **_head_dim(tiles, D), PRECISION=_precision(q.dtype))
     hg = tiles.get("HG", tiles["HP"])  # the weight grads' partial sums are [hg, hg]

@@ -1,4 +1,4 @@
-"""Benchmark talking-heads attention (CaiT): our fused Triton kernels vs timm's TalkingHeadAttn
+"""Benchmark talking-heads attention (CaiT): our Triton kernels vs timm's TalkingHeadAttn
 math (eager, which materialises B x H x N x N logits twice) and torch.compile of it.
 
     python -m bench.ops.talking_heads                      # CaiT XXS/S/M at 224 and 384 px, bf16
@@ -11,7 +11,10 @@ appends the speedups to the .md, and peak_mib is in every CUDA row. triton is th
 with the head mixing on CUDA cores, triton_tc with it on tensor cores (each forced through
 kernels.talking_heads.TENSOR_CORE_MIXING); the backend's default is tensor cores at every head
 count for fp16/bf16 inputs, from SASS counts this bench is to confirm; fp32 inputs always run
-the CUDA-core family (triton_tc: unavailable).
+the CUDA-core family (triton_tc: unavailable). triton_chunked is the triton backend with
+kernels.talking_heads.STRATEGY "chunked" (kernels/talking_heads_chunked.py: the N x N products
+through cuBLAS and one memory-bound mixing pass each, a chunk of images at a time); rows past its
+MAX_KEYS (the 384 px shapes) run the fused kernels there too, so it equals triton_tc there.
 """
 
 import torch
@@ -54,10 +57,11 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
-OURS = ("triton", "triton_tc")
+OURS = ("triton", "triton_tc", "triton_chunked")
 # The default family (tensor cores) and the baselines its targets name first, so that a run cut
 # short by gpu_check's cap still judges it; the CUDA-core family last, for comparison.
-IMPLS = {"triton_tc": lambda: _ours, "eager": lambda: _eager, "compile": _compiled, "triton": lambda: _ours}
+IMPLS = {"triton_tc": lambda: _ours, "triton_chunked": lambda: _ours, "eager": lambda: _eager,
+         "compile": _compiled, "triton": lambda: _ours}
 
 
 def setup(case: common.Case, impl: str, args):
@@ -82,7 +86,9 @@ def setup(case: common.Case, impl: str, args):
 
     thunks = common.directions(call, leaves, sets, lambda: torch.randn(B, H, N, D, device=device, dtype=dtype),
                                fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
-    if impl in OURS:  # each mixing family forced, whichever the default picks at this H
+    if impl == "triton_chunked":
+        return {d: common.with_flag(th_kernels, "STRATEGY", t, "chunked") for d, t in thunks.items()}
+    if impl in OURS:  # each fused mixing family forced, whichever the default picks at this H
         tc = impl == "triton_tc"
         return {d: common.with_flag(th_kernels, "TENSOR_CORE_MIXING", t, tc) for d, t in thunks.items()}
     return thunks
@@ -123,7 +129,8 @@ def main(argv=None):
     # smoke: fp16, the interpreter's 16-bit type (it has no bf16) and the tensor-core family's
     dtypes = (args.dtypes or ("fp16" if smoke else "bf16")).split(",")
     report = ops.backend_report()["talking_heads_attention"].get(device.type, {}).get("unavailable", {})
-    impls = {"triton_tc": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
+    impls = {"triton_tc": common.Impl(False, report.get("triton")),
+             "triton_chunked": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
              "compile": common.Impl(True), "triton": common.Impl(False, report.get("triton"))}
     cases = [common.Case("talking_heads_attention", shape, dtype) for dtype in dtypes for shape in shapes.values()]
     notes = {"shapes": ", ".join(f"{k} {'x'.join(map(str, v))} (BxHxNxD)" for k, v in shapes.items()),

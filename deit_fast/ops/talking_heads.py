@@ -1,6 +1,7 @@
 """Talking-heads attention (CaiT): logits mixed across heads before the softmax, probabilities
-after. The triton backend runs kernels/talking_heads.py behind deit_fast::talking_heads_attention
-(+ its backward op); autograd saves q, k, v and the per-row log-sum-exp, never an N x N tensor.
+after. The triton backend runs kernels/talking_heads.py (or, with its STRATEGY "chunked",
+kernels/talking_heads_chunked.py) behind deit_fast::talking_heads_attention (+ its backward op);
+autograd saves q, k, v and the per-row log-sum-exp, never an N x N tensor.
 talking_heads_attention_qkv is the same on the packed qkv projection, with one grad tensor for
 it (see ops.attention_qkv).
 """

@@ -12,14 +12,14 @@ import pytest
 
 pytestmark = pytest.mark.aot
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ["layerscale", "attention", "talking_heads", "distill_loss", "class_attention"]
+MODULES = ["layerscale", "attention", "talking_heads", "talking_heads_chunked", "distill_loss", "class_attention"]
 # The GPU machine's triton (bench/results/2026-11-26-nvidia-h200*.md) allocates registers and
 # shared memory differently from the one installed here: 3.6 spilled the 4-warp talking-heads
 # backward where 3.8 did not, and only the GPU showed it. So the matmul kernels, where registers
 # are tight, also compile with 3.6, from a pip --target copy made once per machine (~1 min,
 # from the package registry, as the install itself).
 GPU_MACHINE_TRITON = "3.6.0"
-GPU_MACHINE_MODULES = ["attention", "talking_heads"]
+GPU_MACHINE_MODULES = ["attention", "talking_heads", "talking_heads_chunked"]
 
 
 def gpu_machine_triton() -> Path:

@@ -86,9 +86,9 @@ def test_cases_run_through_the_bench_setups_on_cpu():
             windows.append("closed")
 
     overrides = {"th_fwd": ((1, 2, 9, 16), "fp16"), "th_bwd": ((1, 2, 9, 16), "fp16"),
-                 "attn_fwd_triton": ((1, 2, 9, 48), "fp32")}
+                 "th_bwd_chunked": ((1, 2, 9, 16), "fp16"), "attn_fwd_triton": ((1, 2, 9, 48), "fp32")}
     assert ncu.run_cases(list(overrides), "cpu", overrides, Window) == list(overrides)
-    assert windows == ["open", "closed"] * 3
+    assert windows == ["open", "closed"] * 4
 
 
 FAKE_NCU = """\
@@ -99,7 +99,7 @@ args = sys.argv[1:]
 for option, value in (("--profile-from-start", "off"), ("--clock-control", "none"), ("--page", "raw")):
     assert args[args.index(option) + 1] == value, (option, args)
 assert "--csv" in args and args[args.index("-m") + 1] == "bench.ncu" and "--target" in args, args
-assert args[args.index("--target") + 1] == "th_fwd,th_bwd", args
+assert args[args.index("--target") + 1] == "th_fwd,th_bwd,th_fwd_chunked,th_bwd_chunked", args
 open(args[args.index("--log-file") + 1], "w").write(open({sample!r}).read())
 """
 

@@ -1,0 +1,241 @@
+"""Talking-heads attention, chunked: the N x N products through cuBLAS, the head mixing and the
+softmax in one memory-bound Triton pass per product, a few images at a time.
+
+    S[h] = q_h k_h^T (bmm)  ->  P'[f] = sum_g w_w[f,g] softmax(scale sum_h w_l[g,h] S[h]) + b_w[f]
+    (one kernel, in place over S)  ->  out[f] = P'[f] v_f (bmm)
+
+Why: the fused kernels (kernels/talking_heads.py) hold every head of a query tile at once, which
+leaves 16 x 16 tiles and two passes over the keys that issue at a tenth of their rate (an H100,
+2026-11-26: 3.76 ms fwd+bwd at 256 x 8 x 196 x 48, the target needed 2.97). Here every product
+is a plain batched GEMM, and what couples the heads is elementwise along a row of N keys, which
+a program holds whole (all heads of one query row): one read and one write of each N x N tensor
+per pass. Counted at that shape (157 MB per bf16 N x N tensor): forward 4 of them through
+memory (the GEMMs write S and read P', the kernel reads S and writes P'), backward about 10,
+~2.2 GB in all: ~0.7 ms at 3 TB/s. The mixing kernels
+issue more per score than the fused ones (SASS a thread per real score, bf16, 8 heads: 62 / 178
+against 34 / 89), so the gain rests on them issuing near their rate where the fused kernels ran
+at a tenth of theirs: not yet timed on a GPU.
+
+Memory: the N x N tensors exist for `chunk` images at a time, so their buffers stay within
+CHUNK_BUDGET x the size of q (peak memory O(B H N D), as for the fused kernels), and nothing
+N x N is saved for the backward: it recomputes S = q k^T and dP' = dO v^T per chunk, then one
+kernel writes P' over S and dS over dP' (in place: each program owns its rows), then three GEMMs
+give dv = P'^T dO, dq = dS k, dk = dS^T q. The weight grads are per-program partial sums, added
+in a fixed order: deterministic, like the GEMMs. The saved statistic is the same log-sum-exp
+(log2 units, without b_l) as the fused kernels', so either family's backward runs on either's
+forward. S, P', dP' and dS are kept in the inputs' dtype, as timm's eager math rounds them.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import DTYPES, cdiv, launch, next_pow2
+from . import talking_heads as fused  # its slot helpers (jit functions, looked up at compile time)
+from .attention import _precision
+
+LOG2E = 1.4426950408889634
+SLOTS = 16  # of a program's [HP, NP] tiles: HP // HG query rows of HG heads each (see _meta)
+# The N x N buffers of one chunk (1 forward, 2 backward) take at most this many times q's bytes.
+CHUNK_BUDGET = 2.0
+# A program holds [16, NP] tiles (about six live in the backward): up to NP = 256 they fit in
+# registers at 16 warps (at 512 the backward spilled a KB a thread, triton 3.8); longer rows
+# (CaiT at 384 px and up) run the fused kernels instead.
+MAX_KEYS = 256
+# Offsets inside one image's (H, N, N) slice are 32-bit (a [16, NP] tile of 64-bit pointers
+# would take two registers an element); the image's base is a 64-bit scalar.
+MAX_IMAGE = 2 ** 31
+
+
+def supported(heads: int, n: int) -> bool:
+    return heads <= SLOTS and n <= MAX_KEYS and heads * n * n < MAX_IMAGE
+
+
+def chunk_images(B: int, H: int, N: int, D: int, buffers: int) -> int:
+    """Images per chunk: `buffers` (c, H, N, N) tensors within CHUNK_BUDGET x q's (B, H, N, D),
+    spread evenly over the chunks (at least one image)."""
+    most = max(1, min(B, int(CHUNK_BUDGET * B * D // (buffers * N))))
+    return cdiv(B, cdiv(B, most))
+
+
+# The heads are mixed on tensor cores, as in the fused tensor-core kernels: a program's tiles
+# are [HP = 16, NP] (16 is the smallest dot dimension), slot s holding head s % HG of query row
+# s // HG of the current group of rows (HG = H rounded up to a power of two), so each mixing is
+# one [16, 16] x [16, NP] dot with a block-diagonal weight (fused._weights), a weight grad one
+# [16, NP] x [NP, 16] dot folded to [HG, HG] (fused._fold), and the softmax statistics are
+# per-slot row reductions: no per-head loop, where one (with a cross-thread reduction per head
+# for each weight grad) took ~3500 SASS instructions a row under triton 3.8 at 8 heads. Operands
+# are rounded to the inputs' dtype as there (fused._mix says why); fp32 stays fp32.
+
+@triton.jit
+def _rows(H, N, HP: tl.constexpr, HG: tl.constexpr, NP: tl.constexpr):
+    """(head [HP], rows [HP], 32-bit offsets [HP, NP] into one image's (H, N, N), mask, live
+    slots [HP]) of this program's group of HP // HG query rows."""
+    head, group = fused._slots(HP, HG)
+    rows = tl.program_id(1) * (HP // HG) + group
+    jj = tl.arange(0, NP)
+    live = (head < H) & (rows < N)
+    offs = (head[:, None] * N + rows[:, None]) * N + jj[None, :]
+    return head, rows, offs, live[:, None] & (jj[None, :] < N), live
+
+
+@triton.jit
+def _mix_softmax_fwd(S, LSE, WL, WW, BW, H, N, qk_scale, HP: tl.constexpr, HG: tl.constexpr,
+                     NP: tl.constexpr, PRECISION: tl.constexpr):
+    """HP // HG query rows (program 1) of image pid0 of S (c, H, N, N), contiguous: P' over S in
+    place, the mixed logits' log-sum-exp (log2 units, without b_l) into LSE (c, H, N)."""
+    b = tl.program_id(0).to(tl.int64)
+    S += b * H * N * N
+    LSE += b * H * N
+    DT = S.dtype.element_ty
+    head, rows, offs, mask, live = _rows(H, N, HP, HG, NP)
+    group = tl.arange(0, HP) // HG
+    s = tl.load(S + offs, mask=mask, other=0.0)
+    x = tl.dot(fused._weights(WL, H, head, group, False, DT), s, input_precision=PRECISION)
+    x = tl.where(tl.arange(0, NP)[None, :] < N, x * qk_scale, float("-inf"))
+    m = tl.max(x, axis=1)
+    p = tl.exp2(x - m[:, None])
+    l = tl.sum(p, axis=1)
+    tl.store(LSE + head * N + rows, m + tl.log2(l), mask=live)
+    out = tl.dot(fused._weights(WW, H, head, group, False, DT), (p / l[:, None]).to(DT),
+                 input_precision=PRECISION)
+    bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
+    tl.store(S + offs, (out + bw[:, None]).to(DT), mask=mask)
+
+
+@triton.jit
+def _contract(a, b, HP: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
+    """[HP, HP] fp32 sum_j a[s, j] b[t, j]: a mixing weight's grad (before fused._fold). As one
+    [HP, NP] x [NP, HP] dot every warp held both whole operands (a 16 x 16 result leaves the K
+    axis unsplit) and the kernel spilled; batched per strip of 16 keys, each warp holds one
+    strip's, and the strips are added after."""
+    a3 = tl.permute(tl.reshape(a, [HP, NP // 16, 16]), (1, 0, 2))
+    b3 = tl.permute(tl.reshape(b, [HP, NP // 16, 16]), (1, 2, 0))
+    return tl.sum(tl.dot(a3, b3, input_precision=PRECISION), axis=0)
+
+
+@triton.jit
+def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, qk_scale, scale, HP: tl.constexpr,
+                     HG: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows as _mix_softmax_fwd, from S = q k^T and DP = dO v^T (both (c, H, N, N)): P' over S
+    and scale * dS over DP, in place; this program's sums of dw_l, dw_w and db_w into PART[pid]
+    (3, HG, HG) fp32. With p_g the softmax of the mixed logits, dP_g = sum_f w_w[f,g] dP'_f,
+    dM_g = p_g (dP_g - rowsum(p_g dP_g) / rowsum(p_g)) and dS_h = sum_g w_l[g,h] dM_g.
+    Register pressure decides the order (16 warps leave a thread 128 registers; a program of
+    several row groups, or S held from the logits to dw_l, spilled under triton 3.8): S is read
+    twice, the second time from L1."""
+    b = tl.program_id(0).to(tl.int64)
+    S += b * H * N * N
+    DP += b * H * N * N
+    LSE += b * H * N
+    DT = S.dtype.element_ty
+    head, rows, offs, mask, live = _rows(H, N, HP, HG, NP)
+    group = tl.arange(0, HP) // HG
+    lse = tl.load(LSE + head * N + rows, mask=live, other=0.0)
+    s = tl.load(S + offs, mask=mask, other=0.0)
+    x = tl.dot(fused._weights(WL, H, head, group, False, DT), s, input_precision=PRECISION)
+    x = tl.where(tl.arange(0, NP)[None, :] < N, x * qk_scale, float("-inf"))
+    p = tl.exp2(x - lse[:, None])  # 0 past N (not exp2(-lse), which overflows for lse < -128)
+    dpp = tl.load(DP + offs, mask=mask, other=0.0)  # dP'
+    dp = tl.dot(fused._weights(WW, H, head, group, True, DT), dpp, input_precision=PRECISION)
+    # rowsum(p dP) / rowsum(p): the recomputed p carries lse's rounding (rows sum to 1 + e,
+    # e ~ 1e-5 where |lse| ~ 150); dividing it out makes dM sum to zero over the row, which dq
+    # (a sum of dS times k, whose shared component can dwarf the rest) needs (fused._normalised).
+    # rowsum(p) >= 1 / N in every slot, dead ones included: never zero.
+    dm = (p * (dp - (tl.sum(p * dp, axis=1) / tl.sum(p, axis=1))[:, None])).to(DT)
+    pd = p.to(DT)
+    dww = _contract(dpp, pd, HP, NP, PRECISION)
+    dbw = tl.sum(dpp.to(tl.float32), axis=1)
+    dwl = _contract(dm, tl.load(S + offs, mask=mask, other=0.0), HP, NP, PRECISION)
+    ds = tl.dot(fused._weights(WL, H, head, group, True, DT), dm, input_precision=PRECISION)
+    tl.store(DP + offs, (ds * scale).to(DT), mask=mask)
+    out = tl.dot(fused._weights(WW, H, head, group, False, DT), pd, input_precision=PRECISION)
+    bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
+    tl.store(S + offs, (out + bw[:, None]).to(DT), mask=mask)
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    fused._store_parts(PART, pid, fused._fold(dwl * scale, group, HP, HG), fused._fold(dww, group, HP, HG),
+                       tl.sum(tl.reshape(dbw, [HP // HG, HG]), 0), HG)
+
+
+def _meta(H: int, N: int, dtype: torch.dtype, backward: bool) -> dict:
+    """Constexprs and launch options: HP slots, HG heads a row (so a program takes HP // HG query
+    rows), NP keys a row (at least 16, the smallest dot dimension). Warps: a [16, NP] fp32 tile
+    is 16 * NP / (32 * warps) registers a thread; the backward keeps about twice the forward's
+    tiles live (at 8 warps and NP 256 it took 255 registers and spilled, triton 3.8)."""
+    np_ = max(16, next_pow2(N))
+    return dict(HP=SLOTS, HG=next_pow2(H), NP=np_, PRECISION=_precision(dtype),
+                num_warps=max(4, min(16, np_ // (16 if backward else 32))), num_stages=1)
+
+
+def _row_programs(N: int, meta: dict) -> int:
+    return cdiv(N, SLOTS // meta["HG"])
+
+
+def _bmm(a, b, out=None):
+    """(c, H, x, y) @ (c, H, y, z) as one batched GEMM over c * H."""
+    c, H = a.shape[:2]
+    flat = torch.bmm(a.reshape(c * H, *a.shape[2:]), b.reshape(c * H, *b.shape[2:]),
+                     out=None if out is None else out.view(c * H, *out.shape[2:]))
+    return flat.view(c, H, *flat.shape[1:])
+
+
+def forward(q, k, v, w_l, w_w, b_w, scale):
+    """As kernels.talking_heads.forward: (out (B, H, N, D) token-major, lse (B, H, N) fp32)."""
+    B, H, N, D = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # O(B H N D): the GEMMs' layout
+    o = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    c = chunk_images(B, H, N, D, 1)
+    buf = torch.empty((c, H, N, N), dtype=q.dtype, device=q.device)
+    meta = _meta(H, N, q.dtype, backward=False)
+    for b0 in range(0, B, c):
+        n = min(c, B - b0)
+        s = _bmm(q[b0:b0 + n], k[b0:b0 + n].transpose(-1, -2), out=buf[:n])
+        launch(_mix_softmax_fwd, (n, _row_programs(N, meta)), s, lse[b0:b0 + n], w_l, w_w, b_w, H,
+               N, scale * LOG2E, **meta)
+        o[b0:b0 + n] = _bmm(s, v[b0:b0 + n])
+    return o, lse
+
+
+def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, out=None):
+    """As kernels.talking_heads.backward: (dq, dk, dv, dw_l, dw_w, db_w); out: where to write
+    dq, dk, dv."""
+    B, H, N, D = q.shape
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    grads = [torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3)]
+    c = chunk_images(B, H, N, D, 2)
+    s_buf, dp_buf = (torch.empty((c, H, N, N), dtype=q.dtype, device=q.device) for _ in range(2))
+    meta = _meta(H, N, q.dtype, backward=True)
+    rows = _row_programs(N, meta)
+    part = torch.empty((B * rows, 3, meta["HG"], meta["HG"]), dtype=torch.float32, device=q.device)
+    for b0 in range(0, B, c):
+        n, at = min(c, B - b0), slice(b0, b0 + min(c, B - b0))
+        s = _bmm(q[at], k[at].transpose(-1, -2), out=s_buf[:n])
+        dp = _bmm(do[at], v[at].transpose(-1, -2), out=dp_buf[:n])
+        launch(_mix_softmax_bwd, (n, rows), s, dp, lse[at], w_l, w_w, b_w, part[b0 * rows:],
+               H, N, scale * LOG2E, scale, **meta)
+        _bmm(s.transpose(-1, -2), do[at], out=grads[2][at])  # dv = P'^T dO
+        _bmm(dp, k[at], out=grads[0][at])  # dq = (scale dS) k
+        _bmm(dp.transpose(-1, -2), q[at], out=grads[1][at])  # dk = (scale dS)^T q
+    if out is not None:
+        for target, grad in zip(out, grads):
+            target.copy_(grad)
+        grads = list(out)
+    sums = part.sum(0)  # fixed order over programs: deterministic
+    dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
+        (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))
+    return (*grads, dw_l, dw_w, db_w)
+
+
+def aot_configs(dtype: str):
+    """The two kernels at CaiT's head counts (4, 8, 16) and 196 tokens, at 8 heads and the
+    longest rows taken (MAX_KEYS), and at the shortest (16 keys), for the sm_90 AOT test."""
+    ints = dict.fromkeys(["H", "N"], "i32")
+    ints.update(qk_scale="fp32", scale="fp32")
+    ptrs = dict.fromkeys(["S", "DP"], f"*{dtype}")
+    ptrs.update(dict.fromkeys(["LSE", "WL", "WW", "BW", "PART"], "*fp32"))
+    for heads, n in ((4, 196), (8, 196), (16, 196), (8, MAX_KEYS), (3, 7)):
+        for kernel in (_mix_softmax_fwd, _mix_softmax_bwd):
+            meta = _meta(heads, n, DTYPES[dtype], backward=kernel is _mix_softmax_bwd)
+            options = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
+            sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
+            yield dict(kernel=kernel, signature=sig, constexprs=meta, **options, aligned=(), matmul=False)

@@ -1,0 +1,134 @@
+"""Talking-heads attention, chunked strategy (kernels/talking_heads_chunked.py: batched GEMMs and
+one mixing pass per N x N product) vs the fp64 reference, through the op as models call it; its
+chunking, its interchangeability with the fused kernels, and where it hands over to them."""
+import pytest
+import torch
+
+from deit_fast.kernels import talking_heads as kernels
+from deit_fast.kernels import talking_heads_chunked as chunked
+from deit_fast.ops import reference
+from tests.conftest import DEVICE
+from tests.ops.test_attention import qkv_views
+from tests.ops.test_talking_heads import SHAPES, check, fused, mixing, packed_matches_unpacked, run
+from tests.ops.tolerance import assert_rule, poisoned_empty
+
+
+@pytest.fixture
+def chunked_strategy(monkeypatch):
+    """Every op call on the triton backend runs the chunked path; anything else fails."""
+    monkeypatch.setattr(kernels, "STRATEGY", "chunked")
+    for name in ("_th_fwd", "_th_fwd_tc", "_th_bwd_dq", "_th_bwd_dq_tc"):
+        monkeypatch.setattr(kernels, name, None)  # a launch of a fused kernel would raise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 8, 40, 48), (2, 4, 196, 48)], ids=str)
+def test_matches_reference(shape, dtype, chunked_strategy, monkeypatch):
+    poisoned_empty(monkeypatch)
+    check(*qkv_views(*shape, dtype), mixing(shape[1]))
+
+
+def test_all_negative_logits_keep_grads_finite(chunked_strategy):
+    """Mixed logits near -110 (lse far below 0): padded keys must stay at p = 0, not exp2(-lse)."""
+    q, k, v = qkv_views(1, 4, 40, 48, torch.float32)
+    u = torch.randn(48, device=DEVICE)
+    w_l, b_l, w_w, b_w = mixing(4)
+    check(0.1 * q + 4 * u, 0.1 * k - 4 * u, v, (torch.eye(4, device=DEVICE) + 0.05 * w_l, b_l, w_w, b_w))
+
+
+def test_chunks_give_the_whole_batch_result(monkeypatch):
+    """One image per chunk or the whole batch in one: each image's products and mixing are the
+    same arithmetic, so the same output and grads (the weight grads' partials are summed in the
+    same order)."""
+    q, k, v = qkv_views(5, 4, 23, 32, torch.float32)
+    w = mixing(4)
+    do = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
+    monkeypatch.setattr(kernels, "STRATEGY", "chunked")
+    results = []
+    for budget, expect in ((1e-9, 1), (1e9, 5)):
+        monkeypatch.setattr(chunked, "CHUNK_BUDGET", budget)
+        assert chunked.chunk_images(5, 4, 23, 32, 2) == expect
+        results.append(run(fused, (q, k, v, *w), do))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_chunk_buffers_stay_within_the_budget():
+    """CaiT-S training shape: the N x N buffers of a chunk within CHUNK_BUDGET x q's bytes, so peak
+    memory is O(B H N D); chunks spread evenly over the batch."""
+    B, H, N, D = 256, 8, 196, 48
+    for buffers, expect in ((1, 86), (2, 52)):
+        c = chunked.chunk_images(B, H, N, D, buffers)
+        assert c == expect and buffers * c * N <= chunked.CHUNK_BUDGET * B * D
+    assert chunked.chunk_images(1, 8, 784, 16, 2) == 1  # at least one image
+
+
+def test_grads_are_bitwise_deterministic(chunked_strategy):
+    q, k, v = qkv_views(2, 4, 40, 48, torch.float16)
+    w = mixing(4)
+    do = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
+    first, second = run(fused, (q, k, v, *w), do), run(fused, (q, k, v, *w), do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("forward_by,backward_by", [("fused", "chunked"), ("chunked", "fused")])
+def test_either_backward_takes_either_forward(forward_by, backward_by):
+    """Both save the same log-sum-exp (log2 units, without b_l)."""
+    B, H, N, D = 2, 4, 33, 32
+    q, k, v = qkv_views(B, H, N, D, torch.float32)
+    w_l, b_l, w_w, b_w = mixing(H)
+    do = torch.randn(q.shape, device=DEVICE)
+    out, lse = kernels.forward(q, k, v, w_l, w_w, b_w, D ** -0.5, tc=False, strategy=forward_by)
+    other = kernels.forward(q, k, v, w_l, w_w, b_w, D ** -0.5, tc=False, strategy=backward_by)
+    torch.testing.assert_close(lse, other[1], rtol=1e-5, atol=1e-5)
+    grads = kernels.backward(do, q, k, v, w_l, w_w, b_w, lse, D ** -0.5, tc=False, strategy=backward_by)
+    leaves = [t.double().requires_grad_() for t in (q, k, v, w_l, w_w, b_w)]
+    ref = reference.talking_heads_attention(*leaves[:3], leaves[3], b_l.double(), *leaves[4:], D ** -0.5)
+    same = reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, D ** -0.5)
+    assert_rule("out", out, ref, same, ulps=16)
+    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    same_leaves = [t.detach().requires_grad_() for t in (q, k, v, w_l, w_w, b_w)]
+    same_out = reference.talking_heads_attention(*same_leaves[:3], same_leaves[3], b_l, *same_leaves[4:], D ** -0.5)
+    same_grads = torch.autograd.grad(same_out, same_leaves, do)
+    for name, a, r, s in zip(("dq", "dk", "dv", "dw_l", "dw_w", "db_w"), grads, ref_grads, same_grads):
+        assert_rule(name, a, r, s, ulps=16)
+
+
+def test_packed_qkv_matches_unpacked(chunked_strategy):
+    packed_matches_unpacked(2, 3, 7, 48, torch.float16)
+
+
+def test_rows_past_the_limit_run_the_fused_kernels(monkeypatch):
+    """Rows longer than MAX_KEYS (CaiT at 384 px: 576 tokens) would not fit a program's registers:
+    STRATEGY "chunked" still runs the fused kernels there."""
+    assert chunked.supported(16, 196) and chunked.supported(8, 256) and not chunked.supported(8, 257)
+    assert kernels._chunked("chunked", 8, 196) and not kernels._chunked("chunked", 8, 577)
+    assert not kernels._chunked("fused", 8, 196)
+    monkeypatch.setattr(kernels, "STRATEGY", "chunked")
+    monkeypatch.setattr(chunked, "MAX_KEYS", 8)  # so that a small shape is past it
+    monkeypatch.setattr(chunked, "forward", lambda *a: pytest.fail("chunked path taken"))
+    q, k, v = qkv_views(1, 2, 9, 16, torch.float32)
+    w_l, b_l, w_w, b_w = mixing(2)
+    out, _ = kernels.forward(q, k, v, w_l, w_w, b_w, 0.25)
+    ref = reference.talking_heads_attention(*(t.double() for t in (q, k, v, w_l, b_l, w_w, b_w)), 0.25)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_strategy_is_named():
+    q, k, v = qkv_views(1, 2, 9, 16, torch.float32)
+    w_l, _, w_w, b_w = mixing(2)
+    with pytest.raises(ValueError, match="strategy must be one of.*'flash'"):
+        kernels.forward(q, k, v, w_l, w_w, b_w, 0.25, strategy="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 4, 196, 48), (4, 8, 196, 48), (2, 16, 196, 48), (2, 8, 250, 48),
+                                   (3, 4, 1, 48), (2, 3, 7, 32)], ids=str)
+def test_gpu(shape, dtype, chunked_strategy):
+    check(*qkv_views(*shape, dtype, device="cuda"), mixing(shape[1], device="cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_packed_qkv_matches_unpacked(chunked_strategy):
+    packed_matches_unpacked(4, 8, 196, 48, torch.bfloat16, device="cuda")
