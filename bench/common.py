@@ -2,8 +2,9 @@
 
 A bench module (bench/ops/<op>.py, bench/models.py) lists its cases and writes one setup
 function; run() times every case x impl x direction, streams rows to <out>.jsonl, then rewrites it
-with speedups and writes <out>.md and a bar chart, <out>.svg (bench/plot.py). On CUDA the timer is triton.testing.do_bench (median, L2 flushed
-before every call); on CPU a perf_counter loop stands in, so every script smoke-tests here.
+with speedups and writes <out>.md and a bar chart, <out>.svg (bench/plot.py). On CUDA the timer
+is triton.testing.do_bench (median, L2 flushed before every call); on CPU a perf_counter loop
+stands in, so every script smoke-tests here.
 
 On CUDA each row is timed twice: eagerly ("us"), as a user's loop runs it, and replayed from a
 CUDA graph ("graph us"), which is the GPU's time alone. An eager call also waits for its host
