@@ -142,9 +142,12 @@ def cuda_profiler_range() -> Iterator[None]:
 # ---- the driver and the report ------------------------------------------------------------------
 
 def find_ncu(explicit: Optional[str] = None) -> Optional[str]:
-    for candidate in (explicit, os.environ.get("NCU"), shutil.which("ncu"),
-                      *sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), reverse=True),
-                      "/usr/local/cuda/bin/ncu"):
+    """The ncu to run: `explicit` (--ncu) if given, else the first of $NCU, PATH and the usual
+    install places that is an executable file."""
+    candidates = (explicit,) if explicit else (
+        os.environ.get("NCU"), shutil.which("ncu"),
+        *sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), reverse=True), "/usr/local/cuda/bin/ncu")
+    for candidate in candidates:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -259,7 +262,8 @@ def main(argv=None):
         raise SystemExit(f"unknown cases {unknown}; choose from {sorted(CASES)}")
     ncu = find_ncu(args.ncu)
     if ncu is None:
-        print("ncu (Nsight Compute) not found: give --ncu or $NCU", file=sys.stderr)
+        where = f"--ncu {args.ncu} is not an executable file" if args.ncu else "give --ncu or $NCU"
+        print(f"ncu (Nsight Compute) not found: {where}", file=sys.stderr)
         raise SystemExit(2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ def test_driver_without_ncu_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.ncu", "--ncu", str(tmp_path / "missing")], cwd=ROOT,
                           capture_output=True, text=True,
                           env={**os.environ, "PATH": str(tmp_path), "NCU": "", "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 2 and "ncu (Nsight Compute) not found" in proc.stderr
+    assert proc.returncode == 2 and "ncu (Nsight Compute) not found: --ncu" in proc.stderr
 
 
 def test_a_failing_ncu_run_reports_its_tail(tmp_path):
@@ -159,3 +159,18 @@ def test_a_run_past_its_timeout_reports_what_was_profiled(tmp_path):
                           text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 1 and "ncu stopped after 3 s with 5 kernels profiled" in proc.stderr
     assert "## th_bwd" in (tmp_path / "p.md").read_text()
+
+
+def test_ncu_is_found_as_given_or_in_order(tmp_path, monkeypatch):
+    first, second = tmp_path / "a" / "ncu", tmp_path / "b" / "ncu"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(second.parent))
+    monkeypatch.setenv("NCU", str(first))
+    assert ncu.find_ncu() == str(first)  # $NCU before the PATH
+    monkeypatch.setenv("NCU", "")
+    assert ncu.find_ncu() == str(second)
+    assert ncu.find_ncu(str(second)) == str(second)
+    assert ncu.find_ncu(str(tmp_path / "missing")) is None  # a given one that is not there: no fallback
