@@ -19,7 +19,7 @@ weight grads (per-program partial sums, no atomics); then per key tile one kerne
 and dv (the tensor-core family, FUSED_DKDV; the CUDA-core one launches it once for each).
 
 STRATEGY "chunked" hands both directions to kernels/talking_heads_chunked.py instead (the N x N
-products through cuBLAS, a chunk of images at a time); it saves the same lse, so the two
+products as batched GEMMs, a chunk of images at a time); it saves the same lse, so the two
 backwards take either forward.
 """
 import itertools
@@ -340,7 +340,7 @@ TC_FWD_MAXNREG = None
 # timed; False: one masked block.
 SPLIT_HEAD_DIM = True
 # Where the heads are mixed: "fused", the kernels of this file (nothing N x N in memory), or
-# "chunked" (kernels/talking_heads_chunked.py): the N x N products through cuBLAS and one
+# "chunked" (kernels/talking_heads_chunked.py): the N x N products as batched GEMMs and one
 # memory-bound mixing pass each, a chunk of images at a time, within 2x q's memory. Counted, the
 # chunked path moves ~2.2 GB at 256 x 8 x 196 x 48 fwd+bwd, ~0.7 ms at 3 TB/s against the fused
 # kernels' 3.76 ms on an H100; not yet timed, so "fused" stays the default until a GPU run of

@@ -1,8 +1,8 @@
-"""Talking-heads attention, chunked: the N x N products through cuBLAS, the head mixing and the
+"""Talking-heads attention, chunked: the N x N products as batched GEMMs, the head mixing and the
 softmax in one memory-bound Triton pass per product, a few images at a time.
 
-    S[h] = q_h k_h^T (bmm)  ->  P'[f] = sum_g w_w[f,g] softmax(scale sum_h w_l[g,h] S[h]) + b_w[f]
-    (one kernel, in place over S)  ->  out[f] = P'[f] v_f (bmm)
+    S[h] = q_h k_h^T (_gemm)  ->  P'[f] = sum_g w_w[f,g] softmax(scale sum_h w_l[g,h] S[h]) + b_w[f]
+    (one kernel, in place over S)  ->  out[f] = P'[f] v_f (_gemm)
 
 Why: the fused kernels (kernels/talking_heads.py) hold every head of a query tile at once, which
 leaves 16 x 16 tiles and two passes over the keys that issue at a tenth of their rate (an H100,
@@ -11,19 +11,23 @@ is a plain batched GEMM, and what couples the heads is elementwise along a row o
 a program holds whole (all heads of one query row): one read and one write of each N x N tensor
 per pass. Counted at that shape (157 MB per bf16 N x N tensor): forward 4 of them through
 memory (the GEMMs write S and read P', the kernel reads S and writes P'), backward about 10,
-~2.2 GB in all: ~0.7 ms at 3 TB/s. The mixing kernels
-issue more per score than the fused ones (SASS a thread per real score, bf16, 8 heads: 62 / 178
-against 34 / 89), so the gain rests on them issuing near their rate where the fused kernels ran
-at a tenth of theirs: not yet timed on a GPU.
+~2.2 GB in all: ~0.7 ms at 3 TB/s. The mixing kernels issue more per score than the fused ones
+(SASS a thread per real score, bf16, 8 heads: 62 / 178 against 34 / 89), so the gain rests on
+them issuing near their rate where the fused kernels ran at a tenth of theirs: not yet timed on
+a GPU.
 
 Memory: the N x N tensors exist for `chunk` images at a time, so their buffers stay within
 CHUNK_BUDGET x the size of q (peak memory O(B H N D), as for the fused kernels), and nothing
 N x N is saved for the backward: it recomputes S = q k^T and dP' = dO v^T per chunk, then one
 kernel writes P' over S and dS over dP' (in place: each program owns its rows), then three GEMMs
-give dv = P'^T dO, dq = dS k, dk = dS^T q. The weight grads are per-program partial sums, added
-in a fixed order: deterministic, like the GEMMs. The saved statistic is the same log-sum-exp
-(log2 units, without b_l) as the fused kernels', so either family's backward runs on either's
-forward. S, P', dP' and dS are kept in the inputs' dtype, as timm's eager math rounds them.
+give dv = P'^T dO, dq = dS k, dk = dS^T q. The GEMMs (_gemm, wgmma on sm_90) read q, k, v and dO
+and write o, dq, dk and dv where the model keeps them (views of the packed projection,
+token-major o): cuBLAS's bmm needs one batch stride, and the copies that would give it one add
+~0.85 GB of traffic at 256 x 8 x 196 x 48 to the ~2.2 GB above. The weight grads are
+per-program partial sums, added in a fixed order: deterministic, like the GEMMs. The saved
+statistic is the same log-sum-exp (log2 units, without b_l) as the fused kernels', so either
+family's backward runs on either's forward. S, P', dP' and dS are kept in the inputs' dtype, as
+timm's eager math rounds them.
 """
 import torch
 import triton
@@ -31,7 +35,7 @@ import triton.language as tl
 
 from . import DTYPES, cdiv, launch, next_pow2
 from . import talking_heads as fused  # its slot helpers (jit functions, looked up at compile time)
-from .attention import _precision
+from .attention import _precision, token_major_empty
 
 LOG2E = 1.4426950408889634
 SLOTS = 16  # of a program's [HP, NP] tiles: HP // HG query rows of HG heads each (see _meta)
@@ -152,8 +156,49 @@ def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, qk_scale, scale, HP: tl
     bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
     tl.store(S + offs, (out + bw[:, None]).to(DT), mask=mask)
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    fused._store_parts(PART, pid, fused._fold(dwl * scale, group, HP, HG), fused._fold(dww, group, HP, HG),
-                       tl.sum(tl.reshape(dbw, [HP // HG, HG]), 0), HG)
+    fused._store_parts(PART, pid, fused._fold(dwl * scale, group, HP, HG),
+                       fused._fold(dww, group, HP, HG), tl.sum(tl.reshape(dbw, [HP // HG, HG]), 0), HG)
+
+
+@triton.jit
+def _gemm(A, B, C, H, M, N, K, sab, sah, sam, sak, sbb, sbh, sbk, sbn, scb, sch, scm, scn,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          PRECISION: tl.constexpr):
+    """C[z] = A[z] @ B[z] for z = b * H + h (program 1), every operand through its own (batch,
+    head, row, column) strides: q, k, v, dO and o, dq, dk, dv where the model keeps them (views of
+    the packed projection, token-major o) with no copy, and transposes by swapped strides."""
+    z = tl.program_id(1)
+    b, h = (z // H).to(tl.int64), (z % H).to(tl.int64)
+    A += b * sab + h * sah
+    B += b * sbb + h * sbh
+    C += b * scb + h * sch
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    rm = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(A + rm[:, None] * sam + (k0 + rk)[None, :] * sak,
+                    mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0.0)
+        bt = tl.load(B + (k0 + rk)[:, None] * sbk + rn[None, :] * sbn,
+                     mask=(k0 + rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+    tl.store(C + rm[:, None] * scm + rn[None, :] * scn, acc.to(C.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+GEMM_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def _bmm(a, b, c):
+    """c = a @ b over the leading (batch, head) dims of (n, H, x, y), (n, H, y, z) and (n, H, x,
+    z) tensors of any strides (one launch)."""
+    n, H, M, K = a.shape
+    N = b.shape[-1]
+    grid = (cdiv(M, GEMM_TILES["BLOCK_M"]) * cdiv(N, GEMM_TILES["BLOCK_N"]), n * H)
+    launch(_gemm, grid, a, b, c, H, M, N, K, *a.stride(), *b.stride(), *c.stride(),
+           PRECISION=_precision(a.dtype), **GEMM_TILES)
+    return c
 
 
 def _meta(H: int, N: int, dtype: torch.dtype, backward: bool) -> dict:
@@ -170,65 +215,52 @@ def _row_programs(N: int, meta: dict) -> int:
     return cdiv(N, SLOTS // meta["HG"])
 
 
-def _bmm(a, b, out=None):
-    """(c, H, x, y) @ (c, H, y, z) as one batched GEMM over c * H."""
-    c, H = a.shape[:2]
-    flat = torch.bmm(a.reshape(c * H, *a.shape[2:]), b.reshape(c * H, *b.shape[2:]),
-                     out=None if out is None else out.view(c * H, *out.shape[2:]))
-    return flat.view(c, H, *flat.shape[1:])
-
-
 def forward(q, k, v, w_l, w_w, b_w, scale):
     """As kernels.talking_heads.forward: (out (B, H, N, D) token-major, lse (B, H, N) fp32)."""
     B, H, N, D = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # O(B H N D): the GEMMs' layout
-    o = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     c = chunk_images(B, H, N, D, 1)
     buf = torch.empty((c, H, N, N), dtype=q.dtype, device=q.device)
     meta = _meta(H, N, q.dtype, backward=False)
     for b0 in range(0, B, c):
-        n = min(c, B - b0)
-        s = _bmm(q[b0:b0 + n], k[b0:b0 + n].transpose(-1, -2), out=buf[:n])
-        launch(_mix_softmax_fwd, (n, _row_programs(N, meta)), s, lse[b0:b0 + n], w_l, w_w, b_w, H,
-               N, scale * LOG2E, **meta)
-        o[b0:b0 + n] = _bmm(s, v[b0:b0 + n])
+        at = slice(b0, min(B, b0 + c))
+        s = _bmm(q[at], k[at].transpose(-1, -2), buf[:at.stop - b0])
+        launch(_mix_softmax_fwd, (at.stop - b0, _row_programs(N, meta)), s, lse[at], w_l, w_w, b_w,
+               H, N, scale * LOG2E, **meta)
+        _bmm(s, v[at], o[at])
     return o, lse
 
 
 def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, out=None):
     """As kernels.talking_heads.backward: (dq, dk, dv, dw_l, dw_w, db_w); out: where to write
-    dq, dk, dv."""
+    dq, dk, dv (any strides)."""
     B, H, N, D = q.shape
-    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-    grads = [torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3)]
+    dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     c = chunk_images(B, H, N, D, 2)
     s_buf, dp_buf = (torch.empty((c, H, N, N), dtype=q.dtype, device=q.device) for _ in range(2))
     meta = _meta(H, N, q.dtype, backward=True)
     rows = _row_programs(N, meta)
     part = torch.empty((B * rows, 3, meta["HG"], meta["HG"]), dtype=torch.float32, device=q.device)
     for b0 in range(0, B, c):
-        n, at = min(c, B - b0), slice(b0, b0 + min(c, B - b0))
-        s = _bmm(q[at], k[at].transpose(-1, -2), out=s_buf[:n])
-        dp = _bmm(do[at], v[at].transpose(-1, -2), out=dp_buf[:n])
-        launch(_mix_softmax_bwd, (n, rows), s, dp, lse[at], w_l, w_w, b_w, part[b0 * rows:],
-               H, N, scale * LOG2E, scale, **meta)
-        _bmm(s.transpose(-1, -2), do[at], out=grads[2][at])  # dv = P'^T dO
-        _bmm(dp, k[at], out=grads[0][at])  # dq = (scale dS) k
-        _bmm(dp.transpose(-1, -2), q[at], out=grads[1][at])  # dk = (scale dS)^T q
-    if out is not None:
-        for target, grad in zip(out, grads):
-            target.copy_(grad)
-        grads = list(out)
+        at = slice(b0, min(B, b0 + c))
+        s = _bmm(q[at], k[at].transpose(-1, -2), s_buf[:at.stop - b0])
+        dp = _bmm(do[at], v[at].transpose(-1, -2), dp_buf[:at.stop - b0])
+        launch(_mix_softmax_bwd, (at.stop - b0, rows), s, dp, lse[at], w_l, w_w, b_w,
+               part[b0 * rows:], H, N, scale * LOG2E, scale, **meta)
+        _bmm(s.transpose(-1, -2), do[at], dv[at])  # dv = P'^T dO
+        _bmm(dp, k[at], dq[at])  # dq = (scale dS) k
+        _bmm(dp.transpose(-1, -2), q[at], dk[at])  # dk = (scale dS)^T q
     sums = part.sum(0)  # fixed order over programs: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
         (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))
-    return (*grads, dw_l, dw_w, db_w)
+    return dq, dk, dv, dw_l, dw_w, db_w
 
 
 def aot_configs(dtype: str):
-    """The two kernels at CaiT's head counts (4, 8, 16) and 196 tokens, at 8 heads and the
-    longest rows taken (MAX_KEYS), and at the shortest (16 keys), for the sm_90 AOT test."""
+    """The two mixing kernels at CaiT's head counts (4, 8, 16) and 196 tokens, at 8 heads and the
+    longest rows taken (MAX_KEYS), and at the shortest (16 keys); and the GEMM; for the sm_90
+    AOT test."""
     ints = dict.fromkeys(["H", "N"], "i32")
     ints.update(qk_scale="fp32", scale="fp32")
     ptrs = dict.fromkeys(["S", "DP"], f"*{dtype}")
@@ -239,3 +271,9 @@ def aot_configs(dtype: str):
             options = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
             sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
             yield dict(kernel=kernel, signature=sig, constexprs=meta, **options, aligned=(), matmul=False)
+    consts = {k: v for k, v in GEMM_TILES.items() if not k.startswith("num_")}
+    consts["PRECISION"] = _precision(DTYPES[dtype])
+    sig = {a: "constexpr" if a in consts else f"*{dtype}" if a in ("A", "B", "C") else "i32"
+           for a in _gemm.arg_names}
+    yield dict(kernel=_gemm, signature=sig, constexprs=consts, num_warps=GEMM_TILES["num_warps"],
+               num_stages=GEMM_TILES["num_stages"], aligned=(), matmul=dtype != "fp32")  # fp32: exact FMAs

@@ -13,7 +13,7 @@ kernels.talking_heads.TENSOR_CORE_MIXING); the backend's default is tensor cores
 count for fp16/bf16 inputs, from SASS counts this bench is to confirm; fp32 inputs always run
 the CUDA-core family (triton_tc: unavailable). triton_chunked is the triton backend with
 kernels.talking_heads.STRATEGY "chunked" (kernels/talking_heads_chunked.py: the N x N products
-through cuBLAS and one memory-bound mixing pass each, a chunk of images at a time); rows past its
+as batched GEMMs and one memory-bound mixing pass each, a chunk of images at a time); rows past its
 MAX_KEYS (the 384 px shapes) run the fused kernels there too, so it equals triton_tc there.
 """
 

@@ -53,6 +53,25 @@ def test_chunks_give_the_whole_batch_result(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_strided_gemm_reads_and_writes_in_place(dtype):
+    """chunked._bmm on the operands as the chunked path passes them (views of the packed
+    projection, transposes by strides, N x N buffers, the packed grad and token-major o as
+    outputs) against torch.matmul, at sizes off the tiles; nothing beside the output is written."""
+    B, H, N, D = 2, 3, 70, 48
+    q, k, v = qkv_views(B, H, N, D, dtype)
+    s = torch.randn(B, H, N, N, device=DEVICE).to(dtype)
+    packed = torch.full((B, N, 3, H, D), 7.0, device=DEVICE, dtype=dtype)
+    dq, dk, dv = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    o = torch.full((B, N, H, D), 7.0, device=DEVICE, dtype=dtype).transpose(1, 2)
+    buf = torch.empty(B, H, N, N, device=DEVICE, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-2)
+    for a, b, c in ((q, k.transpose(-1, -2), buf), (s, v, o), (s.transpose(-1, -2), q, dv), (s, k, dq)):
+        assert chunked._bmm(a, b, c) is c
+        torch.testing.assert_close(c.float(), a.float() @ b.float(), **tol)
+    assert torch.all(packed[:, :, 1] == 7)  # dk, written by none of them, untouched
+
+
 def test_chunk_buffers_stay_within_the_budget():
     """CaiT-S training shape: the N x N buffers of a chunk within CHUNK_BUDGET x q's bytes, so peak
     memory is O(B H N D); chunks spread evenly over the batch."""
