@@ -164,17 +164,18 @@ def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, qk_scale, scale, HP: tl
 def _gemm(A, B, C, H, M, N, K, sab, sah, sam, sak, sbb, sbh, sbk, sbn, scb, sch, scm, scn,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           PRECISION: tl.constexpr):
-    """C[z] = A[z] @ B[z] for z = b * H + h (program 1), every operand through its own (batch,
-    head, row, column) strides: q, k, v, dO and o, dq, dk, dv where the model keeps them (views of
-    the packed projection, token-major o) with no copy, and transposes by swapped strides."""
-    z = tl.program_id(1)
+    """C[z] = A[z] @ B[z] for z = b * H + h (program 0, as a grid's y stops at 65535; the tile of
+    C is program 1), every operand through its own (batch, head, row, column) strides: q, k, v,
+    dO and o, dq, dk, dv where the model keeps them (views of the packed projection, token-major
+    o) with no copy, and transposes by swapped strides."""
+    z = tl.program_id(0)
     b, h = (z // H).to(tl.int64), (z % H).to(tl.int64)
     A += b * sab + h * sah
     B += b * sbb + h * sbh
     C += b * scb + h * sch
     n_tiles = tl.cdiv(N, BLOCK_N)
-    rm = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (tl.program_id(1) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (tl.program_id(1) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -195,7 +196,7 @@ def _bmm(a, b, c):
     z) tensors of any strides (one launch)."""
     n, H, M, K = a.shape
     N = b.shape[-1]
-    grid = (cdiv(M, GEMM_TILES["BLOCK_M"]) * cdiv(N, GEMM_TILES["BLOCK_N"]), n * H)
+    grid = (n * H, cdiv(M, GEMM_TILES["BLOCK_M"]) * cdiv(N, GEMM_TILES["BLOCK_N"]))
     launch(_gemm, grid, a, b, c, H, M, N, K, *a.stride(), *b.stride(), *c.stride(),
            PRECISION=_precision(a.dtype), **GEMM_TILES)
     return c
