@@ -242,17 +242,21 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, out=None):
     s_buf, dp_buf = (torch.empty((c, H, N, N), dtype=q.dtype, device=q.device) for _ in range(2))
     meta = _meta(H, N, q.dtype, backward=True)
     rows = _row_programs(N, meta)
-    part = torch.empty((B * rows, 3, meta["HG"], meta["HG"]), dtype=torch.float32, device=q.device)
+    # The weight-grad partials of one chunk's programs (3 KB each at 16 heads), summed per chunk:
+    # for the whole batch they would be 2x q's bytes at CaiT-M's shape.
+    part = torch.empty((c * rows, 3, meta["HG"], meta["HG"]), dtype=torch.float32, device=q.device)
+    chunk_sums = []
     for b0 in range(0, B, c):
         at = slice(b0, min(B, b0 + c))
         s = _bmm(q[at], k[at].transpose(-1, -2), s_buf[:at.stop - b0])
         dp = _bmm(do[at], v[at].transpose(-1, -2), dp_buf[:at.stop - b0])
-        launch(_mix_softmax_bwd, (at.stop - b0, rows), s, dp, lse[at], w_l, w_w, b_w,
-               part[b0 * rows:], H, N, scale * LOG2E, scale, **meta)
+        launch(_mix_softmax_bwd, (at.stop - b0, rows), s, dp, lse[at], w_l, w_w, b_w, part, H, N,
+               scale * LOG2E, scale, **meta)
+        chunk_sums.append(part[:(at.stop - b0) * rows].sum(0))
         _bmm(s.transpose(-1, -2), do[at], dv[at])  # dv = P'^T dO
         _bmm(dp, k[at], dq[at])  # dq = (scale dS) k
         _bmm(dp.transpose(-1, -2), q[at], dk[at])  # dk = (scale dS)^T q
-    sums = part.sum(0)  # fixed order over programs: deterministic
+    sums = torch.stack(chunk_sums).sum(0)  # fixed orders over programs and chunks: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
         (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))
     return dq, dk, dv, dw_l, dw_w, db_w

@@ -38,8 +38,8 @@ def test_all_negative_logits_keep_grads_finite(chunked_strategy):
 
 def test_chunks_give_the_whole_batch_result(monkeypatch):
     """One image per chunk or the whole batch in one: each image's products and mixing are the
-    same arithmetic, so the same output and grads (the weight grads' partials are summed in the
-    same order)."""
+    same arithmetic, so the same output and q, k, v grads; the weight grads are summed per chunk,
+    then over chunks, so they agree to fp32 rounding of a different order."""
     q, k, v = qkv_views(5, 4, 23, 32, torch.float32)
     w = mixing(4)
     do = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
@@ -49,8 +49,10 @@ def test_chunks_give_the_whole_batch_result(monkeypatch):
         monkeypatch.setattr(chunked, "CHUNK_BUDGET", budget)
         assert chunked.chunk_images(5, 4, 23, 32, 2) == expect
         results.append(run(fused, (q, k, v, *w), do))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    names = ("out", "dq", "dk", "dv", "dw_l", "db_l", "dw_w", "db_w")
+    for name, a, b in zip(names, *results):
+        tol = 1e-6 if name in ("out", "dq", "dk", "dv") else 1e-5
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
