@@ -6,6 +6,8 @@ shared memory).
 
     python tests/aot/census.py        # PYTHONPATH=<a triton 3.6 copy> for the GPU machine's
 
+The last lines give the same measure for the chunked strategy's mixing passes.
+
 Per kernel: the instructions of one outer-loop iteration (a key or query tile), its inner loops
 over the heads counted H times (compile_triton.loops gives each loop and its address range),
 divided by the scores a thread owns in that tile, less the padded head slots (H of every HG).
@@ -56,6 +58,26 @@ def main(block_d: int = 64, block_d2: int = 0) -> None:
             print(f"H={heads} {'tensor cores' if tc else 'CUDA cores  '}: fwd {counts['fwd']:.0f}, "
                   f"bwd {counts['dq'] + counts['dk'] + counts['dv']:.0f} (dq {counts['dq']:.0f}, "
                   f"dk {counts['dk']:.0f}, dv {counts['dv']:.0f}){fused}", flush=True)
+
+    chunked_counts()
+
+
+def chunked_counts(n: int = 196) -> None:
+    """The same measure for the mixing passes of kernels/talking_heads_chunked.py at N = n keys
+    (a program: one group of 16 // HG query rows, straight-line code, the whole SASS counted;
+    its GEMMs, the products, are not)."""
+    from deit_fast.kernels import talking_heads_chunked as chunked
+    for heads in (4, 8, 16):
+        counts = {}
+        for name, kernel in (("fwd", chunked._mix_softmax_fwd), ("bwd", chunked._mix_softmax_bwd)):
+            meta = chunked._meta(heads, n, torch.bfloat16, backward=name == "bwd")
+            cfg = next(c for c in chunked.aot_configs("bf16") if c["kernel"] is kernel
+                       and c["constexprs"]["HG"] == meta["HG"] and c["constexprs"]["NP"] == meta["NP"])
+            sass = compile_triton._sass(compile_triton.compile_variant(cfg).asm["cubin"])
+            scores = chunked.SLOTS // meta["HG"] * heads * n / (32 * meta["num_warps"])
+            counts[name] = len(sass) / scores
+        print(f"H={heads} chunked mixing passes (N={n}): fwd {counts['fwd']:.0f}, bwd {counts['bwd']:.0f}",
+              flush=True)
 
 
 if __name__ == "__main__":
