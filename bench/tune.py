@@ -17,6 +17,9 @@ A tunable is a set of module constants of one kernel file that its host code rea
     (TC_FWD_MAXNREG: two CTAs per SM) and the backward's dk and dv in one launch or two
     (FUSED_DKDV); the shipped ones were chosen from SASS counts, registers and shared memory,
     never timed.
+  - talking_heads.chunked_fwd, talking_heads.chunked_bwd (kernels/talking_heads_chunked.py, the
+    STRATEGY "chunked" path): its GEMMs' tiles and warps (GEMM_TILES, 12 candidates) and its
+    chunk size (CHUNK_BUDGET), never timed.
   - layerscale.ln_fwd, layerscale.ln_bwd (kernels/layerscale.py): the residual + LayerNorm's
     elements per program tile, and in the backward the row strips (BWD_PROGRAMS, which the plain
     layerscale backward shares) that set how many programs stream rows and write column
@@ -59,6 +62,7 @@ from deit_fast.kernels import attention as attention_kernels
 from deit_fast.kernels import class_attention as class_attention_kernels
 from deit_fast.kernels import layerscale as layerscale_kernels
 from deit_fast.kernels import talking_heads as talking_heads_kernels
+from deit_fast.kernels import talking_heads_chunked as chunked_kernels
 from deit_fast.ops import reference
 
 TOLERANCE_FLOOR = 1e-3
@@ -185,6 +189,10 @@ OPS = {
     "talking_heads": TalkingHeadsOp(talking_heads_kernels, talking_heads_bench.SHAPES,
                                     ("cait_s_224", "cait_xxs_224"), _talking_heads_inputs,
                                     reference.talking_heads_attention, (1, 8, 9, 48)),
+    "talking_heads_chunked": TalkingHeadsOp(chunked_kernels, {k: v for k, v in talking_heads_bench.SHAPES.items()
+                                                              if v[2] <= chunked_kernels.MAX_KEYS},
+                                            ("cait_s_224", "cait_xxs_224"), _talking_heads_inputs,
+                                            reference.talking_heads_attention, (1, 8, 9, 48)),
     "layerscale": ResidualLayerNormOp(layerscale_kernels, layerscale_bench.SHAPES,
                                       ("deit_tiny_224", "deit_small_224"), _residual_layernorm_inputs,
                                       None, (2, 9, 96)),
@@ -224,6 +232,14 @@ def _talking_heads_bwd_grid() -> List[dict]:
     return _talking_heads_grid() + [{"FUSED_DKDV": not talking_heads_kernels.FUSED_DKDV}]
 
 
+def _chunked_grid() -> List[dict]:
+    """The chunked strategy's GEMM tiles (its six products), and its chunk size through
+    CHUNK_BUDGET (the N x N buffers' bytes over q's)."""
+    tiles = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=3)
+             for m, n in ((64, 64), (128, 64), (128, 128)) for k in (16, 32) for w in (4, 8)]
+    return [{"GEMM_TILES": t} for t in tiles] + [{"CHUNK_BUDGET": b} for b in (1.0, 4.0)]
+
+
 def _layernorm_grid(direction: str) -> List[dict]:
     if direction == "fwd":
         return [{"LN_FWD_TILE": t} for t in (1024, 2048, 4096, 8192)]
@@ -252,6 +268,8 @@ class Tunable:
 
 
 TUNABLES = {  # in the order a time-capped run reaches them: the least measured first
+    "talking_heads.chunked_fwd": Tunable("talking_heads_chunked", "fwd", _chunked_grid()),
+    "talking_heads.chunked_bwd": Tunable("talking_heads_chunked", "bwd", _chunked_grid()),
     "talking_heads.tc_fwd": Tunable("talking_heads", "fwd", _talking_heads_fwd_grid()),
     "talking_heads.tc_bwd": Tunable("talking_heads", "bwd", _talking_heads_bwd_grid()),
     "layerscale.ln_bwd": Tunable("layerscale", "bwd", _layernorm_grid("bwd")),

@@ -247,21 +247,22 @@ def test_profile(tmp_path):
 def test_tune(tmp_path):
     # Two candidates per tunable at a tiny fp16 shape, the shipped one first.
     out = run("bench.tune", "--tunables",
-              "attention.FWD,class_attention.bwd,talking_heads.tc_bwd,layerscale.ln_bwd",
-              "--out", str(tmp_path / "tune"))
+              "attention.FWD,class_attention.bwd,talking_heads.tc_bwd,layerscale.ln_bwd,"
+              "talking_heads.chunked_bwd", "--out", str(tmp_path / "tune"))
     rows = [json.loads(line) for line in open(tmp_path / "tune.jsonl")][1:]
     assert [r["tunable"] for r in rows] == ["attention.FWD"] * 2 + ["class_attention.bwd"] * 2 + \
-        ["talking_heads.tc_bwd"] * 2 + ["layerscale.ln_bwd"] * 2
+        ["talking_heads.tc_bwd"] * 2 + ["layerscale.ln_bwd"] * 2 + ["talking_heads.chunked_bwd"] * 2
     # max abs error vs fp32 math on the same fp16 inputs; the talking-heads weight grads (up to
     # ~0.03 here) sum N^2 products of fp16-rounded operands, as torch's fp16 math does (0.036)
     for r in rows:
         assert r["status"] == "ok" and r["error"] < 5e-2, r
         positive(r, "us", "speedup")
-    assert [r["shipped"] for r in rows] == [True, False] * 4
+    assert [r["shipped"] for r in rows] == [True, False] * 5
     assert set(rows[0]["candidate"]) == {"FWD", "SPLIT_HEAD_DIM"}  # D=48: split tried too
     assert set(rows[2]["candidate"]) == {"BWD_TILE", "NUM_WARPS", "PROGRAMS_PER_SM", "STAGES"}
     assert rows[4]["candidate"] != rows[5]["candidate"] and set(rows[5]["candidate"]) == {"TC_TILES"}
     assert set(rows[7]["candidate"]) == {"LN_BWD_TILE", "BWD_PROGRAMS"}
+    assert set(rows[9]["candidate"]) == {"GEMM_TILES"}
     assert "### attention.FWD at smoke (1x2x9x48)" in out and "(shipped)" in (tmp_path / "tune.md").read_text()
 
 
