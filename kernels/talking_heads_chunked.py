@@ -72,14 +72,14 @@ def chunk_images(B: int, H: int, N: int, D: int, buffers: int) -> int:
 
 @triton.jit
 def _rows(H, N, HP: tl.constexpr, HG: tl.constexpr, NP: tl.constexpr):
-    """(head [HP], rows [HP], 32-bit offsets [HP, NP] into one image's (H, N, N), mask, live
+    """(head, group, rows [HP], 32-bit offsets [HP, NP] into one image's (H, N, N), mask, live
     slots [HP]) of this program's group of HP // HG query rows."""
     head, group = fused._slots(HP, HG)
     rows = tl.program_id(1) * (HP // HG) + group
     jj = tl.arange(0, NP)
     live = (head < H) & (rows < N)
     offs = (head[:, None] * N + rows[:, None]) * N + jj[None, :]
-    return head, rows, offs, live[:, None] & (jj[None, :] < N), live
+    return head, group, rows, offs, live[:, None] & (jj[None, :] < N), live
 
 
 @triton.jit
@@ -91,8 +91,7 @@ def _mix_softmax_fwd(S, LSE, WL, WW, BW, H, N, qk_scale, HP: tl.constexpr, HG: t
     S += b * H * N * N
     LSE += b * H * N
     DT = S.dtype.element_ty
-    head, rows, offs, mask, live = _rows(H, N, HP, HG, NP)
-    group = tl.arange(0, HP) // HG
+    head, group, rows, offs, mask, live = _rows(H, N, HP, HG, NP)
     s = tl.load(S + offs, mask=mask, other=0.0)
     x = tl.dot(fused._weights(WL, H, head, group, False, DT), s, input_precision=PRECISION)
     x = tl.where(tl.arange(0, NP)[None, :] < N, x * qk_scale, float("-inf"))
@@ -132,8 +131,7 @@ def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, qk_scale, scale, HP: tl
     DP += b * H * N * N
     LSE += b * H * N
     DT = S.dtype.element_ty
-    head, rows, offs, mask, live = _rows(H, N, HP, HG, NP)
-    group = tl.arange(0, HP) // HG
+    head, group, rows, offs, mask, live = _rows(H, N, HP, HG, NP)
     lse = tl.load(LSE + head * N + rows, mask=live, other=0.0)
     s = tl.load(S + offs, mask=mask, other=0.0)
     x = tl.dot(fused._weights(WL, H, head, group, False, DT), s, input_precision=PRECISION)
