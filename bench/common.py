@@ -190,9 +190,9 @@ def graph_us(thunk: Callable[[], Timed], device: torch.device, warmup_ms: float,
     with torch.cuda.stream(side):
         t = thunk()
         for _ in range(3):  # warm-up off the default stream, as torch.cuda.graph asks
-            _clear_grads(t)
+            clear_grads(t)
             t.fn()
-        _clear_grads(t)  # the captured backward then allocates its grads in the graph's pool
+        clear_grads(t)  # the captured backward then allocates its grads in the graph's pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):
             t.fn()
@@ -203,7 +203,7 @@ def graph_us(thunk: Callable[[], Timed], device: torch.device, warmup_ms: float,
         del graph, t
 
 
-def _clear_grads(t: Timed) -> None:
+def clear_grads(t: Timed) -> None:
     for g in t.grad_to_none:
         g.grad = None
 

@@ -115,6 +115,7 @@ def run_cases(names: Sequence[str], device: str, overrides: Optional[Dict[str, T
         case = common.Case(OPS.get(module, module), shape, dtype, dict(params))
         timed = bench.setup(case, impl, args)[direction]()
         timed.fn()
+        common.clear_grads(timed)  # as the benches time it: no accumulation into old grads
         if cuda:
             torch.cuda.synchronize()
         with window():
