@@ -45,7 +45,8 @@ SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "Compu
             "MemoryWorkloadAnalysis")
 MARKER = "_ncu_case_marker"
 ROOT = Path(__file__).resolve().parents[1]  # `-m bench.ncu` runs from here: bench is not installed
-OPS = {"talking_heads": "talking_heads_attention", "layerscale_layernorm": "layerscale_residual_layernorm"}
+OPS = {"talking_heads": "talking_heads_attention", "layerscale_layernorm": "layerscale_residual_layernorm",
+       "distill_loss": "distillation_loss_hard"}
 
 # name -> (bench module, shape, dtype, impl, direction, params): one profiled call each, at the
 # shapes of the targets that were missed on the H100 (2026-11-26).
@@ -62,10 +63,15 @@ CASES = {
     "class_attn_bwd_cuda": ("class_attention", (256, 8, 197, 48), "bf16", "cuda", "bwd", {}),
     "ln_fwd_cuda": ("layerscale_layernorm", (256, 197, 384), "fp32/bf16/fp32", "cuda", "fwd", {}),
     "ln_bwd_cuda": ("layerscale_layernorm", (256, 197, 384), "fp32/bf16/fp32", "cuda", "bwd", {}),
+    # fwd+bwd: the whole step's kernels, ours against torch.compile's (its 1.3x was missed)
+    "loss_triton": ("distill_loss", (256, 1000), "bf16", "triton", "fwd+bwd", {"kind": "hard"}),
+    "loss_cuda": ("distill_loss", (256, 1000), "bf16", "cuda", "fwd+bwd", {"kind": "hard"}),
+    "loss_compile": ("distill_loss", (256, 1000), "bf16", "compile", "fwd+bwd", {"kind": "hard"}),
 }
 PROFILES = {  # named groups of cases, in the order of the gap to their target
     "talking_heads": ("th_fwd", "th_bwd", "th_fwd_chunked", "th_bwd_chunked"),
     "attention_fwd": ("attn_fwd_cuda", "attn_fwd_cuda_m128_s3", "attn_fwd_cudnn", "attn_fwd_triton"),
+    "distill_loss": ("loss_triton", "loss_cuda", "loss_compile"),
     "class_attention": ("class_attn_fwd_cuda", "class_attn_bwd_cuda"),
     "layernorm": ("ln_fwd_cuda", "ln_bwd_cuda"),
 }

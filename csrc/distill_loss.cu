@@ -575,6 +575,58 @@ __global__ void __launch_bounds__(kMaxThreads, 1) distill_loss_stream_kernel(con
   sum_rows_if_last(a);
 }
 
+// ---- backward: the saved grads times the loss's upstream grad -------------------------------
+
+// Element types of the backward's tensors, chosen at run time: the two heads may differ, and one
+// launch serves both (a template per dtype pair would need nine instantiations).
+enum Elem : int { kElemF32 = 0, kElemF16 = 1, kElemBF16 = 2 };
+
+__device__ __forceinline__ float load_elem(const void* p, int64_t i, int type) {
+  switch (type) {
+    case kElemF16: return __half2float(static_cast<const __half*>(p)[i]);
+    case kElemBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_elem(void* p, int64_t i, int type, float v) {
+  switch (type) {
+    case kElemF16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case kElemBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+struct ScaleHead {
+  const void* in;  // the saved grad, contiguous
+  void* out;       // its product with the upstream grad, contiguous, in the head's dtype
+  int64_t n;
+  int in_type, out_type;  // Elem
+};
+
+constexpr int kScaleThreads = 256;
+constexpr int kScalePer = 8;  // elements per thread
+constexpr int64_t kScaleBlock = kScaleThreads * kScalePer;
+
+// The first ceil(s.n / kScaleBlock) blocks scale the class head, the rest the distillation head.
+// The upstream grad is read on the device: no host sync, and a captured graph replays new values.
+__global__ void __launch_bounds__(kScaleThreads)
+    distill_loss_scale_kernel(ScaleHead s, ScaleHead d, const float* __restrict__ dloss) {
+  const int64_t first = (s.n + kScaleBlock - 1) / kScaleBlock;
+  const bool is_s = blockIdx.x < first;
+  const void* in = is_s ? s.in : d.in;
+  void* out = is_s ? s.out : d.out;
+  const int64_t n = is_s ? s.n : d.n;
+  const int in_type = is_s ? s.in_type : d.in_type, out_type = is_s ? s.out_type : d.out_type;
+  const int64_t base = (is_s ? blockIdx.x : blockIdx.x - first) * kScaleBlock + threadIdx.x;
+  const float g = *dloss;
+#pragma unroll
+  for (int j = 0; j < kScalePer; ++j) {  // coalesced: the block's threads take neighbours
+    const int64_t i = base + static_cast<int64_t>(j) * kScaleThreads;
+    if (i < n) store_elem(out, i, out_type, load_elem(in, i, in_type) * g);
+  }
+}
+
 // ---- input checks (shared by the CUDA and Meta kernels) ----------------------------------
 
 constexpr const char* kOp = "distillation_loss_forward";
@@ -846,6 +898,64 @@ Outputs forward_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& 
   return out;
 }
 
+
+// ---- backward (host) ---------------------------------------------------------------------
+
+constexpr const char* kBwdOp = "distillation_loss_backward";
+
+int elem_of(const char* name, at::ScalarType t) {
+  check_float(kBwdOp, name, t);
+  return t == at::kHalf ? kElemF16 : t == at::kBFloat16 ? kElemBF16 : kElemF32;
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor>;
+
+// The Meta kernel: the checks and outputs the CUDA kernel shares. A saved grad is the forward's
+// (B, C) contiguous one, or empty for a head that needs no grad (its output is empty too).
+Grads backward_meta(const at::Tensor& grad_logits, const at::Tensor& grad_dist,
+                    const at::Tensor& dloss, at::ScalarType logits_dtype,
+                    at::ScalarType dist_dtype) {
+  TORCH_CHECK(dloss.numel() == 1 && dloss.scalar_type() == at::kFloat, kBwdOp,
+              ": dloss must be one fp32 element (the loss's upstream grad), got ",
+              dloss.scalar_type(), " of shape ", dloss.sizes());
+  auto head = [&](const char* name, const at::Tensor& g, at::ScalarType out,
+                  const char* out_name) {
+    elem_of(name, g.scalar_type());
+    elem_of(out_name, out);
+    TORCH_CHECK(g.is_contiguous(), kBwdOp, ": ", name, " must be contiguous (the forward's)");
+    TORCH_CHECK(g.device() == dloss.device(), kBwdOp, ": ", name, " is on ", g.device(),
+                " but dloss is on ", dloss.device());
+    return at::empty(g.sizes(), g.options().dtype(out));
+  };
+  return {head("grad_logits", grad_logits, logits_dtype, "logits_dtype"),
+          head("grad_dist", grad_dist, dist_dtype, "dist_dtype")};
+}
+
+Grads backward_cuda(const at::Tensor& grad_logits, const at::Tensor& grad_dist,
+                    const at::Tensor& dloss, at::ScalarType logits_dtype,
+                    at::ScalarType dist_dtype) {
+  TORCH_CHECK(dloss.is_cuda(), kBwdOp, ": dloss must be a CUDA tensor, got device ",
+              dloss.device());
+  const c10::cuda::CUDAGuard guard(dloss.device());
+  Grads out = backward_meta(grad_logits, grad_dist, dloss, logits_dtype, dist_dtype);
+  const at::Tensor &os = std::get<0>(out), &od = std::get<1>(out);
+  auto head = [](const at::Tensor& g, const at::Tensor& o) {
+    return ScaleHead{g.numel() ? g.const_data_ptr() : nullptr, o.numel() ? o.data_ptr() : nullptr,
+                     g.numel(), elem_of("grad", g.scalar_type()), elem_of("out", o.scalar_type())};
+  };
+  const ScaleHead s = head(grad_logits, os), d = head(grad_dist, od);
+  const int64_t blocks =
+      (s.n + kScaleBlock - 1) / kScaleBlock + (d.n + kScaleBlock - 1) / kScaleBlock;
+  if (blocks == 0) return out;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), kBwdOp, ": ", s.n + d.n,
+              " elements, more than a grid holds");
+  distill_loss_scale_kernel<<<static_cast<unsigned>(blocks), kScaleThreads, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(
+      s, d, dloss.const_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
@@ -860,15 +970,23 @@ TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
         "Tensor? teacher_logits, str kind, float alpha, float tau, float label_smoothing, "
         "str kl_reduction, bool grad_logits, bool grad_dist, Tensor(a!) tickets) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The op's backward, one launch for both heads: (grad_logits * dloss as logits_dtype,
+  // grad_dist * dloss as dist_dtype), computed in fp32. grad_logits, grad_dist: the forward's
+  // saved grads (contiguous), either empty for a head that needs none (its result is empty);
+  // dloss: the loss's upstream grad, one fp32 element on their device.
+  m.def("distillation_loss_backward(Tensor grad_logits, Tensor grad_dist, Tensor dloss, "
+        "ScalarType logits_dtype, ScalarType dist_dtype) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deit_fast_C, CUDA, m) {
   m.impl("distillation_loss_forward", &forward_cuda);
+  m.impl("distillation_loss_backward", &backward_cuda);
 }
 
 // Shapes and dtypes without data: input checks and output metadata testable on any machine.
 TORCH_LIBRARY_IMPL(deit_fast_C, Meta, m) {
   m.impl("distillation_loss_forward", &forward_meta);
+  m.impl("distillation_loss_backward", &backward_meta);
 }
 
 }  // namespace deit_fast

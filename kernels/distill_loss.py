@@ -19,7 +19,7 @@ gradients d total_b / d s_b and d total_b / d d_b:
     dd = w_dist * dist_scale / tau * (softmax(d / tau) - softmax(t / tau)) soft
 
 with kind "none": w_base = 1, w_dist = 0; else w_base = 1 - alpha, w_dist = alpha. Those are the
-whole backward: autograd later only multiplies them by the upstream gradient of the loss.
+whole backward: `backward` later only multiplies them by the upstream gradient of the loss.
 The program that finishes last also sums the rows' shares into the loss and its two components
 (_sum_rows_if_last), so the whole forward is one launch.
 log_softmax is formed as (x - max) - log(sum), never x - lse, so its rounding is that of torch's.
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch, next_pow2
+from . import cdiv, launch, next_pow2
 
 MAX_BLOCK_C = 4096  # widest row held in registers (8 warps: 16 fp32 per thread per tensor)
 CHUNK_C = 2048  # chunk width of the two-sweep path for wider rows
@@ -239,6 +239,31 @@ def _sum_rows_if_last(ROWS, LOSS, PARTS, TICKETS, B, BLOCK_B: tl.constexpr):
         tl.atomic_xchg(TICKETS, 0)  # ready for the next launch on this stream
 
 
+SCALE_BLOCK = 2048  # elements per program of the backward (8 bf16 / 16 fp32 per thread)
+SCALE_WARPS = 8
+
+
+@triton.jit
+def _scale_grads(GS, GD, OS, OD, DLOSS, n_s, n_d, BLOCK: tl.constexpr):
+    """The whole backward, both heads in one launch: out = saved grad * d(upstream)/d loss,
+    computed in fp32 and stored in the head's dtype. The first cdiv(n_s, BLOCK) programs take
+    the class head (GS -> OS), the rest the distillation head (GD -> OD). The upstream grad is
+    read here, on the device: no host sync, and a CUDA graph replays it with new values."""
+    pid = tl.program_id(0).to(tl.int64)  # int64: B * C may pass 2**31
+    g = tl.load(DLOSS).to(tl.float32)
+    first = tl.cdiv(n_s, BLOCK)
+    if pid < first:
+        at = pid * BLOCK + tl.arange(0, BLOCK)
+        live = at < n_s
+        x = tl.load(GS + at, mask=live).to(tl.float32)
+        tl.store(OS + at, (x * g).to(OS.dtype.element_ty), mask=live)
+    else:
+        at = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+        live = at < n_d
+        x = tl.load(GD + at, mask=live).to(tl.float32)
+        tl.store(OD + at, (x * g).to(OD.dtype.element_ty), mask=live)
+
+
 def tile(C: int):
     """(BLOCK_C, ONE_CHUNK, num_warps) for rows of C classes."""
     if C <= MAX_BLOCK_C:
@@ -308,6 +333,25 @@ def forward(logits, dist_logits, target, teacher_logits, kind: str, alpha: float
     return loss, parts, rows, ds, dd
 
 
+def backward(ds, dd, dloss, logits_dtype: torch.dtype, dist_dtype: torch.dtype):
+    """-> (dlogits, ddist): forward's saved grads ds, dd (contiguous, or empty for a head that
+    needs none: its result is empty too) times dloss (the loss's upstream grad, a 0-dim fp32
+    tensor on their device), in logits_dtype and dist_dtype. One launch for both heads: torch's
+    multi-tensor multiply takes one only when the saved grads and dloss share a dtype (fp32
+    heads), else it multiplies each tensor on its own."""
+    out_s = torch.empty(ds.shape, dtype=logits_dtype, device=ds.device)
+    out_d = torch.empty(dd.shape, dtype=dist_dtype, device=dd.device)
+    n_s, n_d = ds.numel(), dd.numel()
+    if n_s + n_d == 0:
+        return out_s, out_d
+    # A head without a grad still needs a pointer of a live tensor: the other head's (unread).
+    gs, gd = (ds if n_s else dd), (dd if n_d else ds)
+    out_gs, out_gd = (out_s if n_s else out_d), (out_d if n_d else out_s)
+    launch(_scale_grads, (cdiv(n_s, SCALE_BLOCK) + cdiv(n_d, SCALE_BLOCK),),
+           gs, gd, out_gs, out_gd, dloss, n_s, n_d, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS)
+    return out_s, out_d
+
+
 def aot_configs(dtype: str):
     """Every shipped variant for the sm_90 AOT test (see kernels/layerscale.py): logits of
     `dtype` for all three heads, fp32 soft targets (timm's Mixup), int64 class targets. The
@@ -335,3 +379,10 @@ def aot_configs(dtype: str):
                 for grads in ((True, True), (False, False)):
                     yield variant(C, C % 16 == 0, KIND=kind, SOFT_TARGET=soft_target,
                                   GRAD_S=grads[0], GRAD_D=grads[1] and kind != NONE)
+    # The backward: saved grads (fp32 for fp16 heads) scaled into the heads' dtype.
+    saved = ptrs["DS"]
+    for aligned in (("n_s", "n_d"), ()):  # B * C a multiple of 16 (C = 1000) or not (C = 10)
+        yield dict(kernel=_scale_grads, num_warps=SCALE_WARPS, matmul=False,
+                   signature=dict(GS=saved, GD=saved, OS=f"*{dtype}", OD=f"*{dtype}",
+                                  DLOSS="*fp32", n_s="i32", n_d="i32", BLOCK="constexpr"),
+                   constexprs=dict(BLOCK=SCALE_BLOCK), aligned=aligned)

@@ -4,12 +4,12 @@ distillation head.
 On the kernel backends (triton: kernels/distill_loss.py; cuda: csrc/distill_loss.cu, the same
 contract) one kernel launch reads each row of logits, dist_logits and teacher_logits once and
 writes the gradients w.r.t. both heads, and the last of its programs to finish sums the rows into
-the loss and its two components (fp32, fixed order: deterministic). The backward is one multiply
-of the saved gradients by the upstream gradient: no second pass over the logits. So a training
-step spends two launches on the loss, at a size (B = 256, C = 1000) where launches are most of
-its time. It runs behind the torch.library custom op deit_fast::distillation_loss (fake impl
-+ autograd), so torch.compile(fullgraph=True) traces it.
-The torch backend calls reference.py.
+the loss and its two components (fp32, fixed order: deterministic). The backward is one launch
+too, multiplying both saved gradients by the upstream gradient: no second pass over the logits.
+So a training step spends two launches on the loss, at a size (B = 256, C = 1000) where launches
+are most of its time. It runs behind the torch.library custom ops deit_fast::distillation_loss
+and deit_fast::distillation_loss_backward (fake impls + autograd), so torch.compile(fullgraph=True)
+traces it. The torch backend calls reference.py.
 """
 from typing import List, Optional, Tuple, Union
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks, reference
-from ._dispatch import custom_op, dispatch, register_autograd
+from ._dispatch import backward_call, custom_op, dispatch, register_autograd
 
 KINDS = ("none", "hard", "soft")
 KL_REDUCTIONS = ("numel", "batchmean")
@@ -28,15 +28,18 @@ def _grad_dtype(head_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if head_dtype == torch.float16 else head_dtype
 
 
-def _forward_kernel(backend: str):
-    """The kernel backend's forward: (logits, dist_logits, target, teacher_logits, kind, alpha,
-    tau, label_smoothing, kl_reduction, grad_logits, grad_dist, tickets) -> (loss, parts, rows,
-    dlogits, ddist), see kernels/distill_loss.forward."""
+def _kernels(backend: str):
+    """(forward, backward) of a kernel backend: kernels/distill_loss.py or csrc/distill_loss.cu.
+    forward(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
+    kl_reduction, grad_logits, grad_dist, tickets) -> (loss, parts, rows, dlogits, ddist);
+    backward(dlogits, ddist, dloss, logits_dtype, dist_dtype) -> (dlogits, ddist) scaled by dloss
+    (see kernels/distill_loss.forward and backward)."""
     if backend == "cuda":
         from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
-        return torch.ops.deit_fast_C.distillation_loss_forward
+        ops = torch.ops.deit_fast_C
+        return ops.distillation_loss_forward, ops.distillation_loss_backward
     from deit_fast.kernels import distill_loss
-    return distill_loss.forward
+    return distill_loss.forward, distill_loss.backward
 
 
 # The kernels' ticket counters: a launch needs an int32 at 0 that no concurrent launch shares, and
@@ -79,7 +82,7 @@ def _fused(logits: Tensor, dist_logits: Optional[Tensor], target: Tensor,
     saved grad is empty when not asked for. See kernels/distill_loss (csrc/distill_loss.cu is its
     twin)."""
     alpha, tau, label_smoothing = scalars
-    loss, parts, _, ds, dd = _forward_kernel(backend)(
+    loss, parts, _, ds, dd = _kernels(backend)[0](
         logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
         kl_reduction, grads[0], grads[1], _tickets(logits.device))
     return loss, parts, ds, dd
@@ -96,49 +99,45 @@ def _(logits, dist_logits, target, teacher_logits, kind, kl_reduction, scalars, 
             ds, dd)
 
 
+@custom_op("deit_fast::distillation_loss_backward")
+def _fused_backward(dlogits: Tensor, ddist: Tensor, dloss: Tensor, logits_dtype: torch.dtype,
+                    dist_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor]:
+    """The saved grads (either empty for a head that needs none) times dloss, in the heads'
+    dtypes: one launch for both."""
+    return _kernels(backend)[1](dlogits, ddist, dloss, logits_dtype, dist_dtype)
+
+
+@_fused_backward.register_fake
+def _(dlogits, ddist, dloss, logits_dtype, dist_dtype, backend):
+    return dlogits.new_empty(dlogits.shape, dtype=logits_dtype), ddist.new_empty(ddist.shape, dtype=dist_dtype)
+
+
 def _setup_context(ctx, inputs, output):
-    logits, dist_logits, *_ = inputs
+    logits, dist_logits, *_, backend = inputs
     _, parts, ds, dd = output
     ctx.save_for_backward(ds, dd)
-    ctx.dtypes = (logits.dtype, dist_logits.dtype if dist_logits is not None else None)
+    ctx.dtypes = (logits.dtype, dist_logits.dtype if dist_logits is not None else logits.dtype)
+    ctx.backend = backend
     # The components are for logging and the saved grads are results, not functions of the
     # inputs to differentiate: no grads flow back through them (and none are materialised).
     ctx.mark_non_differentiable(parts, ds, dd)
     ctx.set_materialize_grads(False)
 
 
-def _rescale(saved: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """saved * scale computed in fp32 and stored in the head's dtype: one kernel, no fp32 copy
-    (the out= form; a double backward, which needs the differentiable form, never comes here)."""
-    if scale.requires_grad and torch.is_grad_enabled():
-        return (saved * scale).to(dtype)
-    return torch.mul(saved, scale, out=torch.empty(saved.shape, dtype=dtype, device=saved.device))
-
-
-def _one_launch(ds: Tensor, dd: Tensor, dtypes, dloss: Tensor) -> bool:
-    """Whether both heads' grads can come from one multi-tensor multiply (one launch instead of
-    two, on the backward of every distilled training step): both saved grads are already in
-    their heads' dtypes (not fp16 heads: those save fp32), and no double backward needs the
-    differentiable form."""
-    return (ds.dtype == dtypes[0] and dd.dtype == dtypes[1]
-            and not (dloss.requires_grad and torch.is_grad_enabled()))
-
-
 def _backward(ctx, dloss, _dparts, _dds, _ddd):
     ds, dd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dlogits = ddist = None
-    if dloss is not None:
-        both = need[0] and ds.numel() and need[1] and dd.numel()
-        if both and _one_launch(ds, dd, ctx.dtypes, dloss):
-            dlogits, ddist = torch._foreach_mul([ds, dd], dloss)
-        else:
-            if need[0] and ds.numel():
-                dlogits = _rescale(ds, dloss, ctx.dtypes[0])
-            if need[1] and dd.numel():
-                ddist = _rescale(dd, dloss, ctx.dtypes[1])
+    want = (need[0] and ds.numel() > 0, need[1] and dd.numel() > 0)
+    if dloss is None or not any(want):
+        return (None,) * 9
+    if dloss.requires_grad and torch.is_grad_enabled():  # a double backward: the differentiable form
+        grads = [(g * dloss).to(dtype) if w else None for g, w, dtype in zip((ds, dd), want, ctx.dtypes)]
+    else:
+        grads = backward_call(ctx, _fused_backward)(ds if want[0] else ds.new_empty(0),
+                                                    dd if want[1] else dd.new_empty(0), dloss,
+                                                    *ctx.dtypes, ctx.backend)
     # target and teacher_logits get no grad (the teacher is frozen; the target is data).
-    return dlogits, ddist, None, None, None, None, None, None, None
+    return (grads[0] if want[0] else None, grads[1] if want[1] else None) + (None,) * 7
 
 
 register_autograd(_fused, _backward, _setup_context)

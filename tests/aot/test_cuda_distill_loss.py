@@ -23,6 +23,9 @@ def test_kernels_for_both_archs_without_spills(resource_usage):
         for k in KERNELS:
             assert sum(k in name for name in kernels) == 18, (a, k, sorted(kernels))
         assert_no_spills(kernels, 128, a)
+        scale = named(resource_usage[a], "distill_loss_scale_kernel")  # the backward
+        assert len(scale) == 1, (a, sorted(scale))
+        assert_no_spills(scale, 255, a)
 
 
 def test_schema(ops):
@@ -31,11 +34,15 @@ def test_schema(ops):
         "Tensor? teacher_logits, str kind, float alpha, float tau, float label_smoothing, "
         "str kl_reduction, bool grad_logits, bool grad_dist, Tensor(a!) tickets) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+    assert str(ops.distillation_loss_backward.default._schema) == (
+        "deit_fast_C::distillation_loss_backward(Tensor grad_logits, Tensor grad_dist, "
+        "Tensor dloss, ScalarType logits_dtype, ScalarType dist_dtype) -> (Tensor, Tensor)")
 
 
 def test_the_op_picks_the_extension_for_the_cuda_backend(so_path):
     from deit_fast.ops import distill_loss
-    assert distill_loss._forward_kernel("cuda") is torch.ops.deit_fast_C.distillation_loss_forward
+    assert distill_loss._kernels("cuda") == (torch.ops.deit_fast_C.distillation_loss_forward,
+                                             torch.ops.deit_fast_C.distillation_loss_backward)
 
 
 def meta(shape, dtype=F32):
@@ -149,3 +156,49 @@ def test_cpu_tensors_raise_instead_of_crashing(ops):
     with pytest.raises(NotImplementedError, match="CPU"):
         ops.distillation_loss_forward(s, s, torch.tensor([1, 2]), s, "hard", 0.5, 1.0, 0.0, "numel",
                                       True, True, torch.zeros(1, dtype=torch.int32))
+
+
+# ---- the backward: the saved grads times the loss's upstream grad, one launch ----
+
+@pytest.mark.parametrize("saved,heads", [((F32, F32), (F32, F32)), ((BF16, BF16), (BF16, BF16)),
+                                         ((F32, F32), (F16, F16)), ((F32, BF16), (F16, BF16))],
+                         ids=str)
+def test_backward_outputs_and_opcheck(ops, saved, heads):
+    """Each head's result has its saved grad's shape in the head's dtype; an empty saved grad
+    (a head that needs none) gives an empty result."""
+    for shapes in (((4, 37), (4, 37)), ((4, 37), (0,)), ((0,), (4, 37))):
+        a = [meta(shapes[0], saved[0]), meta(shapes[1], saved[1]), meta((), F32), *heads]
+        out = ops.distillation_loss_backward(*a)
+        assert [(o.shape, o.dtype) for o in out] == list(zip(shapes, heads))
+        torch.library.opcheck(ops.distillation_loss_backward.default, a)
+
+
+def test_backward_matches_the_fake_impl_of_the_op(ops):
+    from deit_fast.ops import distill_loss  # noqa: F401  (registers the custom ops)
+    a = [meta((3, 37)), meta((0,)), meta((), F32), F16, BF16]
+    fake = torch.ops.deit_fast.distillation_loss_backward(*a, "cuda")  # meta: the fake impl
+    real = ops.distillation_loss_backward(*a)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(dloss=meta((), BF16)), "dloss must be one fp32 element"),
+    (dict(dloss=meta((2,), F32)), "dloss must be one fp32 element"),
+    (dict(grad_logits=meta((4, 37), torch.float64)), "grad_logits dtype"),
+    (dict(grad_dist=meta((37, 4)).t()), "grad_dist must be contiguous"),
+    (dict(logits_dtype=torch.int32), "logits_dtype dtype"),
+    (dict(dist_dtype=torch.float64), "dist_dtype dtype"),
+    (dict(grad_dist=torch.empty(4, 37)), "grad_dist is on cpu but dloss is on meta"),
+])
+def test_backward_bad_input_names_the_argument(ops, change, match):
+    a = dict(grad_logits=meta((4, 37)), grad_dist=meta((4, 37)), dloss=meta((), F32),
+             logits_dtype=BF16, dist_dtype=BF16)
+    a.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        ops.distillation_loss_backward(*a.values())
+
+
+def test_backward_on_cpu_tensors_raises_instead_of_crashing(ops):
+    g = torch.randn(2, 10)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        ops.distillation_loss_backward(g, g, torch.tensor(1.0), F32, F32)

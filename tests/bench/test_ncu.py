@@ -86,9 +86,10 @@ def test_cases_run_through_the_bench_setups_on_cpu():
             windows.append("closed")
 
     overrides = {"th_fwd": ((1, 2, 9, 16), "fp16"), "th_bwd": ((1, 2, 9, 16), "fp16"),
-                 "th_bwd_chunked": ((1, 2, 9, 16), "fp16"), "attn_fwd_triton": ((1, 2, 9, 48), "fp32")}
+                 "th_bwd_chunked": ((1, 2, 9, 16), "fp16"), "attn_fwd_triton": ((1, 2, 9, 48), "fp32"),
+                 "loss_triton": ((3, 10), "fp32")}
     assert ncu.run_cases(list(overrides), "cpu", overrides, Window) == list(overrides)
-    assert windows == ["open", "closed"] * 4
+    assert windows == ["open", "closed"] * 5
 
 
 FAKE_NCU = """\
