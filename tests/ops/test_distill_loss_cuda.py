@@ -206,6 +206,23 @@ def test_extension_op_outputs_and_grads_not_asked_for():
     torch.testing.assert_close(loss, 0.5 * parts[0] + 0.5 * parts[1])
 
 
+@pytest.mark.parametrize("heads", [(BF16, BF16), (F16, F16), (F32, F32), (F16, BF16)], ids=str)
+def test_backward_kernel_is_the_fp32_product_rounded_once(heads):
+    """The backward (csrc distillation_loss_backward, and Triton's twin): each saved grad times
+    the upstream grad in fp32, stored in its head's dtype, bitwise torch's product; several
+    blocks a head, the last partial; a head without a grad gets an empty result."""
+    from deit_fast.kernels import distill_loss as triton_kernel
+    import deit_fast._C  # noqa: F401
+    g = torch.tensor(-0.37, device="cuda")
+    ds = torch.randn(256, 1000, device="cuda").to(op._grad_dtype(heads[0]))
+    dd = torch.randn(7, 4097, device="cuda").to(op._grad_dtype(heads[1]))
+    for a, b in ((ds, dd), (ds, dd.new_empty(0)), (ds.new_empty(0), dd)):
+        want = [(x.float() * g).to(h) for x, h in zip((a, b), heads)]
+        for backward in (torch.ops.deit_fast_C.distillation_loss_backward, triton_kernel.backward):
+            got = backward(a, b, g, *heads)
+            assert all(x.dtype == w.dtype and torch.equal(x, w) for x, w in zip(got, want))
+
+
 @pytest.mark.parametrize("B,C", [(1, 10), (300, 37), (5000, 100), (3, 21841)], ids=str)
 def test_the_last_block_sums_the_rows(B, C):
     """The launch's batch sums (one block, several row blocks, many, the streamed kernel): the
