@@ -197,15 +197,27 @@ def _fwd_step(q, q2, kp, vp, kp2, vp2, m, l, acc, acc2, qk_scale, n_left, D, BLO
 
 
 @triton.jit
+def _head_and_block(H, N, BLOCK: tl.constexpr):
+    """(batch * H + head, batch, head, block) of this program, in a 1-D grid of
+    B * H * cdiv(N, BLOCK) programs.
+    One axis because a grid's y stops at 65535, which B * H passes (DeiT-B's 12 heads from batch
+    5462 on); the blocks of one head stay neighbours in launch order, sharing its k and v in L2,
+    as in a (blocks, B * H) grid."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK)
+    bh = (pid // blocks).to(tl.int64)
+    return bh, bh // H, bh % H, pid % blocks
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
               H, N, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr,
               TAIL: tl.constexpr):
     """The keys in full tiles of BLOCK_N without masks, then the last N % BLOCK_N of them in one
     masked tile of TAIL (_tail): N = 197 streams 3 x 64 + 16 keys, not 4 x 64."""
-    bh = tl.program_id(1)
-    off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, off_b, off_h, block = _head_and_block(H, N, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     q2, acc2 = q, acc  # stand-ins, unused without a second head-dim block
@@ -237,7 +249,7 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
         tl.store(out + d2[None, :], (acc2 / l[:, None]).to(O.dtype.element_ty),
                  mask=rmask[:, None] & (d2[None, :] < D))
     # lse in log2 units (m + log2 l), the form the backward's exp2 wants
-    tl.store(LSE + bh.to(tl.int64) * N + rows, m + tl.log2(l), mask=rmask)
+    tl.store(LSE + bh * N + rows, m + tl.log2(l), mask=rmask)
 
 
 @triton.jit
@@ -272,9 +284,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
     # DQ, DK and DV share one layout, strides (sgb, sgh, sgn): contiguous, or the slices of one
     # packed (B, N, 3, H, D) grad (ops.attention_qkv). Full query tiles of BLOCK_M, then the
     # last N % BLOCK_M queries in one masked tile of TAIL (as _attn_fwd's keys).
-    bh = tl.program_id(1)
-    off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh, off_b, off_h, block = _head_and_block(H, N, BLOCK_N)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _tile(K, cols, skb, skh, skn, off_b, off_h, N, D, 0, BLOCK_D)
     v = _tile(V, cols, svb, svh, svn, off_b, off_h, N, D, 0, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -290,8 +301,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
                                                    BLOCK_M, BLOCK_D, BLOCK_D2)
     # lse and delta as two pointers, each stepped: one offset stepped and added to both bases
     # cost the loop 2 SASS instructions more per tile (233 vs 231, D=64, triton 3.6)
-    lse_p = LSE + bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
-    delta_p = DELTA + bh.to(tl.int64) * N + tl.arange(0, BLOCK_M)
+    lse_p = LSE + bh * N + tl.arange(0, BLOCK_M)
+    delta_p = DELTA + bh * N + tl.arange(0, BLOCK_M)
     full = N - N % BLOCK_M
     for start in range(0, full, BLOCK_M):
         dk, dv, dk2, dv2 = _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, lse_p, delta_p, dk, dv,
@@ -302,7 +313,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn
     if TAIL > 0:
         qp, dop, qp2, dop2, _, _ = _streams(Q + full * sqn, sqb, sqh, sqn, DO + full * sdn, sdb,
                                             sdh, sdn, off_b, off_h, TAIL, BLOCK_D, BLOCK_D2)
-        at = bh.to(tl.int64) * N + full + tl.arange(0, TAIL)
+        at = bh * N + full + tl.arange(0, TAIL)
         dk, dv, dk2, dv2 = _dkdv_step(k, k2, v, v2, qp, dop, qp2, dop2, LSE + at, DELTA + at, dk,
                                       dv, dk2, dv2, qk_scale, N - full, D, TAIL, BLOCK_D, BLOCK_D2,
                                       PRECISION, True)
@@ -335,9 +346,8 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, s
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr, TAIL: tl.constexpr):
     # Full key tiles of BLOCK_N, then the last N % BLOCK_N keys in one masked tile of TAIL.
-    bh = tl.program_id(1)
-    off_b, off_h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, off_b, off_h, block = _head_and_block(H, N, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     # Runs before _attn_bwd_dkdv: stores delta = rowsum(dO * O) of its rows for it.
     q = _tile(Q, rows, sqb, sqh, sqn, off_b, off_h, N, D, 0, BLOCK_D)
@@ -352,8 +362,8 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, s
         o2 = _tile(O, rows, sob, soh, son, off_b, off_h, N, D, BLOCK_D, BLOCK_D2)
         delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), axis=1)
         dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * N + rows, delta, mask=rmask)
-    lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rmask, other=0.0)
+    tl.store(DELTA + bh * N + rows, delta, mask=rmask)
+    lse = tl.load(LSE + bh * N + rows, mask=rmask, other=0.0)
     qk_scale = scale * 1.4426950408889634
     kp, vp, kp2, vp2, k_step, v_step = _streams(K, skb, skh, skn, V, svb, svh, svn, off_b, off_h,
                                                 BLOCK_N, BLOCK_D, BLOCK_D2)
@@ -405,7 +415,7 @@ def forward(q, k, v, scale, split=None):
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=_precision(q.dtype))
     cfg = _config(FWD, FWD_FP32, blocks, q.dtype)
-    launch(_attn_fwd, (cdiv(N, cfg["BLOCK_M"]), B * H), q, k, v, o, lse, *strides, H, N, D, scale,
+    launch(_attn_fwd, (cdiv(N, cfg["BLOCK_M"]) * B * H,), q, k, v, o, lse, *strides, H, N, D, scale,
            **consts, TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     return o, lse
 
@@ -423,11 +433,11 @@ def backward(do, q, k, v, o, lse, scale, split=None, out=None):
     grads = (*_strides(do), *_strides(dq))
     consts = dict(BLOCK_D=blocks[0], BLOCK_D2=blocks[1], PRECISION=precision)
     cfg = _config(BWD_Q, BWD_Q_FP32, blocks, q.dtype)
-    launch(_attn_bwd_dq, (cdiv(N, cfg["BLOCK_M"]), B * H),  # first: it writes delta
+    launch(_attn_bwd_dq, (cdiv(N, cfg["BLOCK_M"]) * B * H,),  # first: it writes delta
         q, k, v, o, do, lse, delta, dq, *qkv, *o_strides, *grads, H, N, D, scale, **consts,
         TAIL=_tail(N, cfg["BLOCK_N"]), **cfg)
     cfg = _config(BWD_KV, BWD_KV_FP32, blocks, q.dtype)
-    launch(_attn_bwd_dkdv, (cdiv(N, cfg["BLOCK_N"]), B * H),
+    launch(_attn_bwd_dkdv, (cdiv(N, cfg["BLOCK_N"]) * B * H,),
         q, k, v, do, lse, delta, dk, dv, *qkv, *grads, H, N, D, scale, **consts,
         TAIL=_tail(N, cfg["BLOCK_M"]), **cfg)
     return dq, dk, dv

@@ -57,7 +57,7 @@ def _grid(tiles, B: int, N: int, block: str):
     elements where one batch element's blocks would leave more than 1 in 8 of them dead; the
     CUDA-core ones run a program per block and batch element."""
     if "HG" not in tiles:
-        return (cdiv(N, tiles[block]), B), (), {}
+        return (cdiv(N, tiles[block]) * B,), (), {}
     groups, blocks = tiles["HP"] // tiles["HG"], cdiv(N, tiles[block])
     straddle = 8 * (cdiv(blocks, groups) * groups - blocks) > blocks
     programs = cdiv(B * blocks, groups) if straddle else B * cdiv(blocks, groups)
@@ -163,11 +163,21 @@ def _store_parts(PART, pid, dwl, dww, dbw, HP: tl.constexpr):
 
 
 @triton.jit
+def _batch_and_block(N, BLOCK: tl.constexpr):
+    """(batch element, block) of this program of the CUDA-core kernels' 1-D grid of
+    B * cdiv(N, BLOCK) programs: one axis, as a grid's y stops at 65535 (attention's
+    _head_and_block); a batch element's blocks are neighbours in launch order."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK)
+    return (pid // blocks).to(tl.int64), pid % blocks
+
+
+@triton.jit
 def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
             sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    off_b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_b, block = _batch_and_block(N, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     hh = tl.arange(0, HP)
     m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([HP, BLOCK_M], tl.float32)
@@ -200,9 +210,9 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
                HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # PART: (programs_total, 3, HP, HP) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
-    off_b = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_b, block = _batch_and_block(N, BLOCK_M)
+    pid = tl.program_id(0)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     hh = tl.arange(0, HP)
     lse = _load_rows(LSE, off_b, hh, rows[None, :], H, N)
     delta = tl.zeros([HP, BLOCK_M], tl.float32)
@@ -257,8 +267,8 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn, s
     DV. backward() launches it once for each (one [HP, BLOCK_N, BLOCK_D] accumulator live, not
     two)."""
     tl.static_assert(DK != DV, "one grad per launch: the accumulator holds dk or dv")
-    off_b = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    off_b, block = _batch_and_block(N, BLOCK_N)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     hh = tl.arange(0, HP)
     acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_M):
