@@ -102,6 +102,10 @@ def _mix_softmax_fwd(S, LSE, WL, WW, BW, H, N, qk_scale, HP: tl.constexpr, HG: t
     out = tl.dot(fused._weights(WW, H, head, group, False, DT), (p / l[:, None]).to(DT),
                  input_precision=PRECISION)
     bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
+    # In place: every warp's loads of S are done before any warp overwrites them. The dots'
+    # operand staging through shared memory orders them already; this does not rest on that
+    # (the interpreter runs a program in lockstep and would never show such a race).
+    tl.debug_barrier()
     tl.store(S + offs, (out + bw[:, None]).to(DT), mask=mask)
 
 
@@ -149,6 +153,7 @@ def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, qk_scale, scale, HP: tl
     dbw = tl.sum(dpp.to(tl.float32), axis=1)
     dwl = _contract(dm, tl.load(S + offs, mask=mask, other=0.0), HP, NP, PRECISION)
     ds = tl.dot(fused._weights(WL, H, head, group, True, DT), dm, input_precision=PRECISION)
+    tl.debug_barrier()  # every warp's loads of S and DP before the in-place stores (as forward)
     tl.store(DP + offs, (ds * scale).to(DT), mask=mask)
     out = tl.dot(fused._weights(WW, H, head, group, False, DT), pd, input_precision=PRECISION)
     bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
