@@ -32,7 +32,8 @@ import triton.language as tl
 from . import DTYPES, cdiv, launch, next_pow2
 from . import talking_heads_chunked as chunked
 from .attention import _blocks as head_dim_blocks
-from .attention import _precision, _strides, _tile, _unit_last, token_major_empty
+from .attention import (_head_and_block, _precision, _strides, _tile, _unit_last,
+                        token_major_empty)
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 48, 64)  # CaiT uses 48; wider heads would need a smaller tile to fit registers
@@ -163,20 +164,10 @@ def _store_parts(PART, pid, dwl, dww, dbw, HP: tl.constexpr):
 
 
 @triton.jit
-def _batch_and_block(N, BLOCK: tl.constexpr):
-    """(batch element, block) of this program of the CUDA-core kernels' 1-D grid of
-    B * cdiv(N, BLOCK) programs: one axis, as a grid's y stops at 65535 (attention's
-    _head_and_block); a batch element's blocks are neighbours in launch order."""
-    pid = tl.program_id(0)
-    blocks = tl.cdiv(N, BLOCK)
-    return (pid // blocks).to(tl.int64), pid % blocks
-
-
-@triton.jit
 def _th_fwd(Q, K, V, WL, WW, BW, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
             sob, soh, son, H, N, D, qk_scale, HP: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    off_b, block = _batch_and_block(N, BLOCK_M)
+    off_b, _, _, block = _head_and_block(1, N, BLOCK_M)  # all heads in one program
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     hh = tl.arange(0, HP)
     m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
@@ -210,7 +201,7 @@ def _th_bwd_dq(Q, K, V, DO, WL, WW, LSE, DELTA, DQ, PART, sqb, sqh, sqn, skb, sk
                HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # PART: (programs_total, 3, HP, HP) fp32 partial sums of dw_l, dw_w and (row 0) db_w.
-    off_b, block = _batch_and_block(N, BLOCK_M)
+    off_b, _, _, block = _head_and_block(1, N, BLOCK_M)  # all heads in one program
     pid = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     hh = tl.arange(0, HP)
@@ -267,7 +258,7 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn, s
     DV. backward() launches it once for each (one [HP, BLOCK_N, BLOCK_D] accumulator live, not
     two)."""
     tl.static_assert(DK != DV, "one grad per launch: the accumulator holds dk or dv")
-    off_b, block = _batch_and_block(N, BLOCK_N)
+    off_b, _, _, block = _head_and_block(1, N, BLOCK_N)  # all heads in one program
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     hh = tl.arange(0, HP)
     acc = tl.zeros([HP, BLOCK_N, BLOCK_D], tl.float32)
