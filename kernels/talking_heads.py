@@ -20,7 +20,8 @@ and dv (the tensor-core family, FUSED_DKDV; the CUDA-core one launches it once f
 
 STRATEGY "chunked" hands both directions to kernels/talking_heads_chunked.py instead (the N x N
 products as batched GEMMs, a chunk of images at a time); it saves the same lse, so the two
-backwards take either forward.
+backwards take either forward, and the default, "chunked_forward", runs its forward with the
+backward here (the faster of each on an H200; see STRATEGY).
 """
 import itertools
 import math
@@ -313,7 +314,7 @@ def _th_bwd_dkdv(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn, s
 # family's 11.0 ms (timm eager 7.43, torch.compile of it 5.92), and at 256x4x196x48 in 1.91 ms
 # (eager 6.34, compile 4.12). So tensor cores run by default at every head count
 # (TENSOR_CORE_MIXING True); False forces the CUDA-core kernels. bench.ops.talking_heads times both
-# families (impls triton: CUDA cores, triton_tc: tensor cores).
+# families (impls triton_cuda_cores and triton_tc).
 TENSOR_CORE_MIXING = True
 # The tensor-core kernels' row tiles and launch options (bench.tune's talking_heads.tc times
 # others); see _tiles_tc for why 8 warps and 2 stages.
@@ -342,13 +343,16 @@ TC_FWD_MAXNREG = None
 SPLIT_HEAD_DIM = True
 # Where the heads are mixed: "fused", the kernels of this file (nothing N x N in memory), or
 # "chunked" (kernels/talking_heads_chunked.py): the N x N products as batched GEMMs and one
-# memory-bound mixing pass each, a chunk of images at a time, within 2x q's memory. Counted, the
-# chunked path moves ~2.2 GB at 256 x 8 x 196 x 48 fwd+bwd, ~0.7 ms at 3 TB/s against the fused
-# kernels' 3.76 ms on an H100; not yet timed, so "fused" stays the default until a GPU run of
-# bench.ops.talking_heads (impl triton_chunked) says otherwise. Rows longer than
-# chunked.MAX_KEYS (CaiT at 384 px and up) run fused either way.
-STRATEGIES = ("fused", "chunked")
-STRATEGY = "fused"
+# memory-bound mixing pass each, a chunk of images at a time, within 2x q's memory; or
+# "chunked_forward": the chunked forward and the fused backward (both save the same lse). On an
+# H200 (2026-11-27, `python -m bench.ops.talking_heads`, bf16, CUDA-graph replays) the chunked
+# forward beat the fused one at 256x8x196x48 / 256x4x196x48 / 64x16x196x48 (672 / 313 / 278 us
+# against 817 / 418 / 412), but its backward lost (3683 / 1908 / 2074 us against 2126 / 1078 /
+# 1091: its mixing pass, _mix_softmax_bwd, is bound by shared memory, ncu: mio_throttle, DRAM at
+# 4 %), so "chunked_forward" is the default. Rows longer than chunked.MAX_KEYS (CaiT at 384 px
+# and up) run fused either way. fp32 inputs take the same path (not timed).
+STRATEGIES = ("fused", "chunked", "chunked_forward")
+STRATEGY = "chunked_forward"
 
 
 def _tiles_tc(heads: int):
@@ -774,21 +778,23 @@ def _family(heads: int, tc, dtype: torch.dtype):
     return (_th_fwd, _th_bwd_dq, _th_bwd_dkdv), _tiles(heads)
 
 
-def _chunked(strategy: str, heads: int, n: int) -> bool:
-    """Whether a call runs kernels/talking_heads_chunked.py: STRATEGY (or the call's strategy)
-    "chunked" and its tiles fit (chunked.supported), else the fused kernels here."""
+def _chunked(strategy: str, heads: int, n: int, backward: bool) -> bool:
+    """Whether a forward (or backward) call runs kernels/talking_heads_chunked.py: STRATEGY (or
+    the call's strategy) picks it for that direction and its tiles fit (chunked.supported), else
+    the fused kernels here."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    return strategy == "chunked" and chunked.supported(heads, n)
+    picked = strategy == "chunked" or (strategy == "chunked_forward" and not backward)
+    return picked and chunked.supported(heads, n)
 
 
 def forward(q, k, v, w_l, w_w, b_w, scale, tc=None, strategy=None):
     """q, k, v: (B, H, N, D) -> (out (B, H, N, D) token-major in memory, as the attention
     kernels write it, lse fp32 (B, H, N) in log2 units).
-    tc: mix the heads on tensor cores (default: _family's choice); strategy: "fused" or
-    "chunked" (default STRATEGY)."""
+    tc: mix the heads on tensor cores (default: _family's choice; the fused kernels only);
+    strategy: one of STRATEGIES (default STRATEGY)."""
     B, H, N, D = q.shape
-    if _chunked(strategy or STRATEGY, H, N):
+    if _chunked(strategy or STRATEGY, H, N, backward=False):
         return chunked.forward(q, k, v, w_l, w_w, b_w, scale)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     (fwd, _, _), tiles = _family(H, tc, q.dtype)
@@ -807,7 +813,7 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None, strategy
     write dq, dk, dv, as in attention.backward (one set of strides, unit last stride). Either
     strategy's backward takes either's lse."""
     B, H, N, D = q.shape
-    if _chunked(strategy or STRATEGY, H, N):
+    if _chunked(strategy or STRATEGY, H, N, backward=True):
         return chunked.backward(do, q, k, v, w_l, w_w, b_w, lse, scale, out=out)
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     (_, dq_kernel, dkdv_kernel), tiles = _family(H, tc, q.dtype)

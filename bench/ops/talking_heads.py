@@ -4,17 +4,20 @@ math (eager, which materialises B x H x N x N logits twice) and torch.compile of
     python -m bench.ops.talking_heads                      # CaiT XXS/S/M at 224 and 384 px, bf16
     python -m bench.ops.talking_heads --device cpu --quick # smoke test (Triton interpreter)
 
-q, k, v are strided views of one (B, N, 3, H, D) projection; the head-mixing weights are fp32
-(H, H) matrices and (H,) biases, as proj_l / proj_w under autocast. Targets (the attention issue):
-fwd+bwd >= 2.5x timm eager and >= 1.5x torch.compile of it, with peak memory O(B*H*N*D); the run
-appends the speedups to the .md, and peak_mib is in every CUDA row. triton is the triton backend
-with the head mixing on CUDA cores, triton_tc with it on tensor cores (each forced through
-kernels.talking_heads.TENSOR_CORE_MIXING); the backend's default is tensor cores at every head
-count for fp16/bf16 inputs, from SASS counts this bench is to confirm; fp32 inputs always run
-the CUDA-core family (triton_tc: unavailable). triton_chunked is the triton backend with
-kernels.talking_heads.STRATEGY "chunked" (kernels/talking_heads_chunked.py: the N x N products
-as batched GEMMs and one memory-bound mixing pass each, a chunk of images at a time); rows past its
-MAX_KEYS (the 384 px shapes) run the fused kernels there too, so it equals triton_tc there.
+The inputs are one (B, N, 3, H, D) projection and fp32 (H, H) / (H,) head-mixing weights, as
+proj_l / proj_w under autocast. Ours run ops.talking_heads_attention_qkv on it, as CaiT's layer
+does (the kernels read q, k, v through strides and write one packed grad); the baselines take
+q, k, v as timm does, views from permute + unbind, so their backward also pays autograd's stack of
+dq, dk, dv into the projection's grad. Targets (the attention issue): fwd+bwd >= 2.5x timm eager
+and >= 1.5x torch.compile of it, with peak memory O(B*H*N*D); the run appends the speedups to the
+.md, and peak_mib is in every CUDA row. Ours, each forced through kernels.talking_heads' switches:
+triton is the backend as shipped (STRATEGY "chunked_forward": the chunked forward, the fused
+tensor-core backward); triton_tc the fused kernels with the head mixing on tensor cores both
+ways; triton_chunked kernels/talking_heads_chunked.py both ways (the N x N products as batched
+GEMMs and one memory-bound mixing pass each, a chunk of images at a time); triton_cuda_cores the
+fused kernels mixing on CUDA cores (what fp32 inputs run in the fused kernels; triton_tc is
+unavailable for them). Rows past chunked.MAX_KEYS (the 384 px shapes) run the fused kernels in
+every strategy, so triton and triton_chunked equal triton_tc there.
 """
 
 import torch
@@ -40,9 +43,9 @@ def mixing(H: int, device, generator=None):
     return [(torch.randn(*shape, generator=generator) * f).to(device) for shape, f in scaled]
 
 
-def _ours(q, k, v, w_l, b_l, w_w, b_w):
+def _ours(qkv, w_l, b_l, w_w, b_w):
     with ops.use_backend("triton"):
-        return ops.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w)
+        return ops.talking_heads_attention_qkv(qkv, w_l, b_l, w_w, b_w)
 
 
 def _eager(q, k, v, w_l, b_l, w_w, b_w):
@@ -57,11 +60,13 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
-OURS = ("triton", "triton_tc", "triton_chunked")
-# The default family (tensor cores) and the baselines its targets name first, so that a run cut
-# short by gpu_check's cap still judges it; the CUDA-core family last, for comparison.
-IMPLS = {"triton_tc": lambda: _ours, "triton_chunked": lambda: _ours, "eager": lambda: _eager,
-         "compile": _compiled, "triton": lambda: _ours}
+# Each of ours as kernels.talking_heads' switches (STRATEGY, TENSOR_CORE_MIXING); None: as shipped.
+OURS = {"triton": (None, None), "triton_tc": ("fused", True), "triton_chunked": ("chunked", None),
+        "triton_cuda_cores": ("fused", False)}
+# The default and the baselines its targets name first, so that a run cut short by gpu_check's
+# cap still judges it; then each strategy alone, the CUDA-core family last.
+IMPLS = {"triton": lambda: _ours, "eager": lambda: _eager, "compile": _compiled,
+         "triton_tc": lambda: _ours, "triton_chunked": lambda: _ours, "triton_cuda_cores": lambda: _ours}
 
 
 def setup(case: common.Case, impl: str, args):
@@ -82,24 +87,22 @@ def setup(case: common.Case, impl: str, args):
             [m.requires_grad_(grad) for m in mixing(H, device)]
 
     def call(qkv, *mixing):
-        return f(*qkv.permute(2, 0, 3, 1, 4).unbind(0), *mixing)
+        return f(qkv, *mixing) if impl in OURS else f(*qkv.permute(2, 0, 3, 1, 4).unbind(0), *mixing)
 
     thunks = common.directions(call, leaves, sets, lambda: torch.randn(B, H, N, D, device=device, dtype=dtype),
                                fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
-    if impl == "triton_chunked":
-        return {d: common.with_flag(th_kernels, "STRATEGY", t, "chunked") for d, t in thunks.items()}
-    if impl in OURS:  # each fused mixing family forced, whichever the default picks at this H
-        tc = impl == "triton_tc"
-        return {d: common.with_flag(th_kernels, "TENSOR_CORE_MIXING", t, tc) for d, t in thunks.items()}
+    for name, value in zip(("STRATEGY", "TENSOR_CORE_MIXING"), OURS.get(impl, (None, None))):
+        if value is not None:
+            thunks = {d: common.with_flag(th_kernels, name, t, value) for d, t in thunks.items()}
     return thunks
 
 
 def targets(rows, interpreted: bool):
-    """Per case and direction: triton against timm eager and torch.compile of it, each with its
+    """Per case and direction: each of ours against timm eager and torch.compile of it, each with its
     target, and the peak memory beside eager's (the B x H x N x N tensors it must not allocate)."""
     key = lambda r: (r["shape"], r["dtype"], r["direction"])  # noqa: E731
     base = {(key(r), r["impl"]): r for r in rows if r["impl"] not in OURS and r.get("us")}
-    lines = [f"### targets (triton, triton_tc): >= {TARGET_VS_EAGER:g}x timm eager, >= {TARGET_VS_COMPILE:g}x "
+    lines = [f"### targets (ours: {', '.join(OURS)}): >= {TARGET_VS_EAGER:g}x timm eager, >= {TARGET_VS_COMPILE:g}x "
              "torch.compile of it (fwd+bwd), peak memory O(B*H*N*D)", ""]
     for r in rows:
         if r["impl"] not in OURS or not r.get("us"):
@@ -129,9 +132,8 @@ def main(argv=None):
     # smoke: fp16, the interpreter's 16-bit type (it has no bf16) and the tensor-core family's
     dtypes = (args.dtypes or ("fp16" if smoke else "bf16")).split(",")
     report = ops.backend_report()["talking_heads_attention"].get(device.type, {}).get("unavailable", {})
-    impls = {"triton_tc": common.Impl(False, report.get("triton")),
-             "triton_chunked": common.Impl(False, report.get("triton")), "eager": common.Impl(True),
-             "compile": common.Impl(True), "triton": common.Impl(False, report.get("triton"))}
+    impls = {impl: common.Impl(impl not in OURS, None if impl not in OURS else report.get("triton"))
+             for impl in IMPLS}
     cases = [common.Case("talking_heads_attention", shape, dtype) for dtype in dtypes for shape in shapes.values()]
     notes = {"shapes": ", ".join(f"{k} {'x'.join(map(str, v))} (BxHxNxD)" for k, v in shapes.items()),
              "eager": "timm TalkingHeadAttn math; compile: torch.compile of it, static shapes",

@@ -65,4 +65,4 @@ def test_gpu_attention_past_65535_heads(split):
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.float())
     torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)

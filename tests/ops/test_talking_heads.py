@@ -51,6 +51,13 @@ def check(q, k, v, w):
             assert_rule(name, a, r, s, ulps=16)
 
 
+@pytest.fixture(autouse=True)
+def fused_strategy(monkeypatch):
+    """This file's subject is the fused kernels, so both directions run them here; the default
+    STRATEGY's chunked forward is tested in test_talking_heads_chunked.py."""
+    monkeypatch.setattr(kernels, "STRATEGY", "fused")
+
+
 # Both kernel families, forced: head mixing on CUDA cores and on tensor cores.
 MIXING = pytest.mark.parametrize("tc", [False, True], ids=["mix_cuda_cores", "mix_tensor_cores"])
 # The family and input dtype pairs that run: fp32 inputs take the CUDA-core family whatever

@@ -1,6 +1,7 @@
 """Talking-heads attention, chunked strategy (kernels/talking_heads_chunked.py: batched GEMMs and
 one mixing pass per N x N product) vs the fp64 reference, through the op as models call it; its
-chunking, its interchangeability with the fused kernels, and where it hands over to them."""
+chunking, its interchangeability with the fused kernels, where it hands over to them, and the
+default strategy that pairs its forward with the fused backward."""
 import pytest
 import torch
 
@@ -123,8 +124,11 @@ def test_rows_past_the_limit_run_the_fused_kernels(monkeypatch):
     """Rows longer than MAX_KEYS (CaiT at 384 px: 576 tokens) would not fit a program's registers:
     STRATEGY "chunked" still runs the fused kernels there."""
     assert chunked.supported(16, 196) and chunked.supported(8, 256) and not chunked.supported(8, 257)
-    assert kernels._chunked("chunked", 8, 196) and not kernels._chunked("chunked", 8, 577)
-    assert not kernels._chunked("fused", 8, 196)
+    for backward in (False, True):
+        assert kernels._chunked("chunked", 8, 196, backward) and not kernels._chunked("chunked", 8, 577, backward)
+        assert not kernels._chunked("fused", 8, 196, backward)
+        assert kernels._chunked("chunked_forward", 8, 196, backward) is not backward
+        assert not kernels._chunked("chunked_forward", 8, 577, backward)
     monkeypatch.setattr(kernels, "STRATEGY", "chunked")
     monkeypatch.setattr(chunked, "MAX_KEYS", 8)  # so that a small shape is past it
     monkeypatch.setattr(chunked, "forward", lambda *a: pytest.fail("chunked path taken"))
@@ -133,6 +137,27 @@ def test_rows_past_the_limit_run_the_fused_kernels(monkeypatch):
     out, _ = kernels.forward(q, k, v, w_l, w_w, b_w, 0.25)
     ref = reference.talking_heads_attention(*(t.double() for t in (q, k, v, w_l, b_l, w_w, b_w)), 0.25)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def default_strategy(monkeypatch):
+    """The shipped STRATEGY: the chunked forward, the fused tensor-core (or, for fp32, CUDA-core)
+    backward; a fused forward or a chunked backward would fail."""
+    assert kernels.STRATEGY == "chunked_forward"
+    monkeypatch.setattr(kernels, "_th_fwd", None)
+    monkeypatch.setattr(kernels, "_th_fwd_tc", None)
+    monkeypatch.setattr(chunked, "backward", lambda *a, **kw: pytest.fail("chunked backward ran"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 48), (3, 8, 40, 48), (1, 16, 17, 16)], ids=str)
+def test_default_strategy_matches_reference(shape, dtype, default_strategy, monkeypatch):
+    poisoned_empty(monkeypatch)
+    check(*qkv_views(*shape, dtype), mixing(shape[1]))
+
+
+def test_default_strategy_packed_qkv_matches_unpacked(default_strategy):
+    packed_matches_unpacked(2, 4, 9, 48, torch.float16)
 
 
 def test_an_unknown_strategy_is_named():
@@ -152,4 +177,16 @@ def test_gpu(shape, dtype, chunked_strategy):
 
 @pytest.mark.gpu
 def test_gpu_packed_qkv_matches_unpacked(chunked_strategy):
+    packed_matches_unpacked(4, 8, 196, 48, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(8, 4, 196, 48), (4, 8, 196, 48), (2, 16, 196, 48)], ids=str)
+def test_gpu_default_strategy(shape, dtype, default_strategy):
+    check(*qkv_views(*shape, dtype, device="cuda"), mixing(shape[1], device="cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_default_strategy_packed_qkv_matches_unpacked(default_strategy):
     packed_matches_unpacked(4, 8, 196, 48, torch.bfloat16, device="cuda")
