@@ -16,7 +16,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 # The order comes from the GPU benchmark (bench/gpu_check.sh); ORDER_WHY says, per op, what it
 # rests on (backend_report shows it).
 KERNELS: Dict[str, tuple] = {
-    "attention": ("triton", "cuda"),  # cuda: forward at head dim 48/64, backward on Triton
+    "attention": ("cuda", "triton"),  # cuda: forward at head dim 48/64, backward on Triton
     "class_attention": ("cuda", "triton"),
     "talking_heads_attention": ("triton",),
     "layerscale_residual": ("cuda", "triton"),
@@ -25,17 +25,23 @@ KERNELS: Dict[str, tuple] = {
     "distillation_loss": ("cuda", "triton"),
 }
 
-_RESULTS = "bench/results/2026-11-26-nvidia-h200.md (H200, bf16, B=256)"
+_RESULTS = "bench/results/2026-11-27-nvidia-h200.md (H200, bf16, B=256, CUDA-graph replays)"
 ORDER_WHY: Dict[str, str] = {
-    "attention": f"{_RESULTS}: the CUDA forward beat Triton's by 3-10 % at head dim 48, tied at "
-                 "DeiT-S/B and lost at DeiT-Ti (129 vs 81 us); its backward is Triton's anyway",
-    "class_attention": f"{_RESULTS}: cuda fwd 93 vs 203 us, bwd 226 vs 257 us at 256x16x197x48",
-    "layerscale_residual": f"{_RESULTS}: cuda fwd+bwd 212 vs 688 us at 256x197x192",
-    "layerscale_residual_layernorm": f"{_RESULTS}: cuda fwd+bwd faster at all five widths "
-                                     "measured (555 vs 1169 us at 256x197x768)",
+    "attention": f"{_RESULTS}: the CUDA forward (128 x 4 tiling) beat Triton's by 8-9 % at head dim "
+                 "64 and N = 197 (105.7 vs 115.2 us at 256x6x197x64), tied at 48 and lost at N = "
+                 "577 (305 vs 282 us at 64x12x577x64); its host launch is cheaper; the backward "
+                 "is Triton's either way",
+    "class_attention": f"{_RESULTS}: cuda fwd+bwd faster at five of six shapes (146.6 vs 157.6 us "
+                       "at 256x16x197x48; 70.4 vs 68.2 us at 64x8x577x48)",
+    "layerscale_residual": f"{_RESULTS}: cuda fwd+bwd faster at all four widths (67.3 vs 81.6 us "
+                           "at 256x197x192)",
+    "layerscale_residual_layernorm": f"{_RESULTS}: cuda fwd+bwd faster at C = 192 (142.6 vs "
+                                     "162.7 us), tied at 384, slower at 768 (467 vs 388 us)",
     "layer_norm": "unmeasured: triton before cuda until bench/gpu_check.sh compares them on a GPU",
-    "distillation_loss": f"{_RESULTS}: cuda fwd+bwd faster at C=1000 and 21841, hard and soft "
-                         "(369 vs 552 us soft at 256x21841)",
+    "distillation_loss": f"{_RESULTS}: GPU time favours triton (fwd+bwd 13.5 vs 17.6 us at "
+                         "256x1000, 96 vs 121 us at 256x21841), host time cuda (126 vs 278 us a "
+                         "call at 256x1000): a few us of a step's GPU time against 150 us of host "
+                         "time, which a host-bound step (DeiT-Ti) pays",
 }
 
 _current = "auto"
