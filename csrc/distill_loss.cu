@@ -619,11 +619,21 @@ __global__ void __launch_bounds__(kScaleThreads)
   const int64_t n = is_s ? s.n : d.n;
   const int in_type = is_s ? s.in_type : d.in_type, out_type = is_s ? s.out_type : d.out_type;
   const int64_t base = (is_s ? blockIdx.x : blockIdx.x - first) * kScaleBlock + threadIdx.x;
-  const float g = *dloss;
+  // Every load before the first store: in and out are untyped, so the compiler cannot tell that
+  // they never alias, and a load-multiply-store per element made each load wait for the last
+  // store (an H200's ncu, 2026-11-27: 52 cycles a warp instruction, 41 of them long_scoreboard;
+  // 5.95 us at 2 x 256 x 1000 bf16 where Triton's twin took 2.62).
+  float x[kScalePer];
 #pragma unroll
   for (int j = 0; j < kScalePer; ++j) {  // coalesced: the block's threads take neighbours
     const int64_t i = base + static_cast<int64_t>(j) * kScaleThreads;
-    if (i < n) store_elem(out, i, out_type, load_elem(in, i, in_type) * g);
+    x[j] = i < n ? load_elem(in, i, in_type) : 0.f;
+  }
+  const float g = *dloss;
+#pragma unroll
+  for (int j = 0; j < kScalePer; ++j) {
+    const int64_t i = base + static_cast<int64_t>(j) * kScaleThreads;
+    if (i < n) store_elem(out, i, out_type, x[j] * g);
   }
 }
 
