@@ -127,7 +127,7 @@ done
 # Within the caps, only the baselines the targets name (the fastest forced SDPA backend for
 # attention; timm eager and cudnn for class-attention), and the shapes with targets first.
 declare -A extra=(
-  [attention]="--impls triton,triton_masked,cuda,cuda_m128,cuda_m128_s3,cuda_m128_s4,cuda_s4,sdpa_cudnn,sdpa_flash,sdpa_efficient --shapes d48_h8_n197,d48_h4_n196,deit_small_224,deit_base_224,deit_tiny_224,deit_small_distilled_224,d48_h8_n576,deit_base_384"
+  [attention]="--impls triton,triton_masked,cuda,cuda_m64,cuda_m64_s4,cuda_m128_s2,cuda_m128_s3,sdpa_cudnn,sdpa_flash,sdpa_efficient --shapes d48_h8_n197,d48_h4_n196,deit_small_224,deit_base_224,deit_tiny_224,deit_small_distilled_224,d48_h8_n576,deit_base_384"
   [class_attention]="--impls triton,cuda,eager,sdpa_cudnn"
   [talking_heads]="--shapes cait_s_224,cait_xxs_224,cait_m_224"  # 8 heads first: which family wins
 )

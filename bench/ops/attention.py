@@ -19,11 +19,12 @@ triton fwd+bwd >= 1.0x the fastest forced SDPA backend at N=197/198, D=64, and >
 is timed fwd and fwd+bwd only: its backward is the Triton one. triton_masked is the Triton
 backend with head dim 48 as one masked 64-wide block instead of two exact ones (32 + 16,
 kernels/attention.py SPLIT_HEAD_DIM, the default since an H100 measured it faster on 2026-11-26):
-the measurement that keeps the default honest. cuda_m128, cuda_m128_s3, cuda_m128_s4 and
-cuda_s4 are the CUDA forward's other tilings (deit_fast.ops.attention CUDA_BLOCK_M,
-CUDA_STAGES): 128 queries per CTA instead of 64 (half the L2 reads of k and v at N = 197), 3 or
-4 k/v tiles in shared memory instead of 2 (4: all of k and v requested up front at N <= 256);
-forward only, as their fwd+bwd adds cuda's Triton backward. The CUDA forward has a target of
+the measurement that keeps the default honest. cuda_m64, cuda_m64_s4, cuda_m128_s2 and
+cuda_m128_s3 are the CUDA forward's other tilings (deit_fast.ops.attention CUDA_BLOCK_M,
+CUDA_STAGES; the default, 128 queries per CTA and 4 k/v tiles in shared memory, was the fastest
+of five on an H200, 2026-11-27): 64 queries per CTA instead of 128 (twice the L2 reads of k and
+v at N = 197), 2 or 3 k/v tiles instead of 4 (4: all of k and v requested up front at N <=
+256); forward only, as their fwd+bwd adds cuda's Triton backward. The CUDA forward has a target of
 its own (the CUDA-kernels issue): fwd >= 1.2x the fastest forced SDPA backend at head dim 48
 (CaiT shapes).
 """
@@ -83,8 +84,8 @@ def _compiled():
 
 
 # impl -> the CUDA forward's (queries per CTA, k/v stages); cuda: the op's defaults
-CUDA_IMPLS = {"cuda": None, "cuda_m128": (128, 2), "cuda_m128_s3": (128, 3), "cuda_m128_s4": (128, 4),
-              "cuda_s4": (64, 4)}
+CUDA_IMPLS = {"cuda": None, "cuda_m64": (64, 2), "cuda_m64_s4": (64, 4), "cuda_m128_s2": (128, 2),
+              "cuda_m128_s3": (128, 3)}
 OURS = ("triton", "triton_masked", *CUDA_IMPLS)
 IMPLS = {"triton": lambda: _ours("triton"), "triton_masked": lambda: _ours("triton"),
          **{name: (lambda: _ours("cuda")) for name in CUDA_IMPLS},

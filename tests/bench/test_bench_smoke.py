@@ -225,11 +225,11 @@ def test_attention_targets_judge_the_cuda_forward():
     d48, d64 = "256x8x197x48", "256x6x197x64"
     rows = [row("sdpa_cudnn", s, d, 120.0) for s in (d48, d64) for d in ("fwd", "fwd+bwd")]
     rows += [row("cuda", d48, "fwd", 110.0), row("cuda", d48, "fwd+bwd", 100.0),
-             row("cuda_m128", d48, "fwd", 90.0), row("cuda", d64, "fwd", 90.0)]
+             row("cuda_m128_s2", d48, "fwd", 90.0), row("cuda", d64, "fwd", 90.0)]
     lines = attention.targets(rows, interpreted=False)
     assert "fwd >= 1.2x at D=48" in lines[0]
     cuda, m128, d64_line = (next(x for x in lines if x.startswith(f"- {i} {s} ")) for i, s in
-                            (("cuda", d48), ("cuda_m128", d48), ("cuda", d64)))
+                            (("cuda", d48), ("cuda_m128_s2", d48), ("cuda", d64)))
     assert "target fwd+bwd >= 1.15x: met" in cuda and "target fwd >= 1.2x: MISSED" in cuda  # 1.09x
     assert "fwd 1.33x (sdpa_cudnn)" in m128 and "target fwd >= 1.2x: met" in m128
     assert "target fwd >=" not in d64_line
