@@ -195,6 +195,21 @@ def test_gpu_check_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
 
 
+def test_gpu_check_names_only_impls_and_shapes_its_benches_have():
+    # A renamed impl or shape would otherwise surface as an argparse error on the GPU machine.
+    import importlib
+    import re
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    extras = re.findall(r"^\s*\[(\w+)\]=\"([^\"]*)\"", script, flags=re.M)
+    assert {op for op, _ in extras} >= {"attention", "class_attention", "talking_heads"}
+    for op, args in extras:
+        bench = importlib.import_module(f"bench.ops.{op}")
+        for flag, known in (("--impls", bench.IMPLS), ("--shapes", getattr(bench, "SHAPES", None))):
+            listed = re.search(flag + r" (\S+)", args)
+            if listed:
+                assert set(listed.group(1).split(",")) <= set(known), (op, flag)
+
+
 def test_graph_columns_and_targets():
     # The CUDA-graph timings (GPU only) get their own speedups, table columns and target verdicts.
     rows = [{"op": "x", "shape": "1", "dtype": "bf16", "direction": "fwd", "impl": "ours", "baseline": False,
