@@ -6,7 +6,7 @@ else torch. An explicit backend that cannot run raises and says why, so a benchm
 silently measures the wrong thing. backend_report() shows the decision and every reason.
 """
 import contextlib
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -25,6 +25,11 @@ KERNELS: Dict[str, tuple] = {
     "distillation_loss": ("cuda", "triton"),
 }
 
+# Ops whose auto order changes with the row width C: from that C on, this order instead.
+WIDE_ORDER: Dict[str, Tuple[int, tuple]] = {
+    "layerscale_residual_layernorm": (768, ("triton", "cuda")),
+}
+
 _RESULTS = "bench/results/2026-11-27-nvidia-h200.md (H200, bf16, B=256, CUDA-graph replays)"
 ORDER_WHY: Dict[str, str] = {
     "attention": f"{_RESULTS}: the CUDA forward (128 x 4 tiling) beat Triton's by 8-9 % at head dim "
@@ -36,7 +41,9 @@ ORDER_WHY: Dict[str, str] = {
     "layerscale_residual": f"{_RESULTS}: cuda fwd+bwd faster at all four widths (67.3 vs 81.6 us "
                            "at 256x197x192)",
     "layerscale_residual_layernorm": f"{_RESULTS}: cuda fwd+bwd faster at C = 192 (142.6 vs "
-                                     "162.7 us), tied at 384, slower at 768 (467 vs 388 us)",
+                                     "162.7 us), tied at 384, slower at 768 (467 vs 388 us: its "
+                                     "backward 313 vs 240), so triton first from C = 768 on "
+                                     "(WIDE_ORDER; wider rows not measured)",
     "layer_norm": "unmeasured: triton before cuda until bench/gpu_check.sh compares them on a GPU",
     "distillation_loss": f"{_RESULTS}: GPU time favours triton (fwd+bwd 13.5 vs 17.6 us at "
                          "256x1000, 96 vs 121 us at 256x21841), host time cuda (126 vs 278 us a "
@@ -119,14 +126,21 @@ def unavailable(op: str, backend: str, device_type: str) -> Optional[str]:
     return _availability[key]
 
 
-def resolve(op: str, device: torch.device) -> str:
-    """The backend that runs `op` on `device` under the current setting."""
+def order(op: str, width: Optional[int] = None) -> tuple:
+    """auto's preference order of kernel backends for `op` at row width `width` (WIDE_ORDER)."""
+    wide = WIDE_ORDER.get(op)
+    return wide[1] if wide and width is not None and width >= wide[0] else KERNELS[op]
+
+
+def resolve(op: str, device: torch.device, width: Optional[int] = None) -> str:
+    """The backend that runs `op` on `device` under the current setting; width: the rows' C,
+    for the ops whose auto order depends on it."""
     if _current == "torch":
         return "torch"
     if _current == "auto":
         if device.type == "cpu":  # the interpreter is a test vehicle, not a fast path
             return "torch"
-        for name in KERNELS[op]:
+        for name in order(op, width):
             if unavailable(op, name, device.type) is None:
                 return name
         return "torch"
@@ -157,4 +171,6 @@ def backend_report() -> Dict[str, Dict[str, dict]]:
             report[op][dev] = {"runs": runs, "unavailable": {b: w for b, w in why.items() if w}}
             if _current == "auto" and dev != "cpu" and op in ORDER_WHY:
                 report[op][dev].update(order=KERNELS[op], why=ORDER_WHY[op])
+                if op in WIDE_ORDER:
+                    report[op][dev]["order_from_width"] = dict([WIDE_ORDER[op]])
     return report

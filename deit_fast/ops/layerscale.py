@@ -221,7 +221,7 @@ def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     check(x, y, gamma, keep_mask, keep_prob)
     check_norm(weight, bias, eps, x.shape[-1])
     _checks.same_device(x=x, weight=weight, bias=bias)
-    backend = _backend.resolve("layerscale_residual_layernorm", x.device)
+    backend = _backend.resolve("layerscale_residual_layernorm", x.device, width=x.shape[-1])
     if backend == "torch":
         return reference.layerscale_residual_layernorm(x, y, gamma, weight, bias, eps, keep_mask, keep_prob)
     _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma, weight=weight, bias=bias)

@@ -52,3 +52,23 @@ def test_report_says_what_the_auto_order_rests_on(monkeypatch):
     assert "bench/results/" in cuda["why"] and "no CUDA device" in cuda["unavailable"]["cuda"]
     assert ops.backend_report()["layer_norm"]["cuda"]["why"].startswith("unmeasured")
     assert "why" not in ops.backend_report()["talking_heads_attention"]["cuda"]  # one kernel backend
+
+
+def test_auto_order_can_change_with_the_row_width(monkeypatch):
+    """WIDE_ORDER: the residual+LayerNorm runs triton from DeiT-B's width on, cuda below."""
+    for backend in ("cuda", "triton"):
+        monkeypatch.setitem(_backend._availability, (backend, "cuda"), None)
+    op, gpu = "layerscale_residual_layernorm", torch.device("cuda")
+    assert _backend.resolve(op, gpu, width=384) == "cuda" and _backend.resolve(op, gpu) == "cuda"
+    assert _backend.resolve(op, gpu, width=768) == "triton" and _backend.resolve(op, gpu, width=1024) == "triton"
+    assert _backend.resolve("layerscale_residual", gpu, width=768) == "cuda"  # no width rule
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ops.backend_report()[op]["cuda"]["order_from_width"] == {768: ("triton", "cuda")}
+
+
+def test_the_residual_layernorm_asks_with_its_width(monkeypatch):
+    asked = []
+    monkeypatch.setattr(_backend, "resolve", lambda op, device, width=None: asked.append((op, width)) or "torch")
+    ops.layerscale_residual_layernorm(torch.randn(2, 3, 12), torch.randn(2, 3, 12), None,
+                                      torch.ones(12), torch.zeros(12))
+    assert asked == [("layerscale_residual_layernorm", 12)]
