@@ -32,7 +32,7 @@ WIDE_ORDER: Dict[str, Tuple[int, tuple]] = {
 
 _RESULTS = "bench/results/2026-11-27-nvidia-h200.md (H200, bf16, B=256, CUDA-graph replays)"
 ORDER_WHY: Dict[str, str] = {
-    "attention": f"{_RESULTS}: the CUDA forward (128 x 4 tiling) beat Triton's by 8-9 % at head dim "
+    "attention": f"{_RESULTS}: the CUDA forward (128 x 4 tiling) beat Triton's by 7-8 % at head dim "
                  "64 and N = 197 (105.7 vs 115.2 us at 256x6x197x64), tied at 48 and lost at N = "
                  "577 (305 vs 282 us at 64x12x577x64); its host launch is cheaper; the backward "
                  "is Triton's either way",

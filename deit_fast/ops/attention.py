@@ -56,7 +56,7 @@ CUDA_MAX_N = 1024  # the lengths it is tested and tuned at (ViTs up to 448 px)
 # The CUDA forward's tiling: queries per CTA, 64 or 128 (4 or 8 warps), and key / value tiles in
 # shared memory, 2 to 4. 128 reads each head's k and v from L2 half as often; 4 stages request
 # all of k and v at N <= 256 up front. On an H200 (2026-11-27, bench/results/2026-11-27-nvidia-h200.md,
-# bf16, graph replays) (128, 4) was the fastest of the five timed at all eight shapes, 2-6 %
+# bf16, graph replays) (128, 4) was the fastest of the five timed at all eight shapes, 3-6 %
 # ahead of (64, 2) (e.g. 124.6 vs 132.2 us at 256x8x197x48, 105.7 vs 109.4 us at 256x6x197x64).
 CUDA_BLOCK_M = 128
 CUDA_STAGES = 4
