@@ -132,7 +132,7 @@ def main(argv=None):
     # smoke: fp16, the interpreter's 16-bit type (it has no bf16) and the tensor-core family's
     dtypes = (args.dtypes or ("fp16" if smoke else "bf16")).split(",")
     report = ops.backend_report()["talking_heads_attention"].get(device.type, {}).get("unavailable", {})
-    impls = {impl: common.Impl(impl not in OURS, None if impl not in OURS else report.get("triton"))
+    impls = {impl: common.Impl(impl not in OURS, report.get("triton") if impl in OURS else None)
              for impl in IMPLS}
     cases = [common.Case("talking_heads_attention", shape, dtype) for dtype in dtypes for shape in shapes.values()]
     notes = {"shapes": ", ".join(f"{k} {'x'.join(map(str, v))} (BxHxNxD)" for k, v in shapes.items()),

@@ -172,5 +172,6 @@ def backend_report() -> Dict[str, Dict[str, dict]]:
             if _current == "auto" and dev != "cpu" and op in ORDER_WHY:
                 report[op][dev].update(order=KERNELS[op], why=ORDER_WHY[op])
                 if op in WIDE_ORDER:
-                    report[op][dev]["order_from_width"] = dict([WIDE_ORDER[op]])
+                    width, wide = WIDE_ORDER[op]
+                    report[op][dev]["order_from_width"] = {width: wide}
     return report
