@@ -128,7 +128,7 @@ done
 # attention; timm eager and cudnn for class-attention), and the shapes with targets first.
 declare -A extra=(
   [attention]="--impls triton,triton_masked,cuda,cuda_m64,cuda_m64_s4,cuda_m128_s2,cuda_m128_s3,sdpa_cudnn,sdpa_flash,sdpa_efficient --shapes d48_h8_n197,d48_h4_n196,deit_small_224,deit_base_224,deit_tiny_224,deit_small_distilled_224,d48_h8_n576,deit_base_384"
-  [class_attention]="--impls triton,cuda,eager,sdpa_cudnn"
+  [class_attention]="--impls triton,cuda,cuda_prefetch,eager,sdpa_cudnn"
   # the default and its targets' baselines first, then each strategy alone; the CUDA-core family
   # (11 ms a call at CaiT-S, 2026-11-27) only in full runs
   [talking_heads]="--impls triton,eager,compile,triton_tc,triton_chunked --shapes cait_s_224,cait_xxs_224,cait_m_224"

@@ -61,6 +61,8 @@ CASES = {
     "attn_fwd_triton": ("attention", (256, 8, 197, 48), "bf16", "triton", "fwd", {}),
     "class_attn_fwd_cuda": ("class_attention", (256, 8, 197, 48), "bf16", "cuda", "fwd", {}),
     "class_attn_bwd_cuda": ("class_attention", (256, 8, 197, 48), "bf16", "cuda", "bwd", {}),
+    "class_attn_fwd_prefetch": ("class_attention", (256, 8, 197, 48), "bf16", "cuda_prefetch", "fwd", {}),
+    "class_attn_bwd_prefetch": ("class_attention", (256, 8, 197, 48), "bf16", "cuda_prefetch", "bwd", {}),
     "ln_fwd_cuda": ("layerscale_layernorm", (256, 197, 384), "fp32/bf16/fp32", "cuda", "fwd", {}),
     "ln_bwd_cuda": ("layerscale_layernorm", (256, 197, 384), "fp32/bf16/fp32", "cuda", "bwd", {}),
     # fwd+bwd: the whole step's kernels, ours against torch.compile's (its 1.3x was missed)
@@ -71,7 +73,8 @@ CASES = {
 PROFILES = {  # named groups of cases, by the gap to their target (distill_loss last: it compiles)
     "talking_heads": ("th_fwd", "th_bwd", "th_fwd_chunked", "th_bwd_chunked"),
     "attention_fwd": ("attn_fwd_cuda", "attn_fwd_cuda_m128_s3", "attn_fwd_cudnn", "attn_fwd_triton"),
-    "class_attention": ("class_attn_fwd_cuda", "class_attn_bwd_cuda"),
+    "class_attention": ("class_attn_fwd_cuda", "class_attn_bwd_cuda", "class_attn_fwd_prefetch",
+                        "class_attn_bwd_prefetch"),
     "layernorm": ("ln_fwd_cuda", "ln_bwd_cuda"),
     "distill_loss": ("loss_triton", "loss_cuda", "loss_compile"),  # last: the compile takes a while
 }

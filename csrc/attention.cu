@@ -70,21 +70,6 @@ struct FwdParams {
 
 // ---- PTX wrappers ------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1. bytes = 0 reads nothing and writes 16 zero bytes.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
-
 // ldmatrix.x4: lanes 8i .. 8i+7 give the addresses of rows 0..7 of 8x8 matrix i (16 bytes each);
 // register i of lane L then holds matrix i's row L/4, columns 2(L%4) and 2(L%4)+1 (low half = the
 // lower column). With .trans it holds rows 2(L%4) and 2(L%4)+1 of column L/4 instead.

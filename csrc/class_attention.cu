@@ -10,7 +10,9 @@
 // to 10: D = 48 in bf16 is 6 vectors, one per lane of a 6-lane group, 5 groups to a warp (2
 // lanes idle); nothing is padded to 64. Each group keeps its own online softmax (running max m,
 // sum l, accumulator over its lanes' columns) over the keys it sees, U keys at a time; the
-// groups of a 128-thread block are merged once, through shared memory, in a fixed order.
+// groups of a 128-thread block are merged once, through shared memory, in a fixed order. With
+// the ops' prefetch flag (kernel template PF) the key loop is a two-stage cp.async pipeline: a
+// pass requests the next pass's rows into shared memory before it computes (Staging).
 //
 // When B*H blocks cannot fill the GPU the key axis is split: block (bh, split) streams keys
 // [split * chunk, + chunk) and writes fp32 (m, l, acc) partials that a second kernel merges in
@@ -154,6 +156,61 @@ __device__ __forceinline__ void store_cols(T* __restrict__ row, int li, const fl
   }
 }
 
+// Key row u of the pass at n0 for this lane's group: its index and whether it holds a real key.
+// Keys past the end (and idle lanes) read the split's first key again instead of branching
+// around the loads; the callers mask what they compute from it.
+template <typename C, typename L>
+__device__ __forceinline__ int64_t key_row(const L& ln, int n0, int u, int start, int end,
+                                           bool& valid) {
+  const int n = n0 + u * C::G + ln.g;
+  valid = ln.active && n < end;
+  return valid ? n : start;
+}
+
+// PF: a block's K/V staging for a two-stage cp.async pipeline, U rows of K and of V per thread
+// and stage. Each thread reads back only the vectors it copied itself, so the only waits are its
+// own cp.async.wait_group: no barrier. [stage][u][k|v][vector j][thread]: a warp's 16-byte
+// accesses are contiguous.
+template <typename C, int U, typename T>
+struct Staging {
+  Vec<T, C::VEC> v[2][U][2][C::VPT][kThreads];
+};
+struct NoStaging {};
+
+// Requests the K and V rows of the pass at n0 into stage st, as one commit group. Rows past the
+// end (and idle lanes) read nothing and land as zeros (their results are masked), so the pass
+// after the last one, which the loops request too instead of branching, costs no memory traffic.
+template <typename C, int U, typename T, typename L>
+__device__ __forceinline__ void stage_pass(Staging<C, U, T>& sm, int st, const T* kb,
+                                           const T* vb, int64_t skn, int64_t svn, const L& ln,
+                                           int n0, int start, int end) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    bool valid;
+    const int64_t n = key_row<C>(ln, n0, u, start, end, valid);
+    const int bytes = valid ? 16 : 0;
+#pragma unroll
+    for (int j = 0; j < C::VPT; ++j) {
+      const int c = (j * C::L + ln.li) * C::VEC;
+      cp_async_16(smem_addr(&sm.v[st][u][0][j][threadIdx.x]), kb + n * skn + c, bytes);
+      cp_async_16(smem_addr(&sm.v[st][u][1][j][threadIdx.x]), vb + n * svn + c, bytes);
+    }
+  }
+  cp_async_commit();
+}
+
+// This thread's columns of row u of stage st (k or v): as load_cols gives them.
+template <typename C, int U, typename T>
+__device__ __forceinline__ void unstage(const Staging<C, U, T>& sm, int st, int u, int kv,
+                                        float (&out)[C::E]) {
+#pragma unroll
+  for (int j = 0; j < C::VPT; ++j) {
+    const Vec<T, C::VEC> x = sm.v[st][u][kv][j][threadIdx.x];
+#pragma unroll
+    for (int e = 0; e < C::VEC; ++e) out[j * C::VEC + e] = to_float(x.v[e]);
+  }
+}
+
 // This lane's columns into row g of a [G][D] shared-memory table.
 template <typename C, int D>
 __device__ __forceinline__ void stash_cols(float (&table)[C::G][D], int g, int li,
@@ -169,11 +226,41 @@ struct S4 {
   int64_t b, h, n, d;
 };
 
+// This lane's K and V rows of the pass at n0 (U of each) into kf / vf, and which of them are real
+// keys. PF: from stage st, after requesting the pass at n0 + step into the other stage and
+// waiting for this one's copies; then st flips. Else loaded now, with a wait.
+template <typename C, bool VL, bool PF, int U, typename Stage, typename T, typename L>
+__device__ __forceinline__ void pass_rows(Stage& stage, int& st, const T* __restrict__ kb,
+                                          const T* __restrict__ vb, const S4& sk, const S4& sv,
+                                          const L& ln, int n0, int step, int start, int end,
+                                          float (&kf)[U][C::E], float (&vf)[U][C::E],
+                                          bool (&valid)[U]) {
+  if constexpr (PF) {
+    stage_pass<C>(stage, st ^ 1, kb, vb, sk.n, sv.n, ln, n0 + step, start, end);
+    cp_async_wait<1>();  // this pass's group has landed
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t n = key_row<C>(ln, n0, u, start, end, valid[u]);
+    if constexpr (PF) {
+      unstage<C>(stage, st, u, 0, kf[u]);
+      unstage<C>(stage, st, u, 1, vf[u]);
+    } else {
+      load_cols<C, VL>(kb + n * sk.n, sk.d, ln.li, kf[u]);
+      load_cols<C, VL>(vb + n * sv.n, sv.d, ln.li, vf[u]);
+    }
+  }
+  st ^= 1;
+}
+
 // ---- forward -----------------------------------------------------------------------------
 
 // Grid (B*H, splits), block kThreads. With SPLIT the block leaves its merged (m, l, acc) in
 // pm / pl / pacc [split, bh]; otherwise it writes out (B*H, D) and lse (B*H) itself.
-template <typename T, int D, bool VL, bool SPLIT>
+// PF (vector path only): each pass requests the next pass's K and V (cp.async, Staging) before it
+// computes, the same arithmetic in the same order (the same results) with two passes' loads
+// overlapping.
+template <typename T, int D, bool VL, bool SPLIT, bool PF>
 __global__ void __launch_bounds__(kThreads) class_attn_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
     float* __restrict__ lse, float* __restrict__ pm, float* __restrict__ pl,
@@ -182,6 +269,7 @@ __global__ void __launch_bounds__(kThreads) class_attn_fwd_kernel(
   using C = Cfg<T, D>;
   __shared__ float red_acc[C::G][D];
   __shared__ float red_m[C::G], red_l[C::G], red_w[C::G];
+  __shared__ std::conditional_t<PF, Staging<C, C::U, T>, NoStaging> stage;
 
   const int64_t bh = blockIdx.x, split = blockIdx.y;
   const int64_t b = bh / H, h = bh - b * H;
@@ -197,20 +285,15 @@ __global__ void __launch_bounds__(kThreads) class_attn_fwd_kernel(
   const T* vb = v + b * sv.b + h * sv.h;
   const int start = static_cast<int>(split) * chunk;  // the host keeps N <= 2^30: no overflow
   const int end = min(start + chunk, N);
+  static_assert(VL || !PF, "prefetch takes the vector path");
+  int st = 0;  // PF: the stage this pass reads
+  if constexpr (PF) stage_pass<C>(stage, 0, kb, vb, sk.n, sv.n, ln, start, start, end);
   // Bounds are block-uniform: every lane runs every pass, as the shuffles need.
   for (int n0 = start; n0 < end; n0 += C::KB) {
     float kf[C::U][C::E], vf[C::U][C::E], s[C::U];
     bool valid[C::U];
-#pragma unroll
-    for (int u = 0; u < C::U; ++u) {
-      const int n = n0 + u * C::G + ln.g;
-      valid[u] = ln.active && n < end;
-      // Keys past the end (and idle lanes) read the split's first key again instead of
-      // branching around the loads; their scores are masked to -inf below.
-      const int64_t n_ld = valid[u] ? n : start;
-      load_cols<C, VL>(kb + n_ld * sk.n, sk.d, ln.li, kf[u]);
-      load_cols<C, VL>(vb + n_ld * sv.n, sv.d, ln.li, vf[u]);
-    }
+    // rows past the end: scores masked to -inf below
+    pass_rows<C, VL, PF>(stage, st, kb, vb, sk, sv, ln, n0, C::KB, start, end, kf, vf, valid);
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < C::U; ++u) {
@@ -235,6 +318,7 @@ __global__ void __launch_bounds__(kThreads) class_attn_fwd_kernel(
     }
     m = m_new;
   }
+  if constexpr (PF) cp_async_wait<0>();  // the zero-byte group past the end: none left in flight
 
   // Merge the groups in group order. A group that saw no key holds m = -inf and gets weight 0;
   // the split holds at least one key, so the block maximum is finite.
@@ -289,8 +373,9 @@ __global__ void __launch_bounds__(kThreads) class_attn_fwd_combine_kernel(
 // ---- backward ----------------------------------------------------------------------------
 
 // Grid (B*H, splits), block kThreads. dk, dv: strides sg (unit last stride, 16-byte aligned:
-// allocated here). dq: (B*H, D) in T, or with SPLIT fp32 partials [split, bh, D].
-template <typename T, int D, bool VL, bool SPLIT>
+// allocated here). dq: (B*H, D) in T, or with SPLIT fp32 partials [split, bh, D]. PF as in the
+// forward.
+template <typename T, int D, bool VL, bool SPLIT, bool PF>
 __global__ void __launch_bounds__(kThreads) class_attn_bwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ o, const T* __restrict__ dout, const float* __restrict__ lse,
@@ -299,6 +384,7 @@ __global__ void __launch_bounds__(kThreads) class_attn_bwd_kernel(
     float qk_scale) {
   using C = Cfg<T, D>;
   __shared__ float red[C::G][D];
+  __shared__ std::conditional_t<PF, Staging<C, C::UB, T>, NoStaging> stage;
 
   const int64_t bh = blockIdx.x, split = blockIdx.y;
   const int64_t b = bh / H, h = bh - b * H;
@@ -325,19 +411,16 @@ __global__ void __launch_bounds__(kThreads) class_attn_bwd_kernel(
   T* dvb = dv + b * sg.b + h * sg.h;
   const int start = static_cast<int>(split) * chunk;  // the host keeps N <= 2^30: no overflow
   const int end = min(start + chunk, N);
+  static_assert(VL || !PF, "prefetch takes the vector path");
+  int st = 0;  // PF: the stage this pass reads
+  if constexpr (PF) stage_pass<C>(stage, 0, kb, vb, sk.n, sv.n, ln, start, start, end);
   for (int n0 = start; n0 < end; n0 += C::KBB) {
     float kf[C::UB][C::E], vf[C::UB][C::E];
+    bool valid[C::UB];  // p = 0 where not
+    pass_rows<C, VL, PF>(stage, st, kb, vb, sk, sv, ln, n0, C::KBB, start, end, kf, vf, valid);
 #pragma unroll
     for (int u = 0; u < C::UB; ++u) {
       const int n = n0 + u * C::G + ln.g;
-      const int64_t n_ld = ln.active && n < end ? n : start;  // as in the forward; p = 0 there
-      load_cols<C, VL>(kb + n_ld * sk.n, sk.d, ln.li, kf[u]);
-      load_cols<C, VL>(vb + n_ld * sv.n, sv.d, ln.li, vf[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < C::UB; ++u) {
-      const int n = n0 + u * C::G + ln.g;
-      const bool valid = ln.active && n < end;
       float sdot = 0.f, pdot = 0.f;
 #pragma unroll
       for (int e = 0; e < C::E; ++e) {
@@ -346,9 +429,9 @@ __global__ void __launch_bounds__(kThreads) class_attn_bwd_kernel(
       }
       sdot = group_sum<C::L>(sdot, ln.li, ln.base);
       pdot = group_sum<C::L>(pdot, ln.li, ln.base);
-      const float p = valid ? exp2f(sdot * qk_scale - row_lse) : 0.f;
+      const float p = valid[u] ? exp2f(sdot * qk_scale - row_lse) : 0.f;
       const float ds = p * (pdot - delta);
-      if (valid) {
+      if (valid[u]) {
         float grad[C::E];
 #pragma unroll
         for (int e = 0; e < C::E; ++e) grad[e] = p * dof[e];
@@ -362,6 +445,7 @@ __global__ void __launch_bounds__(kThreads) class_attn_bwd_kernel(
       for (int e = 0; e < C::E; ++e) dqa[e] = fmaf(ds, kf[u][e], dqa[e]);
     }
   }
+  if constexpr (PF) cp_async_wait<0>();  // the zero-byte group past the end: none left in flight
 
   // dq: the groups' partial sums added in group order.
   if (ln.active) stash_cols<C>(red, ln.g, ln.li, dqa);
@@ -507,13 +591,13 @@ Split split_plan(const char* op, int64_t BH, int64_t N, int keys_per_pass, int b
 // ---- forward -----------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, double scale) {
+                                                const at::Tensor& v, double scale, bool) {
   check_qkv(kFwd, q, k, v, scale);
   return {at::empty(q.sizes(), q.options()),
           at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat))};
 }
 
-template <typename T, int D, bool VL>
+template <typename T, int D, bool VL, bool PF>
 void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse, double scale, cudaStream_t stream) {
   using C = Cfg<T, D>;
@@ -526,7 +610,7 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const auto* kp = static_cast<const T*>(k.const_data_ptr());
   const auto* vp = static_cast<const T*>(v.const_data_ptr());
   if (sp.count == 1) {
-    class_attn_fwd_kernel<T, D, VL, false><<<grid, kThreads, 0, stream>>>(
+    class_attn_fwd_kernel<T, D, VL, false, PF><<<grid, kThreads, 0, stream>>>(
         qp, kp, vp, static_cast<T*>(out.data_ptr()), static_cast<float*>(lse.data_ptr()), nullptr,
         nullptr, nullptr, strides(q), strides(k), strides(v), H, N, BH, sp.chunk,
         qk_scale);
@@ -536,7 +620,7 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor pm = at::empty({sp.count, BH}, f32), pl = at::empty({sp.count, BH}, f32);
   at::Tensor pacc = at::empty({sp.count, BH, D}, f32);
-  class_attn_fwd_kernel<T, D, VL, true><<<grid, kThreads, 0, stream>>>(
+  class_attn_fwd_kernel<T, D, VL, true, PF><<<grid, kThreads, 0, stream>>>(
       qp, kp, vp, nullptr, nullptr, static_cast<float*>(pm.data_ptr()),
       static_cast<float*>(pl.data_ptr()), static_cast<float*>(pacc.data_ptr()), strides(q),
       strides(k), strides(v), H, N, BH, sp.chunk, qk_scale);
@@ -550,7 +634,7 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, double scale) {
+                                                const at::Tensor& v, double scale, bool prefetch) {
   check_qkv(kFwd, q, k, v, scale);
   check_cuda(kFwd, q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -563,8 +647,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
     const bool vl = vec_rows(k, 16 / sizeof(T)) && vec_rows(v, 16 / sizeof(T));
     dispatch_head_dim(q.size(3), [&](auto dc) {
       constexpr int D = decltype(dc)::value;
-      if (vl) launch_forward<T, D, true>(q, k, v, out, lse, scale, stream);
-      else launch_forward<T, D, false>(q, k, v, out, lse, scale, stream);
+      if (vl && prefetch) launch_forward<T, D, true, true>(q, k, v, out, lse, scale, stream);
+      else if (vl) launch_forward<T, D, true, false>(q, k, v, out, lse, scale, stream);
+      else launch_forward<T, D, false, false>(q, k, v, out, lse, scale, stream);
     });
   });
   return {out, lse};
@@ -574,12 +659,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale) {
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool) {
   check_bwd(dout, q, k, v, out, lse, scale);
   return {at::empty(q.sizes(), q.options()), grad_layout(k), grad_layout(k)};
 }
 
-template <typename T, int D, bool VL>
+template <typename T, int D, bool VL, bool PF>
 void launch_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double scale,
@@ -594,7 +679,7 @@ void launch_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const at::Tensor lse_c = lse.contiguous();
   // dk and dv come from grad_layout(k) alike: one set of strides serves both.
   auto launch = [&](auto split_tag) {
-    class_attn_bwd_kernel<T, D, VL, decltype(split_tag)::value><<<grid, kThreads, 0, stream>>>(
+    class_attn_bwd_kernel<T, D, VL, decltype(split_tag)::value, PF><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k.const_data_ptr()),
         static_cast<const T*>(v.const_data_ptr()), static_cast<const T*>(out.const_data_ptr()),
         static_cast<const T*>(dout.const_data_ptr()),
@@ -619,7 +704,7 @@ void launch_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale) {
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool prefetch) {
   check_bwd(dout, q, k, v, out, lse, scale);
   check_cuda(kBwd, q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -632,8 +717,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const bool vl = vec_rows(k, 16 / sizeof(T)) && vec_rows(v, 16 / sizeof(T));
     dispatch_head_dim(q.size(3), [&](auto dc) {
       constexpr int D = decltype(dc)::value;
-      if (vl) launch_backward<T, D, true>(dout, q, k, v, out, lse, dq, dk, dv, scale, stream);
-      else launch_backward<T, D, false>(dout, q, k, v, out, lse, dq, dk, dv, scale, stream);
+      if (vl && prefetch)
+        launch_backward<T, D, true, true>(dout, q, k, v, out, lse, dq, dk, dv, scale, stream);
+      else if (vl)
+        launch_backward<T, D, true, false>(dout, q, k, v, out, lse, dq, dk, dv, scale, stream);
+      else
+        launch_backward<T, D, false, false>(dout, q, k, v, out, lse, dq, dk, dv, scale, stream);
     });
   });
   return {dq, dk, dv};
@@ -644,12 +733,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
   // (out, lse) = class attention of q (B, H, 1, D) over k, v (B, H, N >= 1, D): one dtype out of
   // fp32/fp16/bf16, D in {32, 48, 64, 80, 96, 128}, any strides. out (B, H, 1, D) contiguous in
-  // q's dtype; lse (B, H) fp32 log-sum-exp of the scaled scores in log2 units.
-  m.def("class_attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  // q's dtype; lse (B, H) fp32 log-sum-exp of the scaled scores in log2 units. prefetch: the
+  // kernels' PF variant where k and v take the vector path (bitwise the same results).
+  m.def("class_attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool prefetch=False) "
+        "-> (Tensor, Tensor)");
   // (dq, dk, dv), deterministic (no atomics); dq contiguous; dk, dv token-major (B, N, H, D) in
   // memory when k.stride(1) < k.stride(2), else contiguous.
   m.def("class_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor lse, float scale, bool prefetch=False) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deit_fast_C, CUDA, m) {

@@ -34,6 +34,23 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
+// cp.async (sm_80+): copies that land in shared memory without passing through registers, so
+// the compiler cannot delay them to shorten register lifetimes, as it does with early loads.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1. bytes = 0 reads nothing and writes 16 zero bytes.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
 template <int VEC, typename T>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[VEC]) {
   if constexpr (VEC == 1) {

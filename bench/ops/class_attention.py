@@ -8,13 +8,19 @@ q, k and v are laid out as timm's ClassAttn makes them: q a transposed (B, 1, H,
 head-split views of (B, N, H*D) projections; the timed backward ends at those projections' grads.
 The op is bandwidth-bound (4 FLOP per byte of K and V read), so the columns to judge are GB/s and
 % of the bandwidth roofline. Targets (DESIGN.md section 1): >= 80 % of the HBM roofline and >= 3x
-timm eager; the run appends both, per case, to the .md.
+timm eager; the run appends both, per case, to the .md. cuda_prefetch is the cuda backend with
+deit_fast.ops.class_attention.CUDA_PREFETCH on (the kernels' cp.async key loop): the measurement
+that decides it.
 """
+import importlib
+
 import torch
 import torch.nn.functional as F
 
 from bench import common  # first: sets TRITON_INTERPRET on a machine without a GPU
 from deit_fast import ops
+
+op_module = importlib.import_module("deit_fast.ops.class_attention")  # CUDA_PREFETCH; ops shadows it
 
 # CaiT's class-attention blocks: head dim 48, keys = cls + patches. (B, H, N, D)
 SHAPES = {"cait_xxs_224": (256, 4, 197, 48), "cait_s_224": (256, 8, 197, 48),
@@ -24,7 +30,7 @@ SMOKE_SHAPES = {"smoke": (1, 2, 9, 32)}  # a handful of programs under the inter
 DTYPES = common.DTYPES
 SMOKE_DTYPE = "fp32"  # the interpreter has no bf16 arithmetic (DESIGN.md section 6)
 TARGET_PCT_ROOFLINE, TARGET_VS_EAGER = 80.0, 3.0
-OURS = ("triton", "cuda")
+OURS = ("triton", "cuda", "cuda_prefetch")
 SDPA_BACKENDS = common.SDPA_BACKENDS
 
 
@@ -47,6 +53,7 @@ def _compiled():
 
 
 IMPLS = {"triton": lambda: _ours("triton"), "cuda": lambda: _ours("cuda"),
+         "cuda_prefetch": lambda: _ours("cuda"),
          "eager": lambda: _timm_eager,
          "sdpa": lambda: F.scaled_dot_product_attention,  # timm's default (fused_attn): SDPA's pick
          **{name: (lambda b=b: common.sdpa_forced(b)) for name, b in SDPA_BACKENDS.items()},
@@ -78,8 +85,12 @@ def setup(case: common.Case, impl: str, args):
     def call(q, k, v):
         return f(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
-    return common.directions(call, leaves, sets, lambda: torch.randn((B, H, 1, D), device=device, dtype=dtype),
-                             fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
+    thunks = common.directions(call, leaves, sets,
+                               lambda: torch.randn((B, H, 1, D), device=device, dtype=dtype),
+                               fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
+    if impl == "cuda_prefetch":  # graphs built and every timed call run with the cp.async key loop
+        return {d: common.with_flag(op_module, "CUDA_PREFETCH", t, True) for d, t in thunks.items()}
+    return thunks
 
 
 def _sdpa_unavailable(name: str, device: torch.device, dtype: torch.dtype):
@@ -112,7 +123,8 @@ def main(argv=None):
     dtypes = (args.dtypes or (SMOKE_DTYPE if smoke else "bf16")).split(",")
     report = ops.backend_report()["class_attention"].get(device.type, {}).get("unavailable", {})
     impls = {"triton": common.Impl(False, report.get("triton")),
-             "cuda": common.Impl(False, report.get("cuda")), "eager": common.Impl(True),
+             "cuda": common.Impl(False, report.get("cuda")),
+             "cuda_prefetch": common.Impl(False, report.get("cuda")), "eager": common.Impl(True),
              "sdpa": common.Impl(True), "compile": common.Impl(True)}
     wanted = args.impls.split(",")
     for name in SDPA_BACKENDS:  # probed once, in the first dtype: a backend refuses the op or not

@@ -27,14 +27,30 @@ def _grad_layout_fake(t: Tensor) -> Tensor:
     return t.new_empty((B, H, N, D))
 
 
+# The cuda backend's key loop: with CUDA_PREFETCH each pass requests the next pass's K and V rows
+# (cp.async into shared memory) before it computes, so a block keeps two passes' loads in flight
+# instead of one, where the kernels sit at 43-75 % of the HBM roofline (an H200, 2026-11-27).
+# The same arithmetic in the same order; where k or v cannot take 16-byte vectors it changes
+# nothing. Off until bench.ops.class_attention's cuda_prefetch has timed it.
+CUDA_PREFETCH = False
+
+
+def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    return torch.ops.deit_fast_C.class_attention_forward(q, k, v, scale, CUDA_PREFETCH)
+
+
+def _cuda_backward(dout, q, k, v, out, lse, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.deit_fast_C.class_attention_backward(dout, q, k, v, out, lse, scale,
+                                                          CUDA_PREFETCH)
+
+
 def _kernels(backend: str):
     """(forward, backward) of a kernel backend: kernels/class_attention.py or csrc/class_attention.cu."""
     if backend == "triton":
         from deit_fast.kernels import class_attention
         return class_attention.forward, class_attention.backward
     from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
-    ops = torch.ops.deit_fast_C
-    return ops.class_attention_forward, ops.class_attention_backward
+    return _cuda_forward, _cuda_backward
 
 
 @custom_op("deit_fast::class_attention")

@@ -4,10 +4,13 @@ CUDA ones) give the right output shapes, dtypes and dk/dv layouts and pass opche
 raises an error naming the argument, and CPU tensors are refused instead of crashing. The cubins'
 register use is checked for every kernel by test_cuda_extension.test_no_register_spills; here,
 that the class-attention kernels are among them."""
+import importlib
+import re
+
 import pytest
 import torch
 
-from tests.aot.extension import ARCHS
+from tests.aot.extension import ARCHS, run
 
 pytestmark = pytest.mark.aot
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -33,18 +36,74 @@ def test_kernels_are_built_for_both_archs(ops, resource_usage):
         names = [k for k in resource_usage[arch] if "class_attn" in k]
         for kind in ("fwd_kernel", "bwd_kernel", "fwd_combine_kernel", "dq_combine_kernel"):
             assert any(f"class_attn_{kind}" in k for k in names), (arch, kind, names[:5])
-        # 3 dtypes x 6 head dims x (vector, element-wise) x (split, whole), per direction
-        assert sum("class_attn_fwd_kernel" in k for k in names) == 72, arch
-        assert sum("class_attn_bwd_kernel" in k for k in names) == 72, arch
+        # 3 dtypes x 6 head dims x (split, whole) x (vector, vector with prefetch, element-wise),
+        # per direction
+        assert sum("class_attn_fwd_kernel" in k for k in names) == 108, arch
+        assert sum("class_attn_bwd_kernel" in k for k in names) == 108, arch
+
+
+def test_prefetch_kernels_copy_ahead_asynchronously(so_path, cuobjdump):
+    """The prefetching key loop as compiled (sm_90 SASS): its K/V rows come by cp.async (LDGSTS),
+    one commit group per pass (the prologue's and the loop's: two LDGDEPBAR), waited for with the
+    next pass's group still in flight (DEPBAR.LE SB0, 0x1) and drained before the merge (0x0).
+    Plain loads let ptxas sink the next pass's requests below this pass's math (it did, CUDA
+    13.0), and a wait off by one computes on rows still landing: wrong numbers, no error."""
+    sass = run(cuobjdump, "-sass", "-arch", "sm_90", str(so_path))
+    seen = 0
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = body.split(None, 1)[0]
+        m = re.search(r"class_attn_(fwd|bwd)_kernelI\w+?ELb(\d)ELb(\d)ELb(\d)E", name)
+        if not m:
+            continue
+        vl, prefetch = m.group(2) == "1", m.group(4) == "1"
+        copies = len(re.findall(r"\bLDGSTS\b", body))
+        if not prefetch:
+            assert copies == 0, name
+            continue
+        assert vl, "prefetch is built for the vector path only"
+        assert copies > 0 and len(re.findall(r"\bLDGDEPBAR\b", body)) == 2, name
+        waits = {int(x, 16) for x in re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", body)}
+        assert waits == {0, 1}, (name, waits)
+        assert not re.search(r"\bLDG\.E\.(64|128)\b", body), f"{name}: K/V rows loaded into registers"
+        seen += 1
+    assert seen == 72  # 2 directions x 3 dtypes x 6 head dims x (split, whole)
+
+
+def test_the_op_module_passes_prefetch(ops, monkeypatch):
+    """deit_fast.ops.class_attention's CUDA_PREFETCH is what both extension ops get."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op_module = importlib.import_module("deit_fast.ops.class_attention")  # the package shadows it
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "class_attention" in str(func):  # prefetch: positional, a keyword or the default
+                at = [a.name for a in func._schema.arguments].index("prefetch")
+                self.seen.append((str(func), args[at] if len(args) > at
+                                  else (kwargs or {}).get("prefetch", False)))
+            return func(*args, **(kwargs or {}))
+
+    q, k = meta((2, 3, 1, 48), BF16), meta((2, 3, 7, 48), BF16)
+    for flag in (False, True):
+        monkeypatch.setattr(op_module, "CUDA_PREFETCH", flag)
+        with Calls() as calls:
+            out, lse = op_module._cuda_forward(q, k, k, 0.1)
+            op_module._cuda_backward(out, q, k, k, out, lse, 0.1)
+        assert calls.seen == [("deit_fast_C.class_attention_forward.default", flag),
+                              ("deit_fast_C.class_attention_backward.default", flag)]
 
 
 def test_schemas(ops):
     assert str(ops.class_attention_forward.default._schema) == (
-        "deit_fast_C::class_attention_forward(Tensor q, Tensor k, Tensor v, float scale) "
-        "-> (Tensor, Tensor)")
+        "deit_fast_C::class_attention_forward(Tensor q, Tensor k, Tensor v, float scale, "
+        "bool prefetch=False) -> (Tensor, Tensor)")
     assert str(ops.class_attention_backward.default._schema) == (
         "deit_fast_C::class_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, "
-        "Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)")
+        "Tensor out, Tensor lse, float scale, bool prefetch=False) -> (Tensor, Tensor, Tensor)")
 
 
 def test_cpu_tensors_raise_instead_of_crashing(ops):

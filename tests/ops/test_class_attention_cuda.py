@@ -3,7 +3,10 @@ against the fp64 reference with FlashAttention's tolerance rule in fp32/fp16/bf1
 dim and odd key counts, with one (b, h) (the split-key path) and with 256 x 8 (one block per
 (b, h)); agreement with the Triton backend (out, lse and grads); strided, misaligned and
 non-unit-stride views (vector and element-wise paths); the projection layout of dk and dv;
-bitwise determinism; the custom-op checks; and a compute-sanitizer memcheck/racecheck run."""
+bitwise determinism; the prefetching key loop (CUDA_PREFETCH) against the plain one, bitwise, and
+against the reference; the custom-op checks; and a compute-sanitizer memcheck/racecheck run
+(with and without the prefetch)."""
+import importlib
 import math
 
 import pytest
@@ -16,6 +19,8 @@ from tests.ops.streams import on_a_side_stream
 from tests.ops.test_class_attention import check_custom_ops_pass_opcheck, run
 from tests.ops.tolerance import assert_rule
 
+# the module, which deit_fast.ops's function of the same name shadows as an attribute
+op_module = importlib.import_module("deit_fast.ops.class_attention")
 pytestmark = pytest.mark.gpu
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 HEAD_DIMS = (32, 48, 64, 80, 96, 128)
@@ -155,6 +160,40 @@ def test_bitwise_deterministic(shape):
             assert torch.equal(a, b)
 
 
+@pytest.fixture
+def prefetch(monkeypatch):
+    """CUDA_PREFETCH on: the kernels' cp.async key loop (deit_fast.ops.class_attention)."""
+    monkeypatch.setattr(op_module, "CUDA_PREFETCH", True)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 577, 48), (256, 8, 197, 48), (3, 16, 785, 48),
+                                   (256, 8, 7, 64), (2, 3, 1, 32), (5, 3, 65, 128), (7, 2, 41, 80),
+                                   (4, 4, 200, 96)], ids=lambda s: "x".join(map(str, s)))
+def test_prefetch_gives_the_same_results(shape, dtype, monkeypatch):
+    """CUDA_PREFETCH changes when K and V are read, not what is computed: the same out and grads
+    (torch.equal), on the split and the whole-row paths, full and partial passes, every head dim,
+    with k and v as the projection's head-split views (the vector path that prefetches)."""
+    B, H, N, D = shape
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+    kv = torch.randn(B, N, 2, H, D, device="cuda", dtype=dtype).permute(2, 0, 3, 1, 4)
+    dout = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    monkeypatch.setattr(op_module, "CUDA_PREFETCH", False)
+    plain = run("cuda", q, kv[0], kv[1], dout)
+    monkeypatch.setattr(op_module, "CUDA_PREFETCH", True)
+    ahead = run("cuda", q, kv[0], kv[1], dout)
+    assert torch.equal(ahead[0], plain[0])
+    for name, a, b in zip(("dq", "dk", "dv"), ahead[1], plain[1]):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 577, 48), (64, 8, 197, 48), (2, 3, 7, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_prefetch_matches_reference(shape, dtype, prefetch):
+    check_against_reference(*make(*shape, dtype))
+
+
 def test_empty_batch():
     q, k, v = make(0, 3, 7, 32, F32)
     out, grads = run("cuda", q, k, v, torch.zeros(q.shape, device="cuda"))
@@ -195,11 +234,14 @@ def test_runs_on_the_current_stream():
 
 
 SANITIZER_SCRIPT = """
+import importlib, itertools
 import torch
 from deit_fast import ops
+class_attention = importlib.import_module("deit_fast.ops.class_attention")
 cases = [((1, 1, 577, 48), torch.bfloat16), ((1, 2, 7, 80), torch.float32), ((3, 2, 1, 32), torch.float16),
          ((700, 1, 9, 128), torch.bfloat16), ((1, 1, 200, 96), torch.float16)]
-for (B, H, N, D), dt in cases:
+for prefetch, ((B, H, N, D), dt) in itertools.product((False, True), cases):
+    class_attention.CUDA_PREFETCH = prefetch
     q = torch.randn(B, 1, H, D, device="cuda", dtype=dt).transpose(1, 2)
     kv = torch.randn(B, N, 2, H, D, device="cuda", dtype=dt).permute(2, 0, 3, 1, 4)
     odd = torch.randn(B * H * N * D + 1, device="cuda", dtype=dt)[1:].view(B, H, N, D)  # element path
