@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_check.sh [DIR]     # DIR: also copy the results there, and all logs as logs.txt
 #   DEIT_FAST_COMMIT=$(git rev-parse --short HEAD) ...  # name the commit when the copy's .git is stale
-#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,demo,ops,models; opt-in: tune, profile)
+#   GPU_CHECK_PARTS=tests,ops ...     # only these parts (default tests,demo,ops,models; opt-in: tune,
+#                                     # profile, pending)
 #   GPU_CHECK_DEADLINE=400 ...        # seconds for the whole run (default 550)
 #
 # Each step has a cap in seconds and all share the deadline, so the whole run stays under
@@ -74,7 +75,7 @@ if [[ -f $stamp && $(cat "$stamp") == "$sources" ]] && ls deit_fast/_C*.so >/dev
   printf 'install\tskipped\t0\t\n' >>"$steps"
   echo "== install: skipped, deit_fast._C was built from these sources"
   installing=
-elif ! want tests && ! want ops && ! want models && ! want profile; then  # tune alone runs Triton only
+elif ! want tests && ! want ops && ! want models && ! want profile && ! want pending; then  # tune alone: Triton only
   installing=
 else
   rm -f "$stamp"
@@ -161,6 +162,28 @@ if want profile; then
   step ncu_profile "$cap" "$PY" -m bench.ncu --timeout $((cap - 15)) --out "$work/ncu"
 fi
 
+# Opt-in (GPU_CHECK_PARTS=pending; about 6 minutes): the measurements that decide what is built but
+# left off or never timed: class attention's cp.async key loop (CUDA_PREFETCH: its gpu tests and
+# sanitizer runs, then cuda against cuda_prefetch at CaiT's shapes), the distillation loss on both
+# kernel backends since its one-launch backward, the host cost of a Triton launch
+# (DEIT_FAST_RAW_POINTERS), and the talking-heads backward tiles and forward chunk size at 16
+# heads (CaiT-M, the target still missed).
+if want pending; then
+  pytest_gpu pytest_gpu_pending "$(budget 120)" tests/ops/test_class_attention_cuda.py -k "prefetch or sanitizer"
+  cap=$(budget 60)
+  step bench_class_attention_prefetch "$cap" "$PY" -m bench.ops.class_attention --impls cuda,cuda_prefetch,eager \
+    --time-budget $((cap - 15)) --out "$work/class_attention_prefetch"
+  jsonl+=("$work/class_attention_prefetch.jsonl")
+  cap=$(budget 60)
+  step bench_distill_loss_backends "$cap" "$PY" -m bench.ops.distill_loss --impls triton,cuda,compile \
+    --kinds hard --time-budget $((cap - 15)) --out "$work/distill_loss_backends"
+  jsonl+=("$work/distill_loss_backends.jsonl")
+  want demo || step bench_launch_cost "$(budget 20)" "$PY" -m bench.launch_cost --out "$work/launch_cost"
+  cap=$(budget 170)
+  step bench_tune_pending "$cap" "$PY" -m bench.tune --tunables talking_heads.tc_bwd,talking_heads.chunked_fwd \
+    --shapes cait_m_224 --time-budget $((cap - 20)) --out "$work/tune_pending"
+fi
+
 if want models; then
   cap=$(budget 50)
   step bench_models "$cap" "$PY" -m bench.models --quick --impls ours,timm --time-budget $((cap - 15)) \
@@ -192,11 +215,14 @@ if want models; then
   jsonl+=("$work/models_compile.jsonl")
 fi
 
-"$PY" -m bench.report --steps "$steps" --junit gpu_triton="$work/pytest_gpu_triton.xml" --junit gpu_cuda="$work/pytest_gpu_cuda.xml" "${jsonl[@]}" | tee "$work/written"
+junits=(--junit gpu_triton="$work/pytest_gpu_triton.xml" --junit gpu_cuda="$work/pytest_gpu_cuda.xml")
+want pending && junits+=(--junit gpu_pending="$work/pytest_gpu_pending.xml")
+"$PY" -m bench.report --steps "$steps" "${junits[@]}" "${jsonl[@]}" | tee "$work/written"
 if [[ -n $copy_to ]]; then
   mkdir -p "$copy_to"
   cp $(cat "$work/written") "$copy_to"/
   [[ -f $work/tune.md ]] && cp "$work/tune.md" "$work/tune.jsonl" "$copy_to"/
+  [[ -f $work/tune_pending.md ]] && cp "$work/tune_pending.md" "$work/tune_pending.jsonl" "$copy_to"/
   [[ -f $work/ncu.md ]] && cp "$work/ncu.md" "$work/ncu.csv" "$copy_to"/
   for log in "$work"/*.log; do  # one file: the device tool brings back at most 8
     printf '\n===== %s\n' "$(basename "$log")"

@@ -202,12 +202,18 @@ def test_gpu_check_names_only_impls_and_shapes_its_benches_have():
     script = (ROOT / "bench" / "gpu_check.sh").read_text()
     extras = re.findall(r"^\s*\[(\w+)\]=\"([^\"]*)\"", script, flags=re.M)
     assert {op for op, _ in extras} >= {"attention", "class_attention", "talking_heads"}
+    # and every other bench.ops call in it (the pending part's)
+    extras += re.findall(r"-m bench\.ops\.(\w+) ((?:[^\n]|\\\n)*)", script)
+    assert "class_attention" in [op for op, args in extras if "cuda_prefetch" in args]
     for op, args in extras:
         bench = importlib.import_module(f"bench.ops.{op}")
         for flag, known in (("--impls", bench.IMPLS), ("--shapes", getattr(bench, "SHAPES", None))):
             listed = re.search(flag + r" (\S+)", args)
             if listed:
                 assert set(listed.group(1).split(",")) <= set(known), (op, flag)
+    from bench import tune
+    for listed in re.findall(r"-m bench\.tune --tunables (\S+)", script):
+        assert set(listed.split(",")) <= set(tune.TUNABLES), listed
 
 
 def test_graph_columns_and_targets():
