@@ -162,18 +162,24 @@ if want profile; then
   step ncu_profile "$cap" "$PY" -m bench.ncu --timeout $((cap - 15)) --out "$work/ncu"
 fi
 
-# Opt-in (GPU_CHECK_PARTS=pending; about 6 minutes): the measurements that decide what is built but
-# left off or never timed: class attention's cp.async key loop (CUDA_PREFETCH: its gpu tests and
-# sanitizer runs, then cuda against cuda_prefetch at CaiT's shapes), the distillation loss on both
+# Opt-in (GPU_CHECK_PARTS=pending; about 7 minutes): the measurements that decide what is built but
+# left off or never timed: the cp.async variants of class attention and of the residual +
+# LayerNorm backward (CUDA_PREFETCH of each: their gpu tests and sanitizer runs, then cuda against
+# cuda_prefetch), the distillation loss on both
 # kernel backends since its one-launch backward, the host cost of a Triton launch
 # (DEIT_FAST_RAW_POINTERS), and the talking-heads backward tiles and forward chunk size at 16
 # heads (CaiT-M, the target still missed).
 if want pending; then
-  pytest_gpu pytest_gpu_pending "$(budget 120)" tests/ops/test_class_attention_cuda.py -k "prefetch or sanitizer"
+  pytest_gpu pytest_gpu_pending "$(budget 150)" tests/ops/test_class_attention_cuda.py \
+    tests/ops/test_layerscale_layernorm_cuda.py -k "prefetch or sanitizer"
   cap=$(budget 60)
   step bench_class_attention_prefetch "$cap" "$PY" -m bench.ops.class_attention --impls cuda,cuda_prefetch,eager \
     --time-budget $((cap - 15)) --out "$work/class_attention_prefetch"
   jsonl+=("$work/class_attention_prefetch.jsonl")
+  cap=$(budget 50)
+  step bench_layernorm_prefetch "$cap" "$PY" -m bench.ops.layerscale_layernorm --impls cuda,cuda_prefetch \
+    --time-budget $((cap - 15)) --out "$work/layernorm_prefetch"
+  jsonl+=("$work/layernorm_prefetch.jsonl")
   cap=$(budget 60)
   step bench_distill_loss_backends "$cap" "$PY" -m bench.ops.distill_loss --impls triton,cuda,compile \
     --kinds hard --time-budget $((cap - 15)) --out "$work/distill_loss_backends"

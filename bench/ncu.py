@@ -65,6 +65,7 @@ CASES = {
     "class_attn_bwd_prefetch": ("class_attention", (256, 8, 197, 48), "bf16", "cuda_prefetch", "bwd", {}),
     "ln_fwd_cuda": ("layerscale_layernorm", (256, 197, 384), "fp32/bf16/fp32", "cuda", "fwd", {}),
     "ln_bwd_cuda": ("layerscale_layernorm", (256, 197, 384), "fp32/bf16/fp32", "cuda", "bwd", {}),
+    "ln_bwd_prefetch": ("layerscale_layernorm", (256, 197, 384), "fp32/bf16/fp32", "cuda_prefetch", "bwd", {}),
     # fwd+bwd: the whole step's kernels, ours against torch.compile's (its 1.3x was missed)
     "loss_triton": ("distill_loss", (256, 1000), "bf16", "triton", "fwd+bwd", {"kind": "hard"}),
     "loss_cuda": ("distill_loss", (256, 1000), "bf16", "cuda", "fwd+bwd", {"kind": "hard"}),
@@ -75,7 +76,7 @@ PROFILES = {  # named groups of cases, by the gap to their target (distill_loss 
     "attention_fwd": ("attn_fwd_cuda", "attn_fwd_cuda_m128_s3", "attn_fwd_cudnn", "attn_fwd_triton"),
     "class_attention": ("class_attn_fwd_cuda", "class_attn_bwd_cuda", "class_attn_fwd_prefetch",
                         "class_attn_bwd_prefetch"),
-    "layernorm": ("ln_fwd_cuda", "ln_bwd_cuda"),
+    "layernorm": ("ln_fwd_cuda", "ln_bwd_cuda", "ln_bwd_prefetch"),
     "distill_loss": ("loss_triton", "loss_cuda", "loss_compile"),  # last: the compile takes a while
 }
 

@@ -22,7 +22,8 @@
 // The column grads are deterministic without atomics: block p of the backward owns a fixed strip
 // of rows, each thread keeps fp32 sums for its fixed columns, the block adds its thread rows in a
 // fixed order into partial[a, p, :], and a second kernel adds the strips per column in a fixed
-// order. The strip count depends on the shape only.
+// order. The strip count depends on the shape only. With the backward op's prefetch flag (kernel
+// template PF) a row's dout and y come by cp.async, requested a row ahead.
 #include "common.cuh"
 
 #include <ATen/ops/empty.h>
@@ -33,6 +34,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 namespace deit_fast {
 namespace {
@@ -46,6 +48,21 @@ constexpr int kMaxWarps = 2 * kThreads / 32;
 constexpr int64_t kRowBlocks = 1024;  // at most this many row strips in the backward
 
 // ---- kernels -----------------------------------------------------------------------------
+
+// PF: one 8-element vector global -> shared by cp.async (16 B at a time), and back as floats.
+template <typename T>
+__device__ __forceinline__ void cp_async_vec(Vec<T, kVec>* dst, const T* __restrict__ src) {
+#pragma unroll
+  for (int k = 0; k < static_cast<int>(sizeof(Vec<T, kVec>)) / 16; ++k)
+    cp_async_16(smem_addr(reinterpret_cast<char*>(dst) + 16 * k),
+                reinterpret_cast<const char*>(src) + 16 * k, 16);
+}
+
+template <typename T>
+__device__ __forceinline__ void unstage8(const Vec<T, kVec>& v, float (&out)[kVec]) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out[j] = to_float(v.v[j]);
+}
 
 // The 8 elements of a row from column c on, `left` = C - c of them in the row: one vector access
 // when ALIGNED, else element-wise with the tail read as 0 and never written.
@@ -204,7 +221,12 @@ __device__ __forceinline__ void store_column_sums(const float (&acc)[NV][kVec], 
 // leaves its column sums in partial (3, P, C): [0] dgamma (with gamma), [1] dweight, [2] dbias.
 // `src` is the saved out (x for a plain LayerNorm); without dout there is no residual (no y,
 // dy, dgamma). Up to 512 threads: at most 128 registers.
-template <typename XT, typename YT, typename OT, bool ALIGNED>
+// PF (vector path, residual, at most 256 threads): a row's dout and y are requested by cp.async
+// into shared memory (after colbuf) at the end of the row before, so they arrive while this
+// row's src and dnormed are loaded and summed, where the plain kernel loads them only after the
+// row sums: one memory round trip a row instead of two, without the registers that holding them
+// would take (the kernel is at its 128). The same arithmetic in the same order.
+template <typename XT, typename YT, typename OT, bool ALIGNED, bool PF>
 __global__ void __launch_bounds__(2 * kThreads, 1) lsln_bwd_kernel(
     const OT* __restrict__ dout, const OT* __restrict__ dnormed, const OT* __restrict__ src,
     const YT* __restrict__ y, const float* __restrict__ gamma, const float* __restrict__ scale,
@@ -213,10 +235,40 @@ __global__ void __launch_bounds__(2 * kThreads, 1) lsln_bwd_kernel(
     int C, int64_t sdb, int64_t sdn, int64_t snb, int64_t snn, int64_t ssb, int64_t ssn,
     int64_t syb, int64_t syn, int64_t rows_per_block) {
   constexpr int NV = kBwdVecs;
-  extern __shared__ float colbuf[];
+  extern __shared__ __align__(32) float colbuf[];  // 32: PF's fp32 vectors after it
   __shared__ float scratch[kMaxWarps][2];
   const int G = blockDim.x, TY = blockDim.y, lane = threadIdx.x;
   const bool residual = dout != nullptr, has_gamma = residual && gamma != nullptr;
+  static_assert(ALIGNED || !PF, "prefetch takes the vector path");
+  // PF: this thread's vector i of dout and of y in shared memory, after colbuf (offsets
+  // recomputed at each use, not held: the kernel is at 128 registers).
+  auto dout_slot = [&](int i) {
+    return reinterpret_cast<Vec<OT, kVec>*>(colbuf + TY * G * NV * kVec) +
+           (i * TY + threadIdx.y) * G + lane;
+  };
+  auto y_slot = [&](int i) {
+    constexpr int kDoutFloats = NV * sizeof(Vec<OT, kVec>) / sizeof(float);  // per thread
+    return reinterpret_cast<Vec<YT, kVec>*>(colbuf + TY * G * (NV * kVec + kDoutFloats)) +
+           (i * TY + threadIdx.y) * G + lane;
+  };
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  // PF: requests the dout and y vectors of this thread's row k of the strip (none past the end).
+  auto stage_row = [&](int64_t k) {
+    const int64_t r = r0 + k;
+    if (k < rows_per_block && r < rows) {
+      int64_t b, n;
+      split_row(r, rows, N, b, n);
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int c = (lane + i * G) * kVec;
+        if (c >= C) continue;  // phase 2 skips these too
+        cp_async_vec(dout_slot(i), dout + b * sdb + n * sdn + c);
+        if (has_gamma) cp_async_vec(y_slot(i), y + b * syb + n * syn + c);
+      }
+    }
+    cp_async_commit();
+  };
+  if constexpr (PF) stage_row(threadIdx.y);
 
   float acc_g[NV][kVec], acc_w[NV][kVec], acc_b[NV][kVec];
 #pragma unroll
@@ -225,7 +277,6 @@ __global__ void __launch_bounds__(2 * kThreads, 1) lsln_bwd_kernel(
     for (int j = 0; j < kVec; ++j) acc_g[i][j] = acc_w[i][j] = acc_b[i][j] = 0.f;
   }
 
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   for (int64_t k = threadIdx.y; k < rows_per_block; k += TY) {  // the same trip count for all
     const int64_t r = r0 + k;
     const bool row_ok = r < rows;
@@ -262,6 +313,7 @@ __global__ void __launch_bounds__(2 * kThreads, 1) lsln_bwd_kernel(
     const float m1 = sums[0] / C, m2 = sums[1] / C;
 
     const float drop = residual && scale != nullptr && row_ok ? scale[b] : 1.f;
+    if constexpr (PF) cp_async_wait<0>();  // this row's dout and y have landed
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int c = (lane + i * G) * kVec;
@@ -271,7 +323,8 @@ __global__ void __launch_bounds__(2 * kThreads, 1) lsln_bwd_kernel(
       for (int j = 0; j < kVec; ++j) d[j] = (g[i][j] - m1 - xh[i][j] * m2) * rs;
       if (residual) {
         float e[kVec];
-        load8<ALIGNED>(dout + b * sdb + n * sdn + c, C - c, e);
+        if constexpr (PF) unstage8(*dout_slot(i), e);
+        else load8<ALIGNED>(dout + b * sdb + n * sdn + c, C - c, e);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           d[j] += e[j];
@@ -279,7 +332,8 @@ __global__ void __launch_bounds__(2 * kThreads, 1) lsln_bwd_kernel(
         }
         if (has_gamma) {
           float yv[kVec], gm[kVec];
-          load8<ALIGNED>(y + b * syb + n * syn + c, C - c, yv);
+          if constexpr (PF) unstage8(*y_slot(i), yv);
+          else load8<ALIGNED>(y + b * syb + n * syn + c, C - c, yv);
           load8<ALIGNED>(gamma + c, C - c, gm);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
@@ -291,6 +345,9 @@ __global__ void __launch_bounds__(2 * kThreads, 1) lsln_bwd_kernel(
       }
       store8<ALIGNED>(dx + r * C + c, C - c, d);
     }
+    // PF: the next row's dout and y, in flight through its src / dnormed loads and row sums. Its
+    // slots held this row's, which the stores above have consumed.
+    if constexpr (PF) stage_row(k + TY);
   }
 
   const int64_t p = blockIdx.x, P = gridDim.x;
@@ -479,7 +536,7 @@ void backward_impl(const at::Tensor* dout, const at::Tensor& dnormed, const at::
                    const at::Tensor* y, const std::optional<at::Tensor>& gamma_opt,
                    const std::optional<at::Tensor>& scale_opt, const at::Tensor& weight_in,
                    const at::Tensor& mean_in, const at::Tensor& rstd_in, at::Tensor& dx, at::Tensor* dy,
-                   at::Tensor* dgamma, at::Tensor& dweight, at::Tensor& dbias) {
+                   at::Tensor* dgamma, at::Tensor& dweight, at::Tensor& dbias, bool prefetch) {
   const int64_t C = src.size(-1);
   if (dx.numel() == 0) {  // sums over no rows (or of no columns)
     if (dgamma != nullptr) dgamma->zero_();
@@ -501,7 +558,11 @@ void backward_impl(const at::Tensor* dout, const at::Tensor& dnormed, const at::
   int64_t rows_per_block = (rows + kRowBlocks - 1) / kRowBlocks;
   rows_per_block = (rows_per_block + geo.ty - 1) / geo.ty * geo.ty;
   const int64_t strips = (rows + rows_per_block - 1) / rows_per_block;  // in [1, kRowBlocks]
-  const size_t smem = static_cast<size_t>(geo.g) * geo.ty * kBwdVecs * kVec * sizeof(float);  // <= 32 KiB
+  const size_t threads = static_cast<size_t>(geo.g) * geo.ty;
+  const size_t smem = threads * kBwdVecs * kVec * sizeof(float);  // colbuf, <= 32 KiB
+  // The kernel's PF staging (dout and y, kBwdVecs vectors a thread) fits beside colbuf in the
+  // 48 KiB a launch gets without opting in, at 256 threads (C <= 4096): PF runs only there.
+  const bool pf = prefetch && vec && dout != nullptr && threads <= kThreads;
   const auto f32 = dx.options().dtype(at::kFloat);
   at::Tensor partial = at::empty({3, strips, C}, f32);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -511,8 +572,17 @@ void backward_impl(const at::Tensor* dout, const at::Tensor& dnormed, const at::
     using XT = typename decltype(xt_)::type;
     using YT = typename decltype(yt_)::type;
     using OT = typename decltype(ot_)::type;
-    auto kernel = vec ? lsln_bwd_kernel<XT, YT, OT, true> : lsln_bwd_kernel<XT, YT, OT, false>;
-    kernel<<<static_cast<unsigned>(strips), dim3(geo.g, geo.ty), smem, stream>>>(
+    auto kernel = vec ? lsln_bwd_kernel<XT, YT, OT, true, false> : lsln_bwd_kernel<XT, YT, OT, false, false>;
+    size_t stage = 0;
+    // PF is not built for all-fp32 rows: there ptxas 13.0 kept one register in local memory
+    // across the division's slow-path call (mixed precision, bf16 or fp16 y, is PF's case).
+    if constexpr (!(std::is_same_v<XT, float> && std::is_same_v<YT, float> && std::is_same_v<OT, float>)) {
+      if (pf) {
+        kernel = lsln_bwd_kernel<XT, YT, OT, true, true>;
+        stage = threads * kBwdVecs * (sizeof(Vec<OT, kVec>) + sizeof(Vec<YT, kVec>));
+      }
+    }
+    kernel<<<static_cast<unsigned>(strips), dim3(geo.g, geo.ty), smem + stage, stream>>>(
         dout != nullptr ? static_cast<const OT*>(dv.t.const_data_ptr()) : nullptr,
         static_cast<const OT*>(nv.t.const_data_ptr()), static_cast<const OT*>(sv.t.const_data_ptr()),
         y != nullptr ? static_cast<const YT*>(yv.t.const_data_ptr()) : nullptr, f32_or_null(gamma),
@@ -609,7 +679,7 @@ Five fused_backward_empty(const at::Tensor& out, const at::Tensor& y, const std:
 Five fused_backward_meta(const at::Tensor& dout, const at::Tensor& dnormed, const at::Tensor& out,
                          const at::Tensor& y, const std::optional<at::Tensor>& gamma,
                          const std::optional<at::Tensor>& scale, const at::Tensor& weight,
-                         const at::Tensor& mean, const at::Tensor& rstd, at::ScalarType x_dtype) {
+                         const at::Tensor& mean, const at::Tensor& rstd, at::ScalarType x_dtype, bool) {
   check_fused_backward(dout, dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype);
   return fused_backward_empty(out, y, gamma, weight, x_dtype);
 }
@@ -617,13 +687,14 @@ Five fused_backward_meta(const at::Tensor& dout, const at::Tensor& dnormed, cons
 Five fused_backward_cuda(const at::Tensor& dout, const at::Tensor& dnormed, const at::Tensor& out,
                          const at::Tensor& y, const std::optional<at::Tensor>& gamma,
                          const std::optional<at::Tensor>& scale, const at::Tensor& weight,
-                         const at::Tensor& mean, const at::Tensor& rstd, at::ScalarType x_dtype) {
+                         const at::Tensor& mean, const at::Tensor& rstd, at::ScalarType x_dtype,
+                         bool prefetch) {
   check_fused_backward(dout, dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype);
   check_cuda(kFusedBwd, "out", out);
   const c10::cuda::CUDAGuard guard(out.device());
   auto [dx, dy, dgamma, dweight, dbias] = fused_backward_empty(out, y, gamma, weight, x_dtype);
   backward_impl(&dout, dnormed, out, &y, gamma, scale, weight, mean, rstd, dx, &dy,
-                gamma.has_value() ? &dgamma : nullptr, dweight, dbias);
+                gamma.has_value() ? &dgamma : nullptr, dweight, dbias, prefetch);
   return {dx, dy, dgamma, dweight, dbias};
 }
 
@@ -678,7 +749,7 @@ Three ln_backward_cuda(const at::Tensor& dnormed, const at::Tensor& x, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   auto [dx, dweight, dbias] = ln_backward_empty(x, weight);
   backward_impl(nullptr, dnormed, x, nullptr, std::nullopt, std::nullopt, weight, mean, rstd, dx, nullptr,
-                nullptr, dweight, dbias);
+                nullptr, dweight, dbias, false);  // no residual: nothing for PF to move
   return {dx, dweight, dbias};
 }
 
@@ -692,10 +763,11 @@ TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
   m.def("layerscale_residual_layernorm_forward(Tensor x, Tensor y, Tensor? gamma, Tensor? scale, "
         "Tensor weight, Tensor bias, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
   // (dx in x_dtype, dy, dgamma (empty without gamma), dweight, dbias (both in weight's dtype)).
-  // dout, dnormed: out's dtype; column grads deterministic (no atomics).
+  // dout, dnormed: out's dtype; column grads deterministic (no atomics). prefetch: the kernel's
+  // PF variant where it applies (the same results).
   m.def("layerscale_residual_layernorm_backward(Tensor dout, Tensor dnormed, Tensor out, Tensor y, "
-        "Tensor? gamma, Tensor? scale, Tensor weight, Tensor mean, Tensor rstd, ScalarType x_dtype) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? gamma, Tensor? scale, Tensor weight, Tensor mean, Tensor rstd, ScalarType x_dtype, "
+        "bool prefetch=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Plain LayerNorm: (normed in x's dtype, mean, rstd) and (dx, dweight, dbias).
   m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor dnormed, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "

@@ -9,6 +9,8 @@ judged in GB/s against the roofline.
 Bytes: fwd reads x, y (and gamma, weight, bias) and writes out and normed; bwd reads dout, dnormed,
 out, y and writes dx, dy (row statistics and the C-sized grads are negligible). Targets (the
 residual+LayerNorm issue): fwd and bwd >= 85 % of the HBM roofline and >= 1.1x torch.compile.
+cuda_prefetch is the cuda backend with deit_fast.ops.layerscale.CUDA_PREFETCH on (the backward
+requests a row's dout and y a row ahead): bwd and fwd+bwd only, the measurement that decides it.
 """
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ import timm.layers
 from bench import common  # first: sets TRITON_INTERPRET on a machine without a GPU
 from bench.ops.layerscale import DTYPES, SHAPES, SMOKE_DTYPES, SMOKE_SHAPES
 from deit_fast import ops
+from deit_fast.ops import layerscale as op_module  # CUDA_PREFETCH
 from deit_fast.ops import reference
 
 KEEP_PROB = 0.9
@@ -51,8 +54,10 @@ def _compiled():
         x, y, g, w, b, 1e-6, _mask(x), KEEP_PROB), dynamic=False)
 
 
-IMPLS = {"triton": lambda: _ours("triton"), "cuda": lambda: _ours("cuda"), "eager": lambda: _eager,
+IMPLS = {"triton": lambda: _ours("triton"), "cuda": lambda: _ours("cuda"),
+         "cuda_prefetch": lambda: _ours("cuda"), "eager": lambda: _eager,
          "apex": lambda: _apex, "compile": _compiled}
+OURS = ("triton", "cuda", "cuda_prefetch")
 
 
 def setup(case: common.Case, impl: str, args):
@@ -73,12 +78,16 @@ def setup(case: common.Case, impl: str, args):
     def douts():  # out and normed both have the promoted dtype
         return tuple(torch.randn(B, N, C, device=device, dtype=od) for _ in range(2))
 
-    return common.directions(f, leaves, sets, douts, fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
+    thunks = common.directions(f, leaves, sets, douts, fwd_bytes, bwd_bytes, fwd_flops, bwd_flops)
+    if impl == "cuda_prefetch":  # the backward's variant: its fwd row would repeat cuda's
+        del thunks["fwd"]
+        return {d: common.with_flag(op_module, "CUDA_PREFETCH", t, True) for d, t in thunks.items()}
+    return thunks
 
 
 def targets(rows, interpreted: bool):
     """Ours per case and direction: % of the bandwidth roofline and speedup over torch.compile."""
-    return common.roofline_targets(rows, interpreted, ("triton", "cuda"), TARGET_PCT_ROOFLINE,
+    return common.roofline_targets(rows, interpreted, OURS, TARGET_PCT_ROOFLINE,
                                    "compile", TARGET_VS_COMPILE, "torch.compile")
 
 
@@ -97,7 +106,8 @@ def main(argv=None):
     except ImportError as e:
         apex_why = f"apex does not import ({e})"
     impls = {"triton": common.Impl(False, report.get("triton")),
-             "cuda": common.Impl(False, report.get("cuda")), "eager": common.Impl(True),
+             "cuda": common.Impl(False, report.get("cuda")),
+             "cuda_prefetch": common.Impl(False, report.get("cuda")), "eager": common.Impl(True),
              "apex": common.Impl(True, apex_why), "compile": common.Impl(True)}
     cases = [common.Case("layerscale_residual_layernorm", shape, dtype) for dtype in dtypes for shape in shapes.values()]
     notes = {"dtype": "x/y/gamma storage dtypes; out and normed take their promoted dtype; LayerNorm params fp32",

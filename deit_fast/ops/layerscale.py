@@ -136,6 +136,16 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)  # custom ops cannot return None
 
 
+# The cuda backend's residual + LayerNorm backward: with CUDA_PREFETCH a row's dout and y are
+# requested (cp.async into shared memory) at the end of the row before, so each row waits for
+# memory once instead of twice, where the kernel sat at 50-58 % of the HBM roofline (an H200,
+# 2026-11-27). The same arithmetic in the same order. It applies where the rows take 16-byte
+# vectors, C <= 4096 and x, y and out are not all fp32 (mixed precision and 16-bit training are
+# covered); elsewhere it changes nothing. Off until bench.ops.layerscale_layernorm's
+# cuda_prefetch has timed it.
+CUDA_PREFETCH = False
+
+
 def _ln_kernels(backend: str):
     """(forward, backward) of the residual + LayerNorm kernels, with the Triton functions'
     signatures (y None: a plain LayerNorm, see kernels/layerscale.py)."""
@@ -156,7 +166,8 @@ def _ln_kernels(backend: str):
             dx, dweight, dbias = ops.layer_norm_backward(dnormed, out, weight, mean, rstd)
             return dx, None, None, dweight, dbias
         dx, dy, dgamma, dweight, dbias = ops.layerscale_residual_layernorm_backward(
-            dout.to(out.dtype), dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype)
+            dout.to(out.dtype), dnormed, out, y, gamma, scale, weight, mean, rstd, x_dtype,
+            CUDA_PREFETCH)
         return dx, dy, (dgamma if gamma is not None else None), dweight, dbias
     return forward, backward
 

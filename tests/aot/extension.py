@@ -110,3 +110,65 @@ def assert_no_spills(kernels: dict, max_regs: int, where: str) -> None:
     assert not spilled, f"{where}: {len(spilled)} kernels spill or use local memory: {spilled}"
     over = {k: u["REG"] for k, u in kernels.items() if u["REG"] > max_regs}
     assert not over, f"{where}: kernels over {max_regs} registers: {over}"
+
+
+def flag_values(argument: str, call) -> list:
+    """(op, value of `argument`) for each deit_fast_C op with that argument that call() runs (on
+    meta tensors, through the Meta kernels): the value as passed, positional or keyword, else the
+    schema's default. How a test sees that an op module passes its switch to the extension."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            names = [a.name for a in func._schema.arguments]
+            if str(func).startswith("deit_fast_C.") and argument in names:
+                at = names.index(argument)
+                default = func._schema.arguments[at].default_value
+                self.seen.append((str(func), args[at] if len(args) > at else kwargs.get(argument, default)))
+            return func(*args, **kwargs)
+
+    with Calls() as calls:
+        call()
+    return calls.seen
+
+
+def sass_functions(so: Path, objdump: str, arch: str = "sm_90") -> list:
+    """(mangled name, SASS) of every kernel in `so`'s cubins for `arch`."""
+    sass = run(objdump, "-sass", "-arch", arch, str(so))
+    return [(body.split(None, 1)[0], body) for body in re.split(r"\n\s*Function : ", sass)[1:]]
+
+
+def cp_async_use(sass: str) -> dict:
+    """What one kernel's SASS does with cp.async: its copies (LDGSTS), commit groups (LDGDEPBAR),
+    the pending-group counts it waits down to (DEPBAR.LE SB0), and whether it uses local memory."""
+    return {"copies": len(re.findall(r"\bLDGSTS\b", sass)),
+            "commits": len(re.findall(r"\bLDGDEPBAR\b", sass)),
+            "waits": {int(x, 16) for x in re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", sass)},
+            "local": bool(re.search(r"\b(LDL|STL)\b", sass))}
+
+
+def prefetch_kernels(so: Path, objdump: str, pattern: str, waits: set) -> list:
+    """(match, SASS) of each sm_90 kernel whose name matches `pattern` with its prefetch flag
+    (named group pf) set, after checking every match: without pf a kernel copies nothing by
+    cp.async; with it, it is a vector-path kernel (named group vec), copies in two commit groups'
+    code (a prologue's and the loop's), waits down to exactly `waits` pending groups and keeps
+    nothing in local memory."""
+    found = []
+    for name, body in sass_functions(so, objdump):
+        m = re.search(pattern, name)
+        if not m:
+            continue
+        use = cp_async_use(body)
+        if m.group("pf") == "0":
+            assert use["copies"] == 0, name
+            continue
+        assert m.group("vec") == "1", f"{name}: prefetch is built for the vector path only"
+        assert use["copies"] > 0 and use["commits"] == 2 and not use["local"], (name, use)
+        assert use["waits"] == waits, (name, use)
+        found.append((m, body))
+    return found

@@ -3,14 +3,16 @@ registers the class-attention schemas, its Meta kernels (which run the same inpu
 CUDA ones) give the right output shapes, dtypes and dk/dv layouts and pass opcheck, bad input
 raises an error naming the argument, and CPU tensors are refused instead of crashing. The cubins'
 register use is checked for every kernel by test_cuda_extension.test_no_register_spills; here,
-that the class-attention kernels are among them."""
+that the class-attention kernels are among them. The prefetching kernels copy K and V by
+cp.async with the right waits (their SASS), and deit_fast.ops.class_attention passes its
+CUDA_PREFETCH to both ops."""
 import importlib
 import re
 
 import pytest
 import torch
 
-from tests.aot.extension import ARCHS, run
+from tests.aot.extension import ARCHS, flag_values, prefetch_kernels
 
 pytestmark = pytest.mark.aot
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -48,53 +50,26 @@ def test_prefetch_kernels_copy_ahead_asynchronously(so_path, cuobjdump):
     next pass's group still in flight (DEPBAR.LE SB0, 0x1) and drained before the merge (0x0).
     Plain loads let ptxas sink the next pass's requests below this pass's math (it did, CUDA
     13.0), and a wait off by one computes on rows still landing: wrong numbers, no error."""
-    sass = run(cuobjdump, "-sass", "-arch", "sm_90", str(so_path))
-    seen = 0
-    for body in re.split(r"\n\s*Function : ", sass)[1:]:
-        name = body.split(None, 1)[0]
-        m = re.search(r"class_attn_(fwd|bwd)_kernelI\w+?ELb(\d)ELb(\d)ELb(\d)E", name)
-        if not m:
-            continue
-        vl, prefetch = m.group(2) == "1", m.group(4) == "1"
-        copies = len(re.findall(r"\bLDGSTS\b", body))
-        if not prefetch:
-            assert copies == 0, name
-            continue
-        assert vl, "prefetch is built for the vector path only"
-        assert copies > 0 and len(re.findall(r"\bLDGDEPBAR\b", body)) == 2, name
-        waits = {int(x, 16) for x in re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", body)}
-        assert waits == {0, 1}, (name, waits)
-        assert not re.search(r"\bLDG\.E\.(64|128)\b", body), f"{name}: K/V rows loaded into registers"
-        seen += 1
+    found = prefetch_kernels(so_path, cuobjdump,
+                             r"class_attn_(fwd|bwd)_kernelI\w+?ELb(?P<vec>\d)ELb\dELb(?P<pf>\d)E", {0, 1})
+    for m, body in found:
+        assert not re.search(r"\bLDG\.E\.(64|128)\b", body), f"{m.string}: K/V loaded into registers"
+    seen = len(found)
     assert seen == 72  # 2 directions x 3 dtypes x 6 head dims x (split, whole)
 
 
 def test_the_op_module_passes_prefetch(ops, monkeypatch):
     """deit_fast.ops.class_attention's CUDA_PREFETCH is what both extension ops get."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     op_module = importlib.import_module("deit_fast.ops.class_attention")  # the package shadows it
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "class_attention" in str(func):  # prefetch: positional, a keyword or the default
-                at = [a.name for a in func._schema.arguments].index("prefetch")
-                self.seen.append((str(func), args[at] if len(args) > at
-                                  else (kwargs or {}).get("prefetch", False)))
-            return func(*args, **(kwargs or {}))
-
     q, k = meta((2, 3, 1, 48), BF16), meta((2, 3, 7, 48), BF16)
+
+    def both():
+        out, lse = op_module._cuda_forward(q, k, k, 0.1)
+        op_module._cuda_backward(out, q, k, k, out, lse, 0.1)
     for flag in (False, True):
         monkeypatch.setattr(op_module, "CUDA_PREFETCH", flag)
-        with Calls() as calls:
-            out, lse = op_module._cuda_forward(q, k, k, 0.1)
-            op_module._cuda_backward(out, q, k, k, out, lse, 0.1)
-        assert calls.seen == [("deit_fast_C.class_attention_forward.default", flag),
-                              ("deit_fast_C.class_attention_backward.default", flag)]
+        assert flag_values("prefetch", both) == [("deit_fast_C.class_attention_forward.default", flag),
+                                                 ("deit_fast_C.class_attention_backward.default", flag)]
 
 
 def test_schemas(ops):

@@ -1,14 +1,18 @@
 """Tier 2 for the residual + LayerNorm ops of the CUDA extension (csrc/layerscale_layernorm.cu), no
 GPU needed: their kernels are in the build for sm_80 and sm_90 without spills, the op schemas are
 registered, the Meta kernels (which run the CUDA kernels' input checks) give the right output
-metadata and pass opcheck, bad input raises naming the argument, and CPU tensors are refused."""
+metadata and pass opcheck, bad input raises naming the argument, and CPU tensors are refused;
+the backward's prefetch variant copies dout and y by cp.async with the right waits (its SASS), and
+deit_fast.ops.layerscale passes its CUDA_PREFETCH to the op."""
+import importlib
+
 import pytest
 import torch
 
 # so_path, cuobjdump, resource_usage (cuobjdump's register and spill report of the cubins) and ops
 # are tests/aot/conftest.py's, shared with the extension's own tier-2 test: so_path skips when
 # deit_fast._C was not built (tests/aot/test_cuda_extension.py decides whether that is a failure).
-from tests.aot.extension import ARCHS, assert_no_spills, named
+from tests.aot.extension import ARCHS, assert_no_spills, flag_values, named, prefetch_kernels
 
 pytestmark = pytest.mark.aot
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -29,6 +33,34 @@ def test_kernels_are_built_without_spills(resource_usage):
             assert_no_spills(ours, 128 if name == "lsln_bwd_kernel" else 255, f"{arch}: {name}")
 
 
+def test_prefetch_backward_copies_dout_and_y_ahead(so_path, cuobjdump):
+    """The backward's PF variant as compiled (sm_90 SASS): dout and y come by cp.async (LDGSTS),
+    one commit group a row (the first row's before the loop, the next row's at the end of each:
+    two LDGDEPBAR), and each row waits for all of its group (DEPBAR.LE SB0, 0x0) before reading
+    them; no local memory. Built for the vector path only, and for every dtype triple but x, y
+    and out all fp32 (see backward_impl). The plain kernels copy nothing."""
+    found = prefetch_kernels(so_path, cuobjdump, r"lsln_bwd_kernelI(\w+?)Lb(?P<vec>\d)ELb(?P<pf>\d)E", {0})
+    seen = {m.group(1) for m, _ in found}
+    # (x, y, out) with out fp32: 3 x 3 less all-fp32; with out fp16 or bf16: one each
+    assert len(seen) == 10 and "fff" not in seen, sorted(seen)
+
+
+def test_the_op_module_passes_prefetch(ops, monkeypatch):
+    """deit_fast.ops.layerscale's CUDA_PREFETCH is what the fused backward op gets (the plain
+    LayerNorm's has no residual, so no flag)."""
+    op_module = importlib.import_module("deit_fast.ops.layerscale")
+    _, backward = op_module._ln_kernels("cuda")
+    x, w, stat = meta((2, 7, 384), F32), meta((384,), F32), meta((14,), F32)
+
+    def call():
+        backward(x, x, x, meta((2, 7, 384), BF16), w, None, w, stat, stat, F32)
+        backward(None, x, x, None, None, None, w, stat, stat, F32)
+    for flag in (False, True):
+        monkeypatch.setattr(op_module, "CUDA_PREFETCH", flag)
+        assert flag_values("prefetch", call) == [
+            ("deit_fast_C.layerscale_residual_layernorm_backward.default", flag)]
+
+
 def test_schemas(ops):
     assert str(ops.layerscale_residual_layernorm_forward.default._schema) == (
         "deit_fast_C::layerscale_residual_layernorm_forward(Tensor x, Tensor y, Tensor? gamma, "
@@ -37,7 +69,7 @@ def test_schemas(ops):
     assert str(ops.layerscale_residual_layernorm_backward.default._schema) == (
         "deit_fast_C::layerscale_residual_layernorm_backward(Tensor dout, Tensor dnormed, Tensor out, "
         "Tensor y, Tensor? gamma, Tensor? scale, Tensor weight, Tensor mean, Tensor rstd, "
-        "ScalarType x_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+        "ScalarType x_dtype, bool prefetch=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
     assert str(ops.layer_norm_forward.default._schema) == (
         "deit_fast_C::layer_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor, Tensor, Tensor)")

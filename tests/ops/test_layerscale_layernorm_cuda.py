@@ -3,8 +3,11 @@ csrc/layerscale_layernorm.cu), on a GPU only: outputs and all five grads against
 with FlashAttention's tolerance rule in fp32/fp16/bf16 and mixed dtypes, at 1, 7 and 197 * 3 rows
 of C = 192, 288, 768, 33 and wide rows (the vector path, the element-wise path, rows over several
 warps), strided and misaligned views, with and without gamma and DropPath, eps, bitwise-
-deterministic column grads, agreement with the Triton backend, the custom-op checks, and a
-compute-sanitizer memcheck / racecheck run."""
+deterministic column grads, agreement with the Triton backend, the backward's prefetching
+variant (CUDA_PREFETCH) against the plain one bitwise and against the reference, the custom-op
+checks, and a compute-sanitizer memcheck / racecheck run (with and without the prefetch)."""
+
+import importlib
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from tests.ops.streams import on_a_side_stream
 from tests.ops.test_layerscale_layernorm import check_layer_norm, run
 from tests.ops.tolerance import assert_rule, poisoned_empty
 
+op_module = importlib.import_module("deit_fast.ops.layerscale")  # CUDA_PREFETCH
 pytestmark = pytest.mark.gpu
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # 1, 7 and 197 * 3 rows at the widths the task names, then rows the backward spreads over 2 to
@@ -182,6 +186,31 @@ def test_column_grads_are_bitwise_deterministic():
         assert all(torch.equal(a, b_) for a, b_ in zip(grads[0], again))
 
 
+@pytest.mark.parametrize("gamma,drop", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(3, 197, 192), (8, 197, 384), (1, 7, 768), (2, 50, 1024),
+                                   (2, 3, 4096), (1, 2, 8192), (2, 7, 33), (5, 3, 288)], ids=str)
+def test_prefetch_gives_the_same_results(shape, dtypes, gamma, drop, monkeypatch):
+    """CUDA_PREFETCH changes when the backward reads dout and y, not what it computes: the same
+    outputs and grads (torch.equal) wherever it applies (vector rows up to C = 4096 in 256
+    threads, not all fp32) and wherever it does not (C = 8192, C = 33, all fp32)."""
+    x, y, g, w, b, mask = make(shape, dtypes, gamma, drop)
+    d_out, d_norm = (torch.randn(x.shape, device="cuda", dtype=torch.float64) for _ in range(2))
+    monkeypatch.setattr(op_module, "CUDA_PREFETCH", False)
+    plain = run("cuda", x, y, g, w, b, mask, 0.8, d_out, d_norm)
+    monkeypatch.setattr(op_module, "CUDA_PREFETCH", True)
+    ahead = run("cuda", x, y, g, w, b, mask, 0.8, d_out, d_norm)
+    for a, p in zip(ahead[0] + ahead[1], plain[0] + plain[1]):
+        assert torch.equal(a, p)
+
+
+@pytest.mark.parametrize("shape", [(3, 197, 192), (1, 7, 768), (2, 3, 4096)], ids=str)
+@pytest.mark.parametrize("dtypes", [DTYPES[1], DTYPES[3], DTYPES[5]], ids=dtype_id)
+def test_prefetch_matches_reference(shape, dtypes, monkeypatch):
+    monkeypatch.setattr(op_module, "CUDA_PREFETCH", True)
+    check(*make(shape, dtypes))
+
+
 @pytest.mark.parametrize("shape", [(3, 197, 192), (2, 7, 33), (1, 7, 768)], ids=str)
 @pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[1], DTYPES[3], DTYPES[5]], ids=dtype_id)
 def test_matches_triton(shape, dtypes):
@@ -283,12 +312,15 @@ def test_int64_offsets_past_2_to_the_31():
 
 
 SANITIZER_SCRIPT = """
+import importlib, itertools
 import torch
 from deit_fast import ops
+layerscale = importlib.import_module("deit_fast.ops.layerscale")
 cases = [((2, 7, 33), torch.float32, True), ((3, 9, 192), torch.bfloat16, True),
          ((1, 3, 1024), torch.float16, False), ((2, 5000), torch.bfloat16, True),
          ((2, 3, 8191), torch.float32, True)]
-for shape, dt, gamma in cases:
+for prefetch, (shape, dt, gamma) in itertools.product((False, True), cases):
+    layerscale.CUDA_PREFETCH = prefetch
     C = shape[-1]
     x = torch.randn(shape, device="cuda", dtype=dt)
     y = torch.randn(*shape[:-1], C + 1, device="cuda", dtype=dt)[..., 1:]  # misaligned view
