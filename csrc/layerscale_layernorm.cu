@@ -34,7 +34,6 @@
 
 #include <cmath>
 #include <tuple>
-#include <type_traits>
 
 namespace deit_fast {
 namespace {
@@ -221,7 +220,7 @@ __device__ __forceinline__ void store_column_sums(const float (&acc)[NV][kVec], 
 // leaves its column sums in partial (3, P, C): [0] dgamma (with gamma), [1] dweight, [2] dbias.
 // `src` is the saved out (x for a plain LayerNorm); without dout there is no residual (no y,
 // dy, dgamma). Up to 512 threads: at most 128 registers.
-// PF (vector path, residual, at most 256 threads): a row's dout and y are requested by cp.async
+// PF (vector path, residual, 16-bit y, 256 threads): a row's dout and y are requested by cp.async
 // into shared memory (after colbuf) at the end of the row before, so they arrive while this
 // row's src and dnormed are loaded and summed, where the plain kernel loads them only after the
 // row sums: one memory round trip a row instead of two, without the registers that holding them
@@ -561,7 +560,7 @@ void backward_impl(const at::Tensor* dout, const at::Tensor& dnormed, const at::
   const size_t threads = static_cast<size_t>(geo.g) * geo.ty;
   const size_t smem = threads * kBwdVecs * kVec * sizeof(float);  // colbuf, <= 32 KiB
   // The kernel's PF staging (dout and y, kBwdVecs vectors a thread) fits beside colbuf in the
-  // 48 KiB a launch gets without opting in, at 256 threads (C <= 4096): PF runs only there.
+  // 48 KiB a launch gets without opting in at 256 threads (C <= 4096): PF runs only there.
   const bool pf = prefetch && vec && dout != nullptr && threads <= kThreads;
   const auto f32 = dx.options().dtype(at::kFloat);
   at::Tensor partial = at::empty({3, strips, C}, f32);
@@ -574,9 +573,10 @@ void backward_impl(const at::Tensor* dout, const at::Tensor& dnormed, const at::
     using OT = typename decltype(ot_)::type;
     auto kernel = vec ? lsln_bwd_kernel<XT, YT, OT, true, false> : lsln_bwd_kernel<XT, YT, OT, false, false>;
     size_t stage = 0;
-    // PF is not built for all-fp32 rows: there ptxas 13.0 kept one register in local memory
-    // across the division's slow-path call (mixed precision, bf16 or fp16 y, is PF's case).
-    if constexpr (!(std::is_same_v<XT, float> && std::is_same_v<YT, float> && std::is_same_v<OT, float>)) {
+    // PF is built where y is 16-bit (mixed precision, 16-bit training): with fp32 y and out its
+    // staging and colbuf fill the 48 KiB a launch gets without opting in, leaving none for the
+    // static scratch (and with x fp32 too ptxas 13.0 spilled a register).
+    if constexpr (sizeof(YT) == 2) {
       if (pf) {
         kernel = lsln_bwd_kernel<XT, YT, OT, true, true>;
         stage = threads * kBwdVecs * (sizeof(Vec<OT, kVec>) + sizeof(Vec<YT, kVec>));

@@ -140,9 +140,8 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 # requested (cp.async into shared memory) at the end of the row before, so each row waits for
 # memory once instead of twice, where the kernel sat at 50-58 % of the HBM roofline (an H200,
 # 2026-11-27). The same arithmetic in the same order. It applies where the rows take 16-byte
-# vectors, C <= 4096 and x, y and out are not all fp32 (mixed precision and 16-bit training are
-# covered); elsewhere it changes nothing. Off until bench.ops.layerscale_layernorm's
-# cuda_prefetch has timed it.
+# vectors, C <= 4096 and y is fp16 or bf16 (mixed precision, 16-bit training); elsewhere it
+# changes nothing. Off until bench.ops.layerscale_layernorm's cuda_prefetch has timed it.
 CUDA_PREFETCH = False
 
 

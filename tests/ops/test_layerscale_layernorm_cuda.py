@@ -193,7 +193,7 @@ def test_column_grads_are_bitwise_deterministic():
 def test_prefetch_gives_the_same_results(shape, dtypes, gamma, drop, monkeypatch):
     """CUDA_PREFETCH changes when the backward reads dout and y, not what it computes: the same
     outputs and grads (torch.equal) wherever it applies (vector rows up to C = 4096 in 256
-    threads, not all fp32) and wherever it does not (C = 8192, C = 33, all fp32)."""
+    threads, 16-bit y) and wherever it does not (C = 8192, C = 33, fp32 y)."""
     x, y, g, w, b, mask = make(shape, dtypes, gamma, drop)
     d_out, d_norm = (torch.randn(x.shape, device="cuda", dtype=torch.float64) for _ in range(2))
     monkeypatch.setattr(op_module, "CUDA_PREFETCH", False)
