@@ -734,7 +734,7 @@ TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
   // (out, lse) = class attention of q (B, H, 1, D) over k, v (B, H, N >= 1, D): one dtype out of
   // fp32/fp16/bf16, D in {32, 48, 64, 80, 96, 128}, any strides. out (B, H, 1, D) contiguous in
   // q's dtype; lse (B, H) fp32 log-sum-exp of the scaled scores in log2 units. prefetch: the
-  // kernels' PF variant where k and v take the vector path (bitwise the same results).
+  // kernels' PF variant where k and v take the vector path (the same results).
   m.def("class_attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool prefetch=False) "
         "-> (Tensor, Tensor)");
   // (dq, dk, dv), deterministic (no atomics); dq contiguous; dk, dv token-major (B, N, H, D) in
