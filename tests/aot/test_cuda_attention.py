@@ -10,7 +10,8 @@ import torch
 # so_path, cuobjdump, resource_usage and ops are tests/aot/conftest.py's: so_path skips when
 # deit_fast._C was not built (test_cuda_extension.py decides whether that is a failure);
 # resource_usage parses cuobjdump's per-kernel report.
-from tests.aot.extension import ARCHS, archs_per_source, assert_no_spills, cubin_listing, named, run
+from tests.aot.extension import (ARCHS, archs_per_source, assert_no_spills, cp_async_use, cubin_listing,
+                                 named, sass_functions)
 
 pytestmark = pytest.mark.aot
 F16, BF16 = torch.float16, torch.bfloat16
@@ -45,20 +46,17 @@ def test_pipeline_waits_match_the_stages(so_path, cuobjdump):
     commits q, S - 1 prologue tiles and one tile per loop step (S + 1 LDGDEPBAR), waits for q with
     S - 1 groups still pending and for each tile with S - 2 (DEPBAR.LE SB0), and keeps nothing in
     local memory. An off-by-one there computes on a tile still landing: wrong numbers, no error."""
-    sass = run(cuobjdump, "-sass", "-arch", "sm_90", str(so_path))
-    functions = re.split(r"\n\s*Function : ", sass)[1:]
     seen = set()
-    for body in functions:
-        name = body.split(None, 1)[0]
+    for name, body in sass_functions(so_path, cuobjdump):
         m = re.search(r"attention_fwd_kernelI\w+?Li(\d+)ELi(\d+)ELi(\d+)E", name)
         if KERNEL not in name or not m:
             continue
         D, warps, stages = map(int, m.groups())
+        use = cp_async_use(body)
         # A set: a loop that ptxas peels would repeat a wait, which is harmless.
-        waits = {int(x, 16) for x in re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", body)}
-        assert waits == {stages - 2, stages - 1}, (name, waits)
-        assert len(re.findall(r"\bLDGDEPBAR\b", body)) == stages + 1, name
-        assert not re.search(r"\b(LDL|STL)\b", body), name
+        assert use["waits"] == {stages - 2, stages - 1}, (name, use["waits"])
+        assert use["commits"] == stages + 1, name
+        assert not use["local"], name
         seen.add((name.split("attention_fwd_kernelI")[1].split("Li")[0], D, warps, stages))
     assert len(seen) == 24, sorted(seen)  # 2 dtypes x 2 head dims x 2 warp counts x 3 stage counts
 
