@@ -12,11 +12,12 @@ A tunable is a set of module constants of one kernel file that its host code rea
     and programs per SM that set the key-axis split, and the K/V tiles in flight (STAGES: 1 is
     no pipeline), 20 candidates each.
   - talking_heads.tc_fwd, talking_heads.tc_bwd (kernels/talking_heads.py): TC_TILES, the
-    tensor-core kernels' row tiles, warps and pipeline stages, head dim 48 as 32 + 16 or one
-    masked block (SPLIT_HEAD_DIM), 8 candidates each, the forward capped at 128 registers
-    (TC_FWD_MAXNREG: two CTAs per SM) and the backward's dk and dv in one launch or two
-    (FUSED_DKDV); the shipped ones were chosen from SASS counts, registers and shared memory,
-    never timed.
+    tensor-core kernels' row tiles, warps (16 first: 128 registers, twice the warps an SM) and
+    pipeline stages, head dim 48 as 32 + 16 or one masked block (SPLIT_HEAD_DIM), 9 candidates
+    each with the shipped one; the forward capped at 128 registers (TC_FWD_MAXNREG: two CTAs per
+    SM), the backward's dq kernel alone at 16 warps (TC_DQ_WARPS) and its dk and dv in one launch
+    or two (FUSED_DKDV); the shipped ones were chosen from SASS counts, registers and shared
+    memory, never timed.
   - talking_heads.chunked_fwd, talking_heads.chunked_bwd (kernels/talking_heads_chunked.py, the
     STRATEGY "chunked" path): its GEMMs' tiles and warps (GEMM_TILES, 12 candidates) and its
     chunk size (CHUNK_BUDGET: 1, 4 and 4.5, which gives one forward chunk at N = 196), never timed.
@@ -216,8 +217,9 @@ def _class_attention_grid(tile: str) -> List[dict]:
 def _talking_heads_grid() -> List[dict]:
     """Around the shipped tiles: one change at a time (each candidate compiles three kernels)."""
     shipped = talking_heads_kernels.TC_TILES
-    changes = [dict(num_stages=1), dict(num_stages=3), dict(num_warps=4), dict(BLOCK_M=32),
-               dict(BLOCK_N=32), dict(BLOCK_M=32, num_stages=1)]
+    # 16 warps first: twice the warps an SM at 128 registers (kernels/talking_heads.py, TC_DQ_WARPS)
+    changes = [dict(num_warps=16), dict(num_stages=1), dict(num_stages=3), dict(num_warps=4),
+               dict(BLOCK_M=32), dict(BLOCK_N=32), dict(BLOCK_M=32, num_stages=1)]
     return [{"TC_TILES": dict(shipped, **c)} for c in changes] + \
         [{"SPLIT_HEAD_DIM": not talking_heads_kernels.SPLIT_HEAD_DIM}]
 
@@ -228,8 +230,11 @@ def _talking_heads_fwd_grid() -> List[dict]:
 
 
 def _talking_heads_bwd_grid() -> List[dict]:
-    """The tiles' grid, and dk and dv in two launches instead of one (FUSED_DKDV)."""
-    return _talking_heads_grid() + [{"FUSED_DKDV": not talking_heads_kernels.FUSED_DKDV}]
+    """The tiles' grid, 16 warps for the dq kernel alone (TC_DQ_WARPS: the fused dk/dv kernel
+    spills a little at 16), and dk and dv in two launches instead of one (FUSED_DKDV)."""
+    grid = _talking_heads_grid()
+    return grid[:1] + [{"TC_DQ_WARPS": 16}] + grid[1:] + \
+        [{"FUSED_DKDV": not talking_heads_kernels.FUSED_DKDV}]
 
 
 def _chunked_grid() -> List[dict]:

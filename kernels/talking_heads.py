@@ -319,6 +319,19 @@ TENSOR_CORE_MIXING = True
 # The tensor-core kernels' row tiles and launch options (bench.tune's talking_heads.tc times
 # others); see _tiles_tc for why 8 warps and 2 stages.
 TC_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
+# Warps of the backward's dq kernel alone; None: TC_TILES'. These kernels are latency-bound (ncu on
+# an H200, 2026-11-27, dq at 256x8x196x48: 8 warps an SM, one instruction per 11 cycles a warp,
+# bench/results/2026-11-27-nvidia-h200-ncu.md), and at 8 warps they take 250-255 registers, so an
+# SM holds one 8-warp CTA. At 16 warps the same tiles take 128 registers a thread: still one CTA an
+# SM (64 K registers), but twice the warps to hide latency with. Compiled for sm_90 (bf16, 16
+# heads, head dim 32 + 16), instructions per thread per key tile at 8 -> 16 warps, triton 3.8 /
+# 3.6 (the GPU machine's): dq 369 + 536 -> 205 + 356 / 386 + 511 -> 236 + 346 (its two passes;
+# a thread owns half the scores, so 10-33 % more in all), no local memory in its loops / one
+# access; the fused dk/dv kernel 476 -> 316 / 518 -> 341, with 15 / 28 local loads and stores a
+# tile (120 bytes of stack under 3.6, past the AOT test's 64); the forward 308 + 236 -> 158 + 157 /
+# 303 + 258 -> 166 + 152, none. Not yet timed: bench.tune's talking_heads.tc_fwd / tc_bwd try 16
+# warps for all the kernels, and for dq alone.
+TC_DQ_WARPS = None
 # One tensor-core launch computes dk and dv together (_th_bwd_dkdv_tc with DK and DV): the mixed
 # logits, their exp2 and the q and dO tiles once for both, not once each. SASS per score of the
 # two kernels 50-51 -> 40 under triton 3.6 at a 64-wide head-dim block (backward 113-117 ->
@@ -754,6 +767,11 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn
         _store_pair(DVO, dv, dv2, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D, BLOCK_D2)
 
 
+def _dq_warps(tiles: dict) -> dict:
+    """The dq kernel's num_warps where TC_DQ_WARPS sets it (tensor-core family only), else {}."""
+    return {"num_warps": TC_DQ_WARPS} if TC_DQ_WARPS and "HG" in tiles else {}
+
+
 def _head_dim(tiles: dict, D: int) -> dict:
     """The head-dim constexprs of a family's kernels: BLOCK_D and, for the tensor-core ones,
     BLOCK_D2 (0, or the second exact block: SPLIT_HEAD_DIM)."""
@@ -825,7 +843,8 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None, strategy
             D, scale * LOG2E, scale)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     part = torch.empty((math.prod(grid), 3, hg, hg), dtype=torch.float32, device=q.device)
-    launch(dq_kernel, grid, q, k, v, do, w_l, w_w, lse, delta, dq, part, *args, **meta, **straddle)
+    launch(dq_kernel, grid, q, k, v, do, w_l, w_w, lse, delta, dq, part, *args,
+           **dict(meta, **_dq_warps(tiles)), **straddle)
     grid, _, straddle = _grid(tiles, B, N, "BLOCK_N")
     fused = FUSED_DKDV and "HG" in tiles  # the CUDA-core kernel sums one grad at a time
     for which in ((True, True),) if fused else ((True, False), (False, True)):
@@ -863,6 +882,7 @@ def aot_configs(dtype: str):
                 for kernel, extra in ((fwd, {}), (dq, {}),
                                       *((dkdv, {"DK": a, "DV": b}) for a, b in dkdv_modes)):
                     sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
+                    warps = dict(tiles, **_dq_warps(tiles))["num_warps"] if kernel is dq else tiles["num_warps"]
                     yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
-                               num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+                               num_warps=warps, num_stages=tiles["num_stages"],
                                aligned=(*strides, "D"), matmul=False)

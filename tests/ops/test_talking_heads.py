@@ -174,6 +174,30 @@ def test_fused_dkdv_equals_two_launches(shape, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(fused_grads, split_grads))
 
 
+def test_dq_warps_reach_the_dq_launch_alone(monkeypatch):
+    """TC_DQ_WARPS (a tune candidate: 16 warps, 128 registers) sets the dq kernel's num_warps and
+    no other launch's, and the AOT list compiles dq with it. The interpreter ignores warps, so
+    the grads are bitwise those of the default."""
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", True)
+    q, k, v = qkv_views(1, 4, 20, 48, torch.float16)
+    w = mixing(4)
+    do = torch.randn(q.shape, device=q.device, dtype=torch.float64)
+    launches = []
+    real_launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, *a, **kw: (
+        launches.append((kernel, kw["num_warps"])), real_launch(kernel, *a, **kw)))
+    assert kernels.TC_DQ_WARPS is None
+    default = run(fused, (q, k, v, *w), do)
+    monkeypatch.setattr(kernels, "TC_DQ_WARPS", 16)
+    assert all(torch.equal(a, b) for a, b in zip(default, run(fused, (q, k, v, *w), do)))
+    warps = kernels.TC_TILES["num_warps"]
+    fwd, dq, dkdv = kernels._th_fwd_tc, kernels._th_bwd_dq_tc, kernels._th_bwd_dkdv_tc
+    assert [(kn, n) for kn, n in launches if kn in (fwd, dq, dkdv)] == \
+        [(fwd, warps), (dq, warps), (dkdv, warps), (fwd, warps), (dq, 16), (dkdv, warps)]
+    aot = {(c["kernel"], c["num_warps"]) for c in kernels.aot_configs("bf16") if "HG" in c["constexprs"]}
+    assert aot == {(fwd, warps), (dq, 16), (dkdv, warps)}
+
+
 def packed_matches_unpacked(B, H, N, D, dtype, device=DEVICE):
     """talking_heads_attention_qkv against talking_heads_attention on the views of the same
     packed projection: the same kernels, so output and every grad are bitwise equal; the packed
