@@ -90,11 +90,14 @@ def test_eps(eps):
     check(*make((3, 197, 192), DTYPES[1]), eps=eps)
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
 @pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[1], DTYPES[5]], ids=dtype_id)
 @pytest.mark.parametrize("C", [33, 192, 768])
-def test_strided_views(C, dtypes):
+def test_strided_views(C, dtypes, prefetch, monkeypatch):
     """q/k/v-style inputs read in place: x a column slice of a wider tensor, y a (B, N)
-    transposed view; at C = 192 / 768 both stay on the vector path."""
+    transposed view; at C = 192 / 768 both stay on the vector path (with a 16-bit y, the one
+    the backward's CUDA_PREFETCH copies ahead from its strided rows)."""
+    monkeypatch.setattr(op_module, "CUDA_PREFETCH", prefetch)
     B, N = 2, 65
     xd, yd, gd = dtypes
     x = torch.randn(B, N, 3 * C, device="cuda", dtype=xd)[..., C:2 * C]
@@ -186,10 +189,17 @@ def test_column_grads_are_bitwise_deterministic():
         assert all(torch.equal(a, b_) for a, b_ in zip(grads[0], again))
 
 
+# Shapes where a thread of the backward walks two rows (rows > 1024 strips x TY rows a block), so
+# the prefetch of its next row runs inside the loop, into a slot it used for the row before; the
+# last two also end in a partial strip. Every other shape here gives each thread one row.
+PREFETCH_ROWS_AHEAD = [(64, 197, 384), (88, 197, 192), (1, 1025, 4096)]
+
+
 @pytest.mark.parametrize("gamma,drop", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(3, 197, 192), (8, 197, 384), (1, 7, 768), (2, 50, 1024),
-                                   (2, 3, 4096), (1, 2, 8192), (2, 7, 33), (5, 3, 288)], ids=str)
+                                   (2, 3, 4096), (1, 2, 8192), (2, 7, 33), (5, 3, 288)]
+                         + PREFETCH_ROWS_AHEAD, ids=str)
 def test_prefetch_gives_the_same_results(shape, dtypes, gamma, drop, monkeypatch):
     """CUDA_PREFETCH changes when the backward reads dout and y, not what it computes: the same
     outputs and grads (torch.equal) wherever it applies (vector rows up to C = 4096 in 256
@@ -204,7 +214,7 @@ def test_prefetch_gives_the_same_results(shape, dtypes, gamma, drop, monkeypatch
         assert torch.equal(a, p)
 
 
-@pytest.mark.parametrize("shape", [(3, 197, 192), (1, 7, 768), (2, 3, 4096)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 197, 192), (1, 7, 768), (2, 3, 4096), (64, 197, 384)], ids=str)
 @pytest.mark.parametrize("dtypes", [DTYPES[1], DTYPES[3], DTYPES[5]], ids=dtype_id)
 def test_prefetch_matches_reference(shape, dtypes, monkeypatch):
     monkeypatch.setattr(op_module, "CUDA_PREFETCH", True)
@@ -318,7 +328,8 @@ from deit_fast import ops
 layerscale = importlib.import_module("deit_fast.ops.layerscale")
 cases = [((2, 7, 33), torch.float32, True), ((3, 9, 192), torch.bfloat16, True),
          ((1, 3, 1024), torch.float16, False), ((2, 5000), torch.bfloat16, True),
-         ((2, 3, 8191), torch.float32, True)]
+         ((2, 3, 8191), torch.float32, True),
+         ((1, 1025, 2056), torch.bfloat16, True)]  # backward: a thread walks two rows (TY = 1)
 for prefetch, (shape, dt, gamma) in itertools.product((False, True), cases):
     layerscale.CUDA_PREFETCH = prefetch
     C = shape[-1]
