@@ -162,30 +162,35 @@ if want profile; then
   step ncu_profile "$cap" "$PY" -m bench.ncu --timeout $((cap - 15)) --out "$work/ncu"
 fi
 
-# Opt-in (GPU_CHECK_PARTS=pending; about 7 minutes): the measurements that decide what is built but
-# left off or never timed: the cp.async variants of class attention and of the residual +
-# LayerNorm backward (CUDA_PREFETCH of each: their gpu tests and sanitizer runs, then cuda against
-# cuda_prefetch), the distillation loss on both
-# kernel backends since its one-launch backward, the host cost of a Triton launch
-# (DEIT_FAST_RAW_POINTERS), and the talking-heads backward tiles and forward chunk size at 16
-# heads (CaiT-M, the target still missed).
+# Opt-in (GPU_CHECK_PARTS=pending; about 9 minutes with the build): the measurements that decide
+# what is built but left off or never timed: the cp.async variants of class attention and of the
+# residual + LayerNorm backward (CUDA_PREFETCH of each) and the CUDA attention forward at 32 rows
+# a warp (CUDA_ROWS_PER_WARP): their gpu tests and sanitizer runs, then each against its default;
+# the distillation loss on both kernel backends since its one-launch backward; and the
+# talking-heads backward tiles (16 warps first) and forward chunk size at 16 heads (CaiT-M, the
+# target still missed).
 if want pending; then
-  pytest_gpu pytest_gpu_pending "$(budget 150)" tests/ops/test_class_attention_cuda.py \
-    tests/ops/test_layerscale_layernorm_cuda.py -k "prefetch or sanitizer"
-  cap=$(budget 60)
+  pytest_gpu pytest_gpu_pending "$(budget 170)" tests/ops/test_class_attention_cuda.py \
+    tests/ops/test_layerscale_layernorm_cuda.py tests/ops/test_attention_cuda.py \
+    -k "prefetch or sanitizer or tilings or deterministic"
+  cap=$(budget 50)
   step bench_class_attention_prefetch "$cap" "$PY" -m bench.ops.class_attention --impls cuda,cuda_prefetch,eager \
     --time-budget $((cap - 15)) --out "$work/class_attention_prefetch"
   jsonl+=("$work/class_attention_prefetch.jsonl")
-  cap=$(budget 50)
+  cap=$(budget 45)
   step bench_layernorm_prefetch "$cap" "$PY" -m bench.ops.layerscale_layernorm --impls cuda,cuda_prefetch \
     --time-budget $((cap - 15)) --out "$work/layernorm_prefetch"
   jsonl+=("$work/layernorm_prefetch.jsonl")
-  cap=$(budget 60)
+  cap=$(budget 55)
+  step bench_attention_rows_per_warp "$cap" "$PY" -m bench.ops.attention --impls cuda,cuda_w32,cuda_w32_s3,sdpa_cudnn \
+    --shapes d48_h8_n197,d48_h4_n196,d48_h8_n576,deit_small_224 --time-budget $((cap - 15)) \
+    --out "$work/attention_rows_per_warp"
+  jsonl+=("$work/attention_rows_per_warp.jsonl")
+  cap=$(budget 45)
   step bench_distill_loss_backends "$cap" "$PY" -m bench.ops.distill_loss --impls triton,cuda,compile \
     --kinds hard --time-budget $((cap - 15)) --out "$work/distill_loss_backends"
   jsonl+=("$work/distill_loss_backends.jsonl")
-  want demo || step bench_launch_cost "$(budget 20)" "$PY" -m bench.launch_cost --out "$work/launch_cost"
-  cap=$(budget 170)
+  cap=$(budget 140)
   step bench_tune_pending "$cap" "$PY" -m bench.tune --tunables talking_heads.tc_bwd,talking_heads.chunked_fwd \
     --shapes cait_m_224 --time-budget $((cap - 20)) --out "$work/tune_pending"
 fi

@@ -57,6 +57,7 @@ CASES = {
     "th_bwd_chunked": ("talking_heads", (256, 8, 196, 48), "bf16", "triton_chunked", "bwd", {}),
     "attn_fwd_cuda": ("attention", (256, 8, 197, 48), "bf16", "cuda", "fwd", {}),
     "attn_fwd_cuda_m128_s3": ("attention", (256, 8, 197, 48), "bf16", "cuda_m128_s3", "fwd", {}),
+    "attn_fwd_cuda_w32": ("attention", (256, 8, 197, 48), "bf16", "cuda_w32", "fwd", {}),
     "attn_fwd_cudnn": ("attention", (256, 8, 197, 48), "bf16", "sdpa_cudnn", "fwd", {}),
     "attn_fwd_triton": ("attention", (256, 8, 197, 48), "bf16", "triton", "fwd", {}),
     "class_attn_fwd_cuda": ("class_attention", (256, 8, 197, 48), "bf16", "cuda", "fwd", {}),
@@ -73,7 +74,8 @@ CASES = {
 }
 PROFILES = {  # named groups of cases, by the gap to their target (distill_loss last: it compiles)
     "talking_heads": ("th_fwd", "th_bwd", "th_fwd_chunked", "th_bwd_chunked"),
-    "attention_fwd": ("attn_fwd_cuda", "attn_fwd_cuda_m128_s3", "attn_fwd_cudnn", "attn_fwd_triton"),
+    "attention_fwd": ("attn_fwd_cuda", "attn_fwd_cuda_m128_s3", "attn_fwd_cuda_w32", "attn_fwd_cudnn",
+                      "attn_fwd_triton"),
     "class_attention": ("class_attn_fwd_cuda", "class_attn_bwd_cuda", "class_attn_fwd_prefetch",
                         "class_attn_bwd_prefetch"),
     "layernorm": ("ln_fwd_cuda", "ln_bwd_cuda", "ln_bwd_prefetch"),

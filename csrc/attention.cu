@@ -13,14 +13,14 @@
 // would do 33 % more math and loads). fp32 inputs and other head dims are not handled here: the
 // Python op sends them to the Triton forward.
 //
-// Structure: one CTA of WARPS warps (4 or 8: 64 or 128 queries, the op's block_m) per
-// (batch * head, block of queries); warp w owns query rows [16 w, 16 w + 16) and keeps its q
-// fragments, the running max / sum and the output in registers. Keys and values stream through
-// shared memory in tiles of 64, through a ring of STAGES buffers (2 to 4, the op's stages)
-// filled by cp.async; rows past N are zero-filled by cp.async and masked to -inf in the logits,
-// and 16-key chunks wholly past N skip their mma (N = 197 computes 208 key columns per query,
-// not 256). 128 queries per CTA read each head's k and v from L2 half as often as 64 do (at
-// N = 197, 2 CTAs per head instead of 4).
+// Structure: one CTA of WARPS warps (4 or 8) per (batch * head, block of 64 or 128 queries, the
+// op's block_m); warp w owns R blocks of 16 query rows (the op's rows_per_warp, 16, or 32 at
+// block_m 128) from 16 R w and keeps their q fragments, running max / sum and output in
+// registers. Keys and values stream through shared memory in tiles of 64, through a ring of
+// STAGES buffers (2 to 4, the op's stages) filled by cp.async; rows past N are zero-filled by
+// cp.async and masked to -inf in the logits, and 16-key chunks wholly past N skip their mma
+// (N = 197 computes 208 key columns per query, not 256). 128 queries per CTA read each head's
+// k and v from L2 half as often as 64 do (at N = 197, 2 CTAs per head instead of 4).
 // q, k, v are read through (batch, head, row) strides with a unit last stride, so views of the
 // (B, N, 3, H, D) qkv projection go in without a copy. o is (B, H, N, D) laid out (B, N, H, D) in
 // memory, as FlashAttention writes it: the blocks' head merge o.transpose(1, 2).reshape(B, N, C)
@@ -171,33 +171,45 @@ struct RowState {
   float l[2];           // this lane's partial row sums (the quad is summed once, at the end)
 };
 
-// kStepN keys of the current tile for one warp: s = q k^T, online softmax, acc += p v. The tile
-// (kBlockN keys, one barrier) is consumed in steps of kStepN so that the logits of only kStepN
-// keys are live at once. MASK: only `valid` < kStepN of these keys are real (the last tile);
-// 16-key chunks wholly past them skip their mma.
-template <typename T, int D, bool MASK>
-__device__ __forceinline__ void key_step(const uint32_t (&qf)[D / 16][4], uint32_t k_lane,
-                                         uint32_t v_lane, int valid, int lane, float qk_scale,
-                                         RowState<D>& st) {
+// kStepN keys of the current tile for one warp and its R blocks of 16 query rows: s = q k^T,
+// online softmax, acc += p v. The tile (kBlockN keys, one barrier) is consumed in steps of kStepN
+// so that the logits of only kStepN keys are live at once. Each k and v fragment is read from
+// shared memory once and used for all R row blocks (ldmatrix traffic per MMA / R). MASK: only
+// `valid` < kStepN of these keys are real (the last tile); 16-key chunks wholly past them skip
+// their mma. Row blocks from `live` on lie wholly past N (the last query tile): skipped too.
+template <typename T, int D, int R, bool MASK>
+__device__ __forceinline__ void key_step(const uint32_t (&qf)[R][D / 16][4], uint32_t k_lane,
+                                         uint32_t v_lane, int valid, int live, int lane,
+                                         float qk_scale, RowState<D> (&st)[R]) {
   constexpr int kRowBytes = smem_stride<D>() * 2;
   constexpr float kNegInf = -INFINITY;
-  float s[kStepN / 8][4];  // key tile n (8 keys), layout of mma d[]
+  float s[R][kStepN / 8][4];  // row block r, key tile n (8 keys), layout of mma d[]
 
 #pragma unroll
   for (int c = 0; c < kStepN / 16; ++c) {
     if (MASK && c * 16 >= valid) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[2 * c][e] = s[2 * c + 1][e] = kNegInf;
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[r][2 * c][e] = s[r][2 * c + 1][e] = kNegInf;
+      }
       continue;
     }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) s[2 * c][e] = s[2 * c + 1][e] = 0.f;
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[r][2 * c][e] = s[r][2 * c + 1][e] = 0.f;
+    }
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t b[4];
       ldsm_x4(b, k_lane + c * 16 * kRowBytes + kk * 32);
-      mma_16816<T>(s[2 * c], qf[kk], b[0], b[1]);
-      mma_16816<T>(s[2 * c + 1], qf[kk], b[2], b[3]);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (R > 1 && r >= live) break;  // warp-uniform
+        mma_16816<T>(s[r][2 * c], qf[r][kk], b[0], b[1]);
+        mma_16816<T>(s[r][2 * c + 1], qf[r][kk], b[2], b[3]);
+      }
     }
   }
 
@@ -205,44 +217,48 @@ __device__ __forceinline__ void key_step(const uint32_t (&qf)[D / 16][4], uint32
   // scale rides in the FFMA of the exponent below: one instruction less per score, in a loop
   // bound by instruction issue more than by its MMAs (kernels/attention.py says why).
   const int t = lane & 3;
-  float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
-  for (int n = 0; n < kStepN / 8; ++n) {
+  for (int r = 0; r < R; ++r) {
+    if (R > 1 && r >= live) break;
+    float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (MASK && n * 8 + 2 * t + (e & 1) >= valid) s[n][e] = kNegInf;
-      mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+    for (int n = 0; n < kStepN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (MASK && n * 8 + 2 * t + (e & 1) >= valid) s[r][n][e] = kNegInf;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[r][n][e]);
+      }
     }
-  }
-  // The 4 lanes of a quad hold all the columns of the same two rows.
+    // The 4 lanes of a quad hold all the columns of the same two rows.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    mx[r] = fmaxf(st.m[r], mx[r] * qk_scale);
-  }
-  // Column 0 of every tile is a real key and the logits are finite, so mx is finite: on the first
-  // tile m = -inf gives alpha = exp2(-inf) = 0, never inf - inf.
-  float alpha[2], rowsum[2] = {0.f, 0.f};
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    alpha[r] = exp2_approx(st.m[r] - mx[r]);
-    st.m[r] = mx[r];
-  }
-#pragma unroll
-  for (int n = 0; n < kStepN / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s[n][e] = exp2_approx(fmaf(s[n][e], qk_scale, -mx[e >> 1]));
-      rowsum[e >> 1] += s[n][e];
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      mx[h] = fmaxf(st[r].m[h], mx[h] * qk_scale);
     }
-  }
+    // Column 0 of every tile is a real key and the logits are finite, so mx is finite: on the
+    // first tile m = -inf gives alpha = exp2(-inf) = 0, never inf - inf.
+    float alpha[2], rowsum[2] = {0.f, 0.f};
 #pragma unroll
-  for (int r = 0; r < 2; ++r) st.l[r] = st.l[r] * alpha[r] + rowsum[r];
+    for (int h = 0; h < 2; ++h) {
+      alpha[h] = exp2_approx(st[r].m[h] - mx[h]);
+      st[r].m[h] = mx[h];
+    }
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
+    for (int n = 0; n < kStepN / 8; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) st.acc[n][e] *= alpha[e >> 1];
+      for (int e = 0; e < 4; ++e) {
+        s[r][n][e] = exp2_approx(fmaf(s[r][n][e], qk_scale, -mx[e >> 1]));
+        rowsum[e >> 1] += s[r][n][e];
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) st[r].l[h] = st[r].l[h] * alpha[h] + rowsum[h];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[r].acc[n][e] *= alpha[e >> 1];
+    }
   }
 
   // p as the A operand: the accumulators of key tiles 2c and 2c + 1 are exactly a[0..3] of the
@@ -250,15 +266,24 @@ __device__ __forceinline__ void key_step(const uint32_t (&qf)[D / 16][4], uint32
 #pragma unroll
   for (int c = 0; c < kStepN / 16; ++c) {
     if (MASK && c * 16 >= valid) continue;
-    const uint32_t a[4] = {pack2<T>(s[2 * c][0], s[2 * c][1]), pack2<T>(s[2 * c][2], s[2 * c][3]),
-                           pack2<T>(s[2 * c + 1][0], s[2 * c + 1][1]),
-                           pack2<T>(s[2 * c + 1][2], s[2 * c + 1][3])};
+    uint32_t a[R][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = pack2<T>(s[r][2 * c][0], s[r][2 * c][1]);
+      a[r][1] = pack2<T>(s[r][2 * c][2], s[r][2 * c][3]);
+      a[r][2] = pack2<T>(s[r][2 * c + 1][0], s[r][2 * c + 1][1]);
+      a[r][3] = pack2<T>(s[r][2 * c + 1][2], s[r][2 * c + 1][3]);
+    }
 #pragma unroll
     for (int dd = 0; dd < D / 16; ++dd) {
       uint32_t b[4];
       ldsm_x4_trans(b, v_lane + c * 16 * kRowBytes + dd * 32);
-      mma_16816<T>(st.acc[2 * dd], a, b[0], b[1]);
-      mma_16816<T>(st.acc[2 * dd + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (R > 1 && r >= live) break;
+        mma_16816<T>(st[r].acc[2 * dd], a[r], b[0], b[1]);
+        mma_16816<T>(st[r].acc[2 * dd + 1], a[r], b[2], b[3]);
+      }
     }
   }
 }
@@ -267,18 +292,30 @@ __device__ __forceinline__ void key_step(const uint32_t (&qf)[D / 16][4], uint32
 template <int D, int STAGES>
 constexpr int smem_bytes() { return STAGES * 2 * kBlockN * smem_stride<D>() * 2; }
 
+// Blocks per SM the launch bounds ask for: 16 warps an SM at one 16-row block a warp (128
+// registers a thread). At two, the second block's q fragments, logits and o accumulators take
+// 24 + 16 + 24 more registers at D = 48: 12 warps (168 registers, no spill at sm_80 / sm_90);
+// at D = 64 ptxas spilled 32 bytes at 168, so 8 warps (up to 255).
+template <int D, int WARPS, int R>
+constexpr int min_blocks() { return (R == 1 ? 16 : D <= 48 ? 12 : 8) / WARPS; }
+
 // Grid: m_blocks * B * H CTAs of 32 * WARPS threads; CTA x handles queries
-// [16 WARPS (x % m_blocks), +16 WARPS) of (batch, head) x / m_blocks, so the CTAs that share one
-// head's k and v run side by side. 16 warps per SM (4 CTAs of 4 warps, 2 of 8) cap registers at
-// 128 per thread (D = 64 fits with no spill: only 32 keys of logits are live at once).
+// [16 R WARPS (x % m_blocks), +16 R WARPS) of (batch, head) x / m_blocks, so the CTAs that share
+// one head's k and v run side by side; warp w owns R blocks of 16 of them from 16 R w. At R = 1,
+// 16 warps per SM (4 CTAs of 4 warps, 2 of 8) cap registers at 128 per thread (D = 64 fits with
+// no spill: only 32 keys of logits are live at once). R = 2 is FlashAttention-2's split of 128
+// queries over 4 warps: every k and v fragment a warp reads from shared memory feeds twice the
+// MMAs, and each warp has two independent chains of them, at 12 warps an SM at D = 48
+// (8 at D = 64: min_blocks).
 // STAGES - 1 key / value tiles are in flight while one is computed: 2 is double buffering; 4
 // requests the whole of k and v at N <= 256 (4 tiles, 197 included) before the first tile is
 // computed, for more bytes in flight per SM at the price of shared memory (57 KB at D = 48).
 // (An H100 tune of the Triton forward favoured 128 queries and 3 stages over 64 and 2 by
 // 1.2-1.4x at N = 197: bench/results/2026-11-26-nvidia-h100-tune.md.)
-template <typename T, int D, int WARPS, int STAGES>
-__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(const FwdParams p) {
-  constexpr int kThreads = 32 * WARPS, kBlockM = 16 * WARPS;
+template <typename T, int D, int WARPS, int STAGES, int R>
+__global__ void __launch_bounds__(32 * WARPS, (min_blocks<D, WARPS, R>()))
+    attention_fwd_kernel(const FwdParams p) {
+  constexpr int kThreads = 32 * WARPS, kWarpRows = 16 * R, kBlockM = kWarpRows * WARPS;
   constexpr int kStride = smem_stride<D>();
   constexpr uint32_t kTileBytes = kBlockN * kStride * 2;
   static_assert(STAGES >= 2, "a buffer is computed while the next fills");
@@ -317,30 +354,38 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
 #pragma unroll
   for (int j = 0; j < STAGES - 1; ++j) load_kv(j);
 
-  // Warps whose 16 rows all lie past N (N = 197 at 64 queries per CTA: 3 of the last CTA's 4)
-  // only help load.
-  const bool active = q0 + warp * 16 < N;
-  const uint32_t q_lane = sq + ((warp * 16 + ldsm_rows_then_cols_row(lane)) * kStride +
+  // This warp's 16-row blocks that hold a query before N (warp-uniform): warps with none (N = 197
+  // at 64 queries per CTA: 3 of the last CTA's 4) only help load; a warp with some computes those.
+  const int w0 = q0 + warp * kWarpRows;
+  const int live = w0 >= N ? 0 : min(R, (N - w0 + 15) / 16);
+  const bool active = live > 0;
+  const uint32_t q_lane = sq + ((warp * kWarpRows + ldsm_rows_then_cols_row(lane)) * kStride +
                                 ldsm_rows_then_cols_col(lane)) * 2;
   const uint32_t k_lane = sk + (ldsm_cols_then_rows_row(lane) * kStride + ldsm_cols_then_rows_col(lane)) * 2;
   const uint32_t v_lane = sv + (ldsm_rows_then_cols_row(lane) * kStride + ldsm_rows_then_cols_col(lane)) * 2;
 
-  uint32_t qf[D / 16][4];  // q fragments (A operand), one per 16-wide d step
+  uint32_t qf[R][D / 16][4];  // q fragments (A operand), per row block and 16-wide d step
   cp_async_wait<STAGES - 1>();  // the q group; the STAGES - 1 tile groups after it may be pending
   __syncthreads();
   if (active) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], q_lane + kk * 32);
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[r][kk], q_lane + r * 16 * kStride * 2 + kk * 32);
+    }
   }
 
-  RowState<D> st;
+  RowState<D> st[R];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
+  for (int r = 0; r < R; ++r) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) st.acc[n][e] = 0.f;
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[r].acc[n][e] = 0.f;
+    }
+    st[r].m[0] = st[r].m[1] = -INFINITY;
+    st[r].l[0] = st[r].l[1] = 0.f;
   }
-  st.m[0] = st.m[1] = -INFINITY;
-  st.l[0] = st.l[1] = 0.f;
 
   for (int j = 0; j < n_tiles; ++j) {
     // Tile j has landed for every thread (of the groups after it, STAGES - 2 may be pending), and
@@ -356,47 +401,52 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
     for (int i = 0; i < kBlockN / kStepN; ++i) {
       const uint32_t off = buf + i * kStepN * kStride * 2;
       if (valid >= kBlockN) {
-        key_step<T, D, false>(qf, k_lane + off, v_lane + off, kStepN, lane, p.qk_scale, st);
+        key_step<T, D, R, false>(qf, k_lane + off, v_lane + off, kStepN, live, lane, p.qk_scale, st);
       } else if (i * kStepN < valid) {
-        key_step<T, D, true>(qf, k_lane + off, v_lane + off, valid - i * kStepN, lane, p.qk_scale, st);
+        key_step<T, D, R, true>(qf, k_lane + off, v_lane + off, valid - i * kStepN, live, lane,
+                                p.qk_scale, st);
       }
     }
   }
   if (!active) return;
 
   // Epilogue: full row sums, lse, and o / l staged through shared memory so that global stores
-  // are whole 16-byte vectors. This warp's 16 rows of buffer n_tiles % STAGES, which the last
+  // are whole 16-byte vectors. This warp's 16 R rows of buffer n_tiles % STAGES, which the last
   // tile did not use: every copy has landed (the last wait covered tile n_tiles - 1, and no tile
   // comes after it), and the other warps are past every use of it but the last tile's.
   const int g = lane >> 2, t = lane & 3;
-  float inv[2];
+  uint16_t* stage = smem + ((n_tiles % STAGES) * 2 * kBlockN + warp * kWarpRows) * kStride;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 1);
-    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 2);
-    inv[r] = 1.f / st.l[r];
-    const int row = q0 + warp * 16 + g + 8 * r;
-    if (t == 0 && row < N) p.lse[bh * N + row] = st.m[r] + log2f(st.l[r]);
-  }
-  uint16_t* stage = smem + ((n_tiles % STAGES) * 2 * kBlockN + warp * 16) * kStride;
+  for (int r = 0; r < R; ++r) {
+    if (r >= live) break;  // rows past N: nothing to store
+    float inv[2];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
+    for (int hf = 0; hf < 2; ++hf) {
+      st[r].l[hf] += __shfl_xor_sync(0xffffffffu, st[r].l[hf], 1);
+      st[r].l[hf] += __shfl_xor_sync(0xffffffffu, st[r].l[hf], 2);
+      inv[hf] = 1.f / st[r].l[hf];
+      const int row = w0 + 16 * r + g + 8 * hf;
+      if (t == 0 && row < N) p.lse[bh * N + row] = st[r].m[hf] + log2f(st[r].l[hf]);
+    }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      *reinterpret_cast<uint32_t*>(stage + (g + 8 * r) * kStride + n * 8 + 2 * t) =
-          pack2<T>(st.acc[n][2 * r] * inv[r], st.acc[n][2 * r + 1] * inv[r]);
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        *reinterpret_cast<uint32_t*>(stage + (16 * r + g + 8 * hf) * kStride + n * 8 + 2 * t) =
+            pack2<T>(st[r].acc[n][2 * hf] * inv[hf], st[r].acc[n][2 * hf + 1] * inv[hf]);
+      }
     }
   }
   __syncwarp();
   const int64_t row_stride = static_cast<int64_t>(p.H) * D;  // token-major: rows H * D apart
-  T* o = static_cast<T*>(p.o) + (b * N + q0 + warp * 16) * row_stride + h * D;
+  T* o = static_cast<T*>(p.o) + (b * N + w0) * row_stride + h * D;
   constexpr int kVecs = D / 8;
-  static_assert((16 * kVecs) % 32 == 0, "every lane stores the same number of vectors");
+  static_assert((kWarpRows * kVecs) % 32 == 0, "every lane stores the same number of vectors");
 #pragma unroll
-  for (int it = 0; it < 16 * kVecs / 32; ++it) {
+  for (int it = 0; it < kWarpRows * kVecs / 32; ++it) {
     const int i = lane + 32 * it;
     const int r = i / kVecs, c = (i % kVecs) * 8;
-    if (q0 + warp * 16 + r < N) {
+    if (w0 + r < N) {
       *reinterpret_cast<uint4*>(o + r * row_stride + c) =
           *reinterpret_cast<const uint4*>(stage + r * kStride + c);
     }
@@ -408,7 +458,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) attention_fwd_kernel(c
 constexpr const char* kOp = "attention_forward";
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                  int64_t block_m, int64_t stages) {
+                  int64_t block_m, int64_t stages, int64_t rows_per_warp) {
   TORCH_CHECK(q.dim() == 4, kOp, ": q must be (B, H, N, D), got shape ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), kOp, ": k must have q's shape ", q.sizes(),
               " (self-attention: as many keys as queries), got ", k.sizes());
@@ -427,6 +477,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               ": block_m (queries per CTA) must be 64 or 128, got ", block_m);
   TORCH_CHECK(stages >= 2 && stages <= 4, kOp,
               ": stages (key / value tiles in shared memory) must be 2, 3 or 4, got ", stages);
+  TORCH_CHECK(rows_per_warp == 16 || rows_per_warp == 32, kOp,
+              ": rows_per_warp (queries each warp owns) must be 16 or 32, got ", rows_per_warp);
+  TORCH_CHECK(rows_per_warp == 16 || block_m == 128, kOp,
+              ": rows_per_warp=32 needs block_m=128 (4 warps), got block_m=", block_m);
   TORCH_CHECK(k.device() == q.device(), kOp, ": k is on ", k.device(), " but q is on ", q.device());
   TORCH_CHECK(v.device() == q.device(), kOp, ": v is on ", v.device(), " but q is on ", q.device());
 }
@@ -438,8 +492,8 @@ std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& q) {
 
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v, double scale, int64_t block_m,
-                                                int64_t stages) {
-  check_inputs(q, k, v, scale, block_m, stages);
+                                                int64_t stages, int64_t rows_per_warp) {
+  check_inputs(q, k, v, scale, block_m, stages, rows_per_warp);
   return empty_outputs(q);
 }
 
@@ -465,10 +519,10 @@ HeadView head_view(const at::Tensor& t) {
 // to the current device's context); setting it twice is harmless, so no lock.
 constexpr int kMaxDevices = 64;
 
-template <typename T, int D, int WARPS, int STAGES>
+template <typename T, int D, int WARPS, int STAGES, int R>
 void launch(const FwdParams& p, int64_t blocks, cudaStream_t stream, int device) {
   constexpr int kBytes = smem_bytes<D, STAGES>();
-  const auto kernel = attention_fwd_kernel<T, D, WARPS, STAGES>;
+  const auto kernel = attention_fwd_kernel<T, D, WARPS, STAGES, R>;
   if constexpr (kBytes > 48 * 1024) {
     static std::atomic<bool> opted_in[kMaxDevices];
     TORCH_CHECK(device >= 0 && device < kMaxDevices, kOp, ": device index ", device, " past ", kMaxDevices);
@@ -483,8 +537,9 @@ void launch(const FwdParams& p, int64_t blocks, cudaStream_t stream, int device)
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, double scale,
-                                                int64_t block_m, int64_t stages) {
-  check_inputs(q_in, k_in, v_in, scale, block_m, stages);
+                                                int64_t block_m, int64_t stages,
+                                                int64_t rows_per_warp) {
+  check_inputs(q_in, k_in, v_in, scale, block_m, stages, rows_per_warp);
   TORCH_CHECK(q_in.is_cuda(), kOp, ": q must be a CUDA tensor, got device ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   auto [o, lse] = empty_outputs(q_in);
@@ -502,19 +557,26 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
               static_cast<float>(scale) * 1.4426950408889634f};  // as the Triton kernel rounds it
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = q_in.scalar_type() == at::kHalf;
-  // One instantiation per (dtype, head dim, warps, stages): a runtime switch over compile-time
-  // tiles.
+  // One instantiation per (dtype, head dim, warps, stages, row blocks a warp): a runtime switch
+  // over compile-time tiles. Warps = block_m / rows_per_warp: 4 or 8.
   const int device = q_in.get_device();
   auto go = [&](auto t, auto d) {
     using T = decltype(t);
     constexpr int kD = decltype(d)::value;
-    auto with_warps = [&](auto warps) {
-      constexpr int kW = decltype(warps)::value;
-      if (stages == 2) launch<T, kD, kW, 2>(p, blocks, stream, device);
-      if (stages == 3) launch<T, kD, kW, 3>(p, blocks, stream, device);
-      if (stages == 4) launch<T, kD, kW, 4>(p, blocks, stream, device);
+    auto with_tiling = [&](auto warps, auto r) {
+      constexpr int kW = decltype(warps)::value, kR = decltype(r)::value;
+      if (stages == 2) launch<T, kD, kW, 2, kR>(p, blocks, stream, device);
+      if (stages == 3) launch<T, kD, kW, 3, kR>(p, blocks, stream, device);
+      if (stages == 4) launch<T, kD, kW, 4, kR>(p, blocks, stream, device);
     };
-    block_m == 64 ? with_warps(std::integral_constant<int, 4>{}) : with_warps(std::integral_constant<int, 8>{});
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    if (rows_per_warp == 32) {
+      with_tiling(std::integral_constant<int, 4>{}, I2{});  // block_m 128 (checked)
+    } else {
+      block_m == 64 ? with_tiling(std::integral_constant<int, 4>{}, I1{})
+                    : with_tiling(std::integral_constant<int, 8>{}, I1{});
+    }
   };
   using D48 = std::integral_constant<int, 48>;
   using D64 = std::integral_constant<int, 64>;
@@ -531,11 +593,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
   // Self-attention forward: q, k, v (B, H, N, D), fp16 or bf16, D 48 or 64, any (batch, head,
   // row) strides; block_m queries per CTA, 64 or 128; stages key / value tiles in shared
-  // memory, 2 to 4. Returns o (B, H, N, D) in q's dtype, (B, N, H, D) in memory, and lse
+  // memory, 2 to 4; rows_per_warp queries each warp owns, 16 or 32 (32 at block_m 128 only:
+  // block_m / rows_per_warp warps). Returns o (B, H, N, D) in q's dtype, (B, N, H, D) in memory, and lse
   // (B, H, N) fp32, the per-row log2-sum-exp2 of the logits * scale * log2(e) that the Triton
   // backward takes.
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64, int stages=2) "
-        "-> (Tensor, Tensor)");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64, int stages=2, "
+        "int rows_per_warp=16) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deit_fast_C, CUDA, m) { m.impl("attention_forward", &forward_cuda); }

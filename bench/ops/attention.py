@@ -24,7 +24,9 @@ cuda_m128_s3 are the CUDA forward's other tilings (deit_fast.ops.attention CUDA_
 CUDA_STAGES; the default, 128 queries per CTA and 4 k/v tiles in shared memory, was the fastest
 of five on an H200, 2026-11-27): 64 queries per CTA instead of 128 (twice the L2 reads of k and
 v at N = 197), 2 or 3 k/v tiles instead of 4 (4: all of k and v requested up front at N <=
-256); forward only, as their fwd+bwd adds cuda's Triton backward. The CUDA forward has a target of
+256); cuda_w32 and cuda_w32_s3: 128 queries per CTA over 4 warps of 32 (CUDA_ROWS_PER_WARP 32,
+never timed), with 4 and 3 k/v tiles; forward only, as their fwd+bwd adds cuda's Triton backward.
+The CUDA forward has a target of
 its own (the CUDA-kernels issue): fwd >= 1.2x the fastest forced SDPA backend at head dim 48
 (CaiT shapes).
 """
@@ -83,9 +85,11 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
-# impl -> the CUDA forward's (queries per CTA, k/v stages); cuda: the op's defaults
-CUDA_IMPLS = {"cuda": None, "cuda_m64": (64, 2), "cuda_m64_s4": (64, 4), "cuda_m128_s2": (128, 2),
-              "cuda_m128_s3": (128, 3)}
+# impl -> the CUDA forward's (queries per CTA, k/v stages, queries per warp); cuda: the op's
+# defaults
+CUDA_IMPLS = {"cuda": None, "cuda_m64": (64, 2, 16), "cuda_m64_s4": (64, 4, 16),
+              "cuda_m128_s2": (128, 2, 16), "cuda_m128_s3": (128, 3, 16), "cuda_w32": (128, 4, 32),
+              "cuda_w32_s3": (128, 3, 32)}
 OURS = ("triton", "triton_masked", *CUDA_IMPLS)
 IMPLS = {"triton": lambda: _ours("triton"), "triton_masked": lambda: _ours("triton"),
          **{name: (lambda: _ours("cuda")) for name in CUDA_IMPLS},
@@ -139,10 +143,10 @@ def setup(case: common.Case, impl: str, args):
         if CUDA_IMPLS[impl] is None:
             return thunks
         # A tiling variant: its fwd+bwd differs from cuda's by the forward alone
-        block_m, stages = CUDA_IMPLS[impl]
-        return {"fwd": common.with_flag(op_module, "CUDA_BLOCK_M",
-                                        common.with_flag(op_module, "CUDA_STAGES", thunks["fwd"], stages),
-                                        block_m)}
+        fwd = thunks["fwd"]
+        for flag, value in zip(("CUDA_BLOCK_M", "CUDA_STAGES", "CUDA_ROWS_PER_WARP"), CUDA_IMPLS[impl]):
+            fwd = common.with_flag(op_module, flag, fwd, value)
+        return {"fwd": fwd}
     if impl == "triton_masked":  # graphs built and every timed call run with one masked block
         if attention_kernels._blocks(D, True)[1] == 0:
             raise common.Unavailable(f"head dim {D} has no split (a power of two, or no exact second block)")

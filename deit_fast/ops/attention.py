@@ -60,6 +60,13 @@ CUDA_MAX_N = 1024  # the lengths it is tested and tuned at (ViTs up to 448 px)
 # ahead of (64, 2) (e.g. 124.6 vs 132.2 us at 256x8x197x48, 105.7 vs 109.4 us at 256x6x197x64).
 CUDA_BLOCK_M = 128
 CUDA_STAGES = 4
+# Queries each warp owns: 16, or 32 at CUDA_BLOCK_M 128 (4 warps, FlashAttention-2's split): each
+# k / v fragment a warp reads from shared memory then feeds two MMAs, and the warp runs two
+# independent MMA chains, at 168 registers (12 warps an SM) at D = 48. The ncu profile of the
+# 16-row kernel (H200, 2026-11-27: bench/results/2026-11-27-nvidia-h200-ncu.md) shows it stalled
+# mostly on dependent instructions ("wait") at 16 warps an SM. Not yet timed: bench.ops.attention
+# times it as cuda_w32 (and cuda_w32_s3).
+CUDA_ROWS_PER_WARP = 16
 
 
 def uses_cuda_kernel(q: Tensor) -> bool:
@@ -69,7 +76,8 @@ def uses_cuda_kernel(q: Tensor) -> bool:
 
 def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     from deit_fast import _C  # noqa: F401  (registers torch.ops.deit_fast_C)
-    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, CUDA_BLOCK_M, CUDA_STAGES)
+    return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, CUDA_BLOCK_M, CUDA_STAGES,
+                                                   CUDA_ROWS_PER_WARP)
 
 
 @custom_op("deit_fast::attention")

@@ -11,11 +11,13 @@ import torch
 # deit_fast._C was not built (test_cuda_extension.py decides whether that is a failure);
 # resource_usage parses cuobjdump's per-kernel report.
 from tests.aot.extension import (ARCHS, archs_per_source, assert_no_spills, cp_async_use, cubin_listing,
-                                 named, sass_functions)
+                                 flag_values, named, sass_functions)
 
 pytestmark = pytest.mark.aot
 F16, BF16 = torch.float16, torch.bfloat16
 KERNEL = "20attention_fwd_kernel"  # as mangled (length-prefixed): not class_attention_fwd_kernel
+# Its template arguments after the dtype, as mangled: D, WARPS, STAGES, R (16-row blocks a warp)
+TEMPLATE = re.compile(r"attention_fwd_kernelI\w+?Li(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E")
 
 
 def meta(shape, dtype=F16):
@@ -35,10 +37,17 @@ def test_holds_sm80_and_sm90_cubins(so_path, cuobjdump):
 def test_no_register_spills(resource_usage):
     for arch in ARCHS:
         kernels = named(resource_usage[arch], KERNEL)
-        # fp16 and bf16 at head dims 48 and 64, 4 and 8 warps (block_m 64 and 128), 2 to 4 stages
-        assert len(kernels) == 24, sorted(resource_usage[arch])
-        # __launch_bounds__(128, 4) and (256, 2): 16 warps per SM need <= 128 registers per thread
-        assert_no_spills(kernels, 128, arch)
+        # fp16 and bf16 at head dims 48 and 64, 2 to 4 stages, by 16 rows a warp in 4 and 8 warps
+        # (block_m 64 and 128) and 32 rows a warp in 4 (block_m 128)
+        assert len(kernels) == 36, sorted(resource_usage[arch])
+        # Launch bounds: 16 warps per SM at 16 rows a warp need <= 128 registers per thread; at
+        # 32, 12 warps (<= 168) at D = 48 and 8 (<= 255) at D = 64 (attention.cu, min_blocks)
+        args = {k: TEMPLATE.search(k).groups() for k in kernels}  # (D, warps, stages, row blocks)
+        one = {k: u for k, u in kernels.items() if args[k][3] == "1"}
+        assert len(one) == 24, sorted(kernels)
+        assert_no_spills(one, 128, arch)
+        assert_no_spills({k: u for k, u in kernels.items() if args[k][::3] == ("48", "2")}, 168, arch)
+        assert_no_spills({k: u for k, u in kernels.items() if args[k][::3] == ("64", "2")}, 255, arch)
 
 
 def test_pipeline_waits_match_the_stages(so_path, cuobjdump):
@@ -48,23 +57,23 @@ def test_pipeline_waits_match_the_stages(so_path, cuobjdump):
     local memory. An off-by-one there computes on a tile still landing: wrong numbers, no error."""
     seen = set()
     for name, body in sass_functions(so_path, cuobjdump):
-        m = re.search(r"attention_fwd_kernelI\w+?Li(\d+)ELi(\d+)ELi(\d+)E", name)
+        m = TEMPLATE.search(name)
         if KERNEL not in name or not m:
             continue
-        D, warps, stages = map(int, m.groups())
+        D, warps, stages, blocks = map(int, m.groups())
         use = cp_async_use(body)
         # A set: a loop that ptxas peels would repeat a wait, which is harmless.
         assert use["waits"] == {stages - 2, stages - 1}, (name, use["waits"])
         assert use["commits"] == stages + 1, name
         assert not use["local"], name
-        seen.add((name.split("attention_fwd_kernelI")[1].split("Li")[0], D, warps, stages))
-    assert len(seen) == 24, sorted(seen)  # 2 dtypes x 2 head dims x 2 warp counts x 3 stage counts
+        seen.add((name.split("attention_fwd_kernelI")[1].split("Li")[0], D, warps, stages, blocks))
+    assert len(seen) == 36, sorted(seen)  # 2 dtypes x 2 head dims x 3 warp splits x 3 stage counts
 
 
 def test_schema(ops):
     assert str(ops.attention_forward.default._schema) == (
         "deit_fast_C::attention_forward(Tensor q, Tensor k, Tensor v, float scale, int block_m=64, "
-        "int stages=2) -> (Tensor, Tensor)")
+        "int stages=2, int rows_per_warp=16) -> (Tensor, Tensor)")
 
 
 def test_cpu_tensors_raise_instead_of_crashing(ops):
@@ -76,7 +85,7 @@ def test_cpu_tensors_raise_instead_of_crashing(ops):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 48), (2, 3, 7, 64), (2, 4, 197, 48), (3, 8, 198, 64),
                                    (1, 1, 1024, 48), (1, 2, 1025, 64)], ids=str)
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-@pytest.mark.parametrize("tiling", [(64, 2), (128, 3)], ids=str)
+@pytest.mark.parametrize("tiling", [(64, 2), (128, 3), (128, 4, 32)], ids=str)
 def test_output_metadata_and_opcheck(ops, shape, dtype, tiling):
     q, k, v = qkv_views(*shape, dtype)
     o, lse = ops.attention_forward(q, k, v, 0.125, *tiling)
@@ -113,11 +122,14 @@ def test_empty_shapes(ops, shape):
     (dict(block_m=96), "block_m .* must be 64 or 128, got 96"),
     (dict(stages=5), "stages .* must be 2, 3 or 4, got 5"),
     (dict(stages=1), "stages .* must be 2, 3 or 4, got 1"),
+    (dict(rows_per_warp=8), "rows_per_warp .* must be 16 or 32, got 8"),
+    (dict(rows_per_warp=64), "rows_per_warp .* must be 16 or 32, got 64"),
+    (dict(rows_per_warp=32), "rows_per_warp=32 needs block_m=128 .*, got block_m=64"),
     (dict(k=torch.empty(1, 2, 7, 48, dtype=F16)), "k is on cpu"),
 ])
 def test_bad_input_names_the_argument(ops, change, match):
     args = dict(q=meta((1, 2, 7, 48)), k=meta((1, 2, 7, 48)), v=meta((1, 2, 7, 48)), scale=0.2, block_m=64,
-                stages=2)
+                stages=2, rows_per_warp=16)
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
         ops.attention_forward(*args.values())
@@ -136,16 +148,18 @@ def test_the_op_module_routes_only_what_the_kernel_takes():
 
 
 def test_the_op_module_passes_its_tiling(ops, monkeypatch):
-    """CUDA_BLOCK_M and CUDA_STAGES of deit_fast.ops.attention are what the extension op gets (a
-    bad one is refused by the op's own check, before any launch)."""
+    """CUDA_BLOCK_M, CUDA_STAGES and CUDA_ROWS_PER_WARP of deit_fast.ops.attention are what the
+    extension op gets (a bad one is refused by the op's own check, before any launch)."""
     attention = importlib.import_module("deit_fast.ops.attention")
     q = meta((1, 2, 7, 48))
-    for name, bad in (("CUDA_BLOCK_M", 96), ("CUDA_STAGES", 5)):
+    for name, bad in (("CUDA_BLOCK_M", 96), ("CUDA_STAGES", 5), ("CUDA_ROWS_PER_WARP", 48)):
         with monkeypatch.context() as m:
             m.setattr(attention, name, bad)
             with pytest.raises(RuntimeError, match=f"got {bad}"):
                 attention._cuda_forward(q, q, q, 0.2)
     monkeypatch.setattr(attention, "CUDA_BLOCK_M", 128)
     monkeypatch.setattr(attention, "CUDA_STAGES", 4)
+    monkeypatch.setattr(attention, "CUDA_ROWS_PER_WARP", 32)
+    assert [v for _, v in flag_values("rows_per_warp", lambda: attention._cuda_forward(q, q, q, 0.2))] == [32]
     o, lse = attention._cuda_forward(q, q, q, 0.2)
     assert o.shape == q.shape and lse.shape == q.shape[:3]

@@ -205,6 +205,7 @@ def test_gpu_check_names_only_impls_and_shapes_its_benches_have():
     # and every other bench.ops call in it (the pending part's)
     extras += re.findall(r"-m bench\.ops\.(\w+) ((?:[^\n]|\\\n)*)", script)
     assert "class_attention" in [op for op, args in extras if "cuda_prefetch" in args]
+    assert "attention" in [op for op, args in extras if "cuda_w32" in args]
     for op, args in extras:
         bench = importlib.import_module(f"bench.ops.{op}")
         for flag, known in (("--impls", bench.IMPLS), ("--shapes", getattr(bench, "SHAPES", None))):

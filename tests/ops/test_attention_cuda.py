@@ -4,9 +4,10 @@ with FlashAttention's tolerance rule (out and dq/dk/dv, so the lse layout is che
 backward too), lse against fp64 directly, agreement with the Triton forward, ViT's odd lengths,
 qkv-projection views and views the kernel must copy, bitwise determinism, the fallbacks to the
 Triton forward, the custom-op checks, and a compute-sanitizer memcheck/racecheck run. The forward
-has six tilings, 64 or 128 queries per CTA (block_m) by 2 to 4 k/v tiles in shared memory
-(stages); all are checked, the op's default (deit_fast.ops.attention CUDA_BLOCK_M, CUDA_STAGES)
-everywhere."""
+has nine tilings, 64 or 128 queries per CTA (block_m) by 2 to 4 k/v tiles in shared memory
+(stages), and 128 queries as 4 warps of 32 rows (rows_per_warp) by the same stages; all are
+checked (bitwise equal to one another), the op's default (deit_fast.ops.attention CUDA_BLOCK_M,
+CUDA_STAGES, CUDA_ROWS_PER_WARP) everywhere."""
 import importlib
 import math
 
@@ -84,12 +85,13 @@ def check_against_reference(q, k, v, scale=None):
         assert_rule(name, a, r, s)
 
 
-def cuda_op(q, k, v, scale, tiling=(64, 2)):
+def cuda_op(q, k, v, scale, tiling=(64, 2, 16)):
     import deit_fast._C  # noqa: F401
     return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, *tiling)
 
 
-TILINGS = [(b, s) for b in (64, 128) for s in (2, 3, 4)]  # (block_m, stages)
+# (block_m, stages, rows_per_warp): 16 rows a warp at 64 and 128 queries per CTA, 32 at 128
+TILINGS = [(b, s, r) for b, r in ((64, 16), (128, 16), (128, 32)) for s in (2, 3, 4)]
 
 
 @pytest.mark.parametrize("BH", HEADS, ids=str)
@@ -101,7 +103,7 @@ def test_matches_reference(BH, N, D, dtype, cuda_forward_only, monkeypatch):
     check_against_reference(*qkv_views(*BH, N, D, dtype))
 
 
-DEFAULT_TILING = (op_module.CUDA_BLOCK_M, op_module.CUDA_STAGES)
+DEFAULT_TILING = (op_module.CUDA_BLOCK_M, op_module.CUDA_STAGES, op_module.CUDA_ROWS_PER_WARP)
 OTHER_TILINGS = [t for t in TILINGS if t != DEFAULT_TILING]
 
 
@@ -114,6 +116,7 @@ def test_other_tilings_match_reference(N, D, tiling, cuda_forward_only, monkeypa
     """Through the op and its backward, the tilings that are not the default."""
     monkeypatch.setattr(op_module, "CUDA_BLOCK_M", tiling[0])
     monkeypatch.setattr(op_module, "CUDA_STAGES", tiling[1])
+    monkeypatch.setattr(op_module, "CUDA_ROWS_PER_WARP", tiling[2])
     check_against_reference(*qkv_views(3, 4, N, D, F16))
 
 
@@ -214,7 +217,7 @@ def test_custom_ops_pass_opcheck():
 
 
 def test_extension_op_on_cuda_passes_opcheck():
-    for dtype, D, tiling in [(F16, 48, (64, 2)), (BF16, 64, (128, 4))]:
+    for dtype, D, tiling in [(F16, 48, (64, 2, 16)), (BF16, 64, (128, 4, 16)), (BF16, 48, (128, 3, 32))]:
         q, k, v = qkv_views(2, 3, 33, D, dtype)
         torch.library.opcheck(torch.ops.deit_fast_C.attention_forward.default, (q, k, v, 0.2, *tiling))
 
@@ -266,18 +269,19 @@ import importlib
 import torch
 from deit_fast import ops
 op_module = importlib.import_module("deit_fast.ops.attention")
-for (B, H, N, D), dt, misaligned, tiling in [((1, 2, 7, 48), torch.bfloat16, False, (64, 2)),
-                                             ((2, 1, 197, 64), torch.float16, False, (64, 2)),
-                                             ((2, 1, 197, 48), torch.bfloat16, False, (128, 2)),
-                                             ((1, 1, 1, 64), torch.bfloat16, False, (128, 4)),
-                                             ((1, 2, 70, 64), torch.float16, False, (128, 4)),
-                                             ((1, 1, 197, 48), torch.float16, False, (64, 4)),
-                                             ((1, 1, 330, 64), torch.bfloat16, False, (128, 4)),
-                                             ((1, 2, 150, 48), torch.bfloat16, False, (64, 4)),
-                                             ((1, 2, 100, 64), torch.float16, False, (128, 3)),
-                                             ((2, 1, 197, 48), torch.bfloat16, False, (64, 3)),
-                                             ((1, 3, 130, 48), torch.float16, True, (64, 2))]:
-    op_module.CUDA_BLOCK_M, op_module.CUDA_STAGES = tiling
+for (B, H, N, D), dt, misaligned, tiling in [((1, 2, 7, 48), torch.bfloat16, False, (64, 2, 16)),
+                                             ((2, 1, 197, 64), torch.float16, False, (64, 2, 16)),
+                                             ((2, 1, 197, 48), torch.bfloat16, False, (128, 2, 32)),
+                                             ((1, 1, 1, 64), torch.bfloat16, False, (128, 4, 16)),
+                                             ((1, 2, 70, 64), torch.float16, False, (128, 4, 16)),
+                                             ((1, 1, 197, 48), torch.float16, False, (64, 4, 16)),
+                                             ((1, 1, 330, 64), torch.bfloat16, False, (128, 4, 32)),
+                                             ((1, 2, 150, 48), torch.bfloat16, False, (64, 4, 16)),
+                                             ((1, 2, 100, 64), torch.float16, False, (128, 3, 16)),
+                                             ((2, 1, 197, 48), torch.bfloat16, False, (64, 3, 16)),
+                                             ((1, 3, 130, 48), torch.float16, True, (64, 2, 16)),
+                                             ((1, 2, 150, 48), torch.float16, False, (128, 3, 32))]:
+    op_module.CUDA_BLOCK_M, op_module.CUDA_STAGES, op_module.CUDA_ROWS_PER_WARP = tiling
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dt)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     if misaligned:
