@@ -5,6 +5,7 @@ tenth of the rate the counts imply (one 8-warp CTA per SM; every mix crosses war
 shared memory).
 
     python tests/aot/census.py        # PYTHONPATH=<a triton 3.6 copy> for the GPU machine's
+    python tests/aot/census.py 32 16 16   # CaiT's head dim 48 as 32 + 16, at 16 warps
 
 The last lines give the same measure for the chunked strategy's mixing passes.
 
@@ -33,12 +34,15 @@ def per_tile(loops, heads: int) -> int:
     return total
 
 
-def main(block_d: int = 64, block_d2: int = 0) -> None:
+def main(block_d: int = 64, block_d2: int = 0, warps: int = 0) -> None:
     """Head dim blocks: BLOCK_D (and BLOCK_D2 for the tensor-core kernels: 32 16 is CaiT's 48 as
-    they run it, 64 0 the masked block)."""
+    they run it, 64 0 the masked block); warps: the tensor-core kernels' num_warps instead of
+    TC_TILES' (16: the tune's first candidate)."""
     for heads in (4, 8, 16):
         for tc in (False, True):
             (fwd, dq, dkdv), tiles = th._family(heads, tc, torch.bfloat16)
+            if tc and warps:
+                tiles = dict(tiles, num_warps=warps)
             hp, hg = tiles["HP"], tiles.get("HG", tiles["HP"])
             consts = {k: v for k, v in tiles.items() if not k.startswith("num_")}
             counts = {}
@@ -50,7 +54,7 @@ def main(block_d: int = 64, block_d2: int = 0) -> None:
                 want = dict(consts, BLOCK_D=block_d, **extra, **({"BLOCK_D2": block_d2} if tc else {}))
                 cfg = next(c for c in th.aot_configs("bf16") if c["kernel"] is kernel
                            and all(c["constexprs"].get(a) == v for a, v in want.items()))
-                compiled = compile_triton.compile_variant(cfg)  # the family's warps and stages
+                compiled = compile_triton.compile_variant(dict(cfg, num_warps=tiles["num_warps"]))
                 # real scores a thread owns: slots holding a head below H (HG of HP are heads)
                 scores = hp * tiles["BLOCK_M"] * tiles["BLOCK_N"] / (32 * tiles["num_warps"]) * heads / hg
                 counts[name] = per_tile(compile_triton.loops(compiled.asm["cubin"]), heads) / scores
