@@ -323,14 +323,13 @@ TC_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
 # an H200, 2026-11-27, dq at 256x8x196x48: 8 warps an SM, one instruction per 11 cycles a warp,
 # bench/results/2026-11-27-nvidia-h200-ncu.md), and at 8 warps they take 250-255 registers, so an
 # SM holds one 8-warp CTA. At 16 warps the same tiles take 128 registers a thread: still one CTA an
-# SM (64 K registers), but twice the warps to hide latency with. Compiled for sm_90 (bf16, 16
-# heads, head dim 32 + 16), instructions per thread per key tile at 8 -> 16 warps, triton 3.8 /
-# 3.6 (the GPU machine's): dq 369 + 536 -> 205 + 356 / 386 + 511 -> 236 + 346 (its two passes;
-# a thread owns half the scores, so 10-33 % more in all), no local memory in its loops / one
-# access; the fused dk/dv kernel 476 -> 316 / 518 -> 341, with 15 / 28 local loads and stores a
-# tile (120 bytes of stack under 3.6, past the AOT test's 64); the forward 308 + 236 -> 158 + 157 /
-# 303 + 258 -> 166 + 152, none. Not yet timed: bench.tune's talking_heads.tc_fwd / tc_bwd try 16
-# warps for all the kernels, and for dq alone.
+# SM (64 K registers), but twice the warps to hide latency with, for more instructions (a thread
+# owns half the scores): per real score at 16 heads, bf16, head dim 32 + 16 (`census.py 32 16
+# 16`, triton 3.8), bwd 86 -> 110 and fwd 34 -> 39. Local memory at 16 warps, sm_90, triton 3.8 /
+# 3.6 (the GPU machine's): none in dq's loops / one access a tile; the fused dk/dv kernel 15 / 28
+# accesses a tile (120 bytes of stack under 3.6, past the AOT test's 64); none in the forward.
+# Not yet timed: bench.tune's talking_heads.tc_fwd / tc_bwd try 16 warps for all the kernels, and
+# tc_bwd for dq alone.
 TC_DQ_WARPS = None
 # One tensor-core launch computes dk and dv together (_th_bwd_dkdv_tc with DK and DV): the mixed
 # logits, their exp2 and the q and dO tiles once for both, not once each. SASS per score of the
