@@ -60,8 +60,20 @@ def run(fn, q, k, v, do, scale=None):
     return (out,) + torch.autograd.grad(out, leaves, do.to(out.dtype))
 
 
+def poison_outputs(q):
+    """NaN into the blocks the caching allocator hands the CUDA op's o and lse next (the free block
+    it picks depends on sizes and addresses, not on who freed it): a row the kernel leaves
+    unwritten then reads NaN, not a stale right answer left by an earlier call on the same inputs
+    (every test starts from seed 0, and one test runs several tilings)."""
+    B, H, N, D = q.shape
+    o = torch.full((B, N, H, D), float("nan"), device=q.device, dtype=q.dtype)
+    lse = torch.full((B, H, N), float("nan"), device=q.device, dtype=torch.float32)
+    del o, lse
+
+
 def on(backend):
     def f(q, k, v, scale):
+        poison_outputs(q)
         with ops.use_backend(backend):
             return ops.attention(q, k, v, scale)
     return f
@@ -87,6 +99,7 @@ def check_against_reference(q, k, v, scale=None):
 
 def cuda_op(q, k, v, scale, tiling=(64, 2, 16)):
     import deit_fast._C  # noqa: F401
+    poison_outputs(q)
     return torch.ops.deit_fast_C.attention_forward(q, k, v, scale, *tiling)
 
 
@@ -180,9 +193,10 @@ def test_q_k_v_from_different_layouts(cuda_forward_only):
     check_against_reference(q, k, v)
 
 
+@pytest.mark.parametrize("D", [48, 64])
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-def test_forward_and_grads_are_bitwise_deterministic(dtype, cuda_forward_only):
-    q, k, v = qkv_views(2, 6, 577, 48, dtype)
+def test_forward_and_grads_are_bitwise_deterministic(dtype, D, cuda_forward_only):
+    q, k, v = qkv_views(2, 6, 577, D, dtype)
     do = torch.randn(q.shape, device="cuda", dtype=torch.float64)
     first = run(on("cuda"), q, k, v, do)
     direct = [cuda_op(q, k, v, 0.2, t) for t in TILINGS]
@@ -271,6 +285,7 @@ from deit_fast import ops
 op_module = importlib.import_module("deit_fast.ops.attention")
 for (B, H, N, D), dt, misaligned, tiling in [((1, 2, 7, 48), torch.bfloat16, False, (64, 2, 16)),
                                              ((2, 1, 197, 64), torch.float16, False, (64, 2, 16)),
+                                             ((2, 1, 197, 48), torch.bfloat16, False, (128, 2, 16)),
                                              ((2, 1, 197, 48), torch.bfloat16, False, (128, 2, 32)),
                                              ((1, 1, 1, 64), torch.bfloat16, False, (128, 4, 16)),
                                              ((1, 2, 70, 64), torch.float16, False, (128, 4, 16)),
