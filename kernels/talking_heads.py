@@ -881,7 +881,9 @@ def aot_configs(dtype: str):
                 for kernel, extra in ((fwd, {}), (dq, {}),
                                       *((dkdv, {"DK": a, "DV": b}) for a, b in dkdv_modes)):
                     sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
-                    warps = dict(tiles, **_dq_warps(tiles))["num_warps"] if kernel is dq else tiles["num_warps"]
+                    warps = tiles["num_warps"]
+                    if kernel is dq:
+                        warps = _dq_warps(tiles).get("num_warps", warps)
                     yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
                                num_warps=warps, num_stages=tiles["num_stages"],
                                aligned=(*strides, "D"), matmul=False)
