@@ -766,9 +766,9 @@ def _th_bwd_dkdv_tc(Q, K, V, DO, WL, WW, BW, LSE, DELTA, DKO, DVO, sqb, sqh, sqn
         _store_pair(DVO, dv, dv2, off_b, head, cols, sgb, sgh, sgn, H, N, D, BLOCK_D, BLOCK_D2)
 
 
-def _dq_warps(tiles: dict) -> dict:
-    """The dq kernel's num_warps where TC_DQ_WARPS sets it (tensor-core family only), else {}."""
-    return {"num_warps": TC_DQ_WARPS} if TC_DQ_WARPS and "HG" in tiles else {}
+def _dq_warps(tiles: dict) -> int:
+    """The dq kernel's num_warps: TC_DQ_WARPS where set (tensor-core family only), else the tiles'."""
+    return TC_DQ_WARPS if TC_DQ_WARPS and "HG" in tiles else tiles["num_warps"]
 
 
 def _head_dim(tiles: dict, D: int) -> dict:
@@ -843,7 +843,7 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, tc=None, out=None, strategy
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     part = torch.empty((math.prod(grid), 3, hg, hg), dtype=torch.float32, device=q.device)
     launch(dq_kernel, grid, q, k, v, do, w_l, w_w, lse, delta, dq, part, *args,
-           **dict(meta, **_dq_warps(tiles)), **straddle)
+           **dict(meta, num_warps=_dq_warps(tiles)), **straddle)
     grid, _, straddle = _grid(tiles, B, N, "BLOCK_N")
     fused = FUSED_DKDV and "HG" in tiles  # the CUDA-core kernel sums one grad at a time
     for which in ((True, True),) if fused else ((True, False), (False, True)):
@@ -881,9 +881,7 @@ def aot_configs(dtype: str):
                 for kernel, extra in ((fwd, {}), (dq, {}),
                                       *((dkdv, {"DK": a, "DV": b}) for a, b in dkdv_modes)):
                     sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
-                    warps = tiles["num_warps"]
-                    if kernel is dq:
-                        warps = _dq_warps(tiles).get("num_warps", warps)
+                    warps = _dq_warps(tiles) if kernel is dq else tiles["num_warps"]
                     yield dict(kernel=kernel, signature=sig, constexprs=dict(base, **extra),
                                num_warps=warps, num_stages=tiles["num_stages"],
                                aligned=(*strides, "D"), matmul=False)
