@@ -95,6 +95,19 @@ pytest_gpu() {  # pytest_gpu NAME CAP ARGS...: the `gpu` tests among ARGS, junit
     --junitxml="$work/$name.xml" "$@"
 }
 want tests && pytest_gpu pytest_gpu_triton "$(budget 160)" tests --ignore-glob='*_cuda.py'
+# The pending part's Triton-only steps, while the extension builds: the chunked talking-heads
+# strategy since its mixing passes loop over row groups (2026-11-28: SASS a thread per score
+# halved, 16-byte accesses), its `gpu` tests, then the talking-heads tune at 16 heads (CaiT-M, the
+# target still missed): the chunked backward's groups a program (GROUPS_PER_PROGRAM) first, then
+# the fused backward's tiles (16 warps first; its shipped row is the backward the default
+# strategy runs), then the chunked forward.
+if want pending; then
+  pytest_gpu pytest_gpu_pending_triton "$(budget 60)" tests/ops/test_talking_heads_chunked.py
+  cap=$(budget 160)
+  step bench_tune_pending "$cap" "$PY" -m bench.tune \
+    --tunables talking_heads.chunked_bwd,talking_heads.tc_bwd,talking_heads.chunked_fwd \
+    --shapes cait_m_224 --time-budget $((cap - 20)) --out "$work/tune_pending"
+fi
 [[ -n $installing ]] && wait "$installing"
 want tests && pytest_gpu pytest_gpu_cuda "$(budget 150)" tests/ops/*_cuda.py
 
@@ -163,12 +176,11 @@ if want profile; then
 fi
 
 # Opt-in (GPU_CHECK_PARTS=pending; about 9 minutes with the build): the measurements that decide
-# what is built but left off or never timed: the cp.async variants of class attention and of the
-# residual + LayerNorm backward (CUDA_PREFETCH of each) and the CUDA attention forward at 32 rows
-# a warp (CUDA_ROWS_PER_WARP): their gpu tests and sanitizer runs, then each against its default;
-# the talking-heads backward tiles (16 warps first) and forward chunk size at 16 heads (CaiT-M, the
-# target still missed); last, the distillation loss on both kernel backends since its one-launch
-# backward.
+# what is built but left off or never timed. The talking-heads steps ran above, during the build;
+# here the cp.async variants of class attention and of the residual + LayerNorm backward
+# (CUDA_PREFETCH of each) and the CUDA attention forward at 32 rows a warp (CUDA_ROWS_PER_WARP):
+# their gpu tests and sanitizer runs, then each against its default; last, the distillation loss
+# on both kernel backends since its one-launch backward.
 if want pending; then
   pytest_gpu pytest_gpu_pending "$(budget 150)" tests/ops/test_class_attention_cuda.py \
     tests/ops/test_layerscale_layernorm_cuda.py tests/ops/test_attention_cuda.py \
@@ -186,9 +198,6 @@ if want pending; then
     --shapes d48_h8_n197,d48_h4_n196,d48_h8_n576,deit_small_224 --time-budget $((cap - 15)) \
     --out "$work/attention_rows_per_warp"
   jsonl+=("$work/attention_rows_per_warp.jsonl")
-  cap=$(budget 140)
-  step bench_tune_pending "$cap" "$PY" -m bench.tune --tunables talking_heads.tc_bwd,talking_heads.chunked_fwd \
-    --shapes cait_m_224 --time-budget $((cap - 20)) --out "$work/tune_pending"
   cap=$(budget 40)
   step bench_distill_loss_backends "$cap" "$PY" -m bench.ops.distill_loss --impls triton,cuda,compile \
     --kinds hard --time-budget $((cap - 15)) --out "$work/distill_loss_backends"
@@ -227,7 +236,8 @@ if want models; then
 fi
 
 junits=(--junit gpu_triton="$work/pytest_gpu_triton.xml" --junit gpu_cuda="$work/pytest_gpu_cuda.xml")
-want pending && junits+=(--junit gpu_pending="$work/pytest_gpu_pending.xml")
+want pending && junits+=(--junit gpu_pending_triton="$work/pytest_gpu_pending_triton.xml"
+                         --junit gpu_pending="$work/pytest_gpu_pending.xml")
 "$PY" -m bench.report --steps "$steps" "${junits[@]}" "${jsonl[@]}" | tee "$work/written"
 if [[ -n $copy_to ]]; then
   mkdir -p "$copy_to"

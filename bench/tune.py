@@ -19,8 +19,9 @@ A tunable is a set of module constants of one kernel file that its host code rea
     or two (FUSED_DKDV); the shipped ones were chosen from SASS counts, registers and shared
     memory, never timed.
   - talking_heads.chunked_fwd, talking_heads.chunked_bwd (kernels/talking_heads_chunked.py, the
-    STRATEGY "chunked" path): its GEMMs' tiles and warps (GEMM_TILES, 12 candidates) and its
-    chunk size (CHUNK_BUDGET: 1, 4 and 4.5, which gives one forward chunk at N = 196), never timed.
+    STRATEGY "chunked" path): the row groups a mixing program loops over (GROUPS_PER_PROGRAM:
+    2, 8, 16, 1), its GEMMs' tiles and warps (GEMM_TILES, 12 candidates) and its chunk size
+    (CHUNK_BUDGET: 1, 4 and 4.5, which gives one forward chunk at N = 196), never timed.
   - layerscale.ln_fwd, layerscale.ln_bwd (kernels/layerscale.py): the residual + LayerNorm's
     elements per program tile, and in the backward the row strips (BWD_PROGRAMS, which the plain
     layerscale backward shares) that set how many programs stream rows and write column
@@ -238,12 +239,14 @@ def _talking_heads_bwd_grid() -> List[dict]:
 
 
 def _chunked_grid() -> List[dict]:
-    """The chunked strategy's GEMM tiles (its six products), and its chunk size through
+    """The chunked strategy's row groups a mixing program loops over (GROUPS_PER_PROGRAM, first:
+    new on 2026-11-28), its GEMM tiles (its six products), and its chunk size through
     CHUNK_BUDGET (the N x N buffers' bytes over q's)."""
     tiles = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=3)
              for m, n in ((64, 64), (128, 64), (128, 128)) for k in (16, 32) for w in (4, 8)]
     # 4.5: one forward chunk at CaiT's N = 196 up to batch 256 (a third of the launches)
-    return [{"GEMM_TILES": t} for t in tiles] + [{"CHUNK_BUDGET": b} for b in (1.0, 4.0, 4.5)]
+    return [{"GROUPS_PER_PROGRAM": g} for g in (2, 8, 16, 1)] + [{"GEMM_TILES": t} for t in tiles] + \
+        [{"CHUNK_BUDGET": b} for b in (1.0, 4.0, 4.5)]
 
 
 def _layernorm_grid(direction: str) -> List[dict]:

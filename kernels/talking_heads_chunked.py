@@ -11,14 +11,20 @@ is a plain batched GEMM, and what couples the heads is elementwise along a row o
 a program holds whole (all heads of one query row): one read and one write of each N x N tensor
 per pass. Counted at that shape (157 MB per bf16 N x N tensor): forward 4 of them through
 memory (the GEMMs write S and read P', the kernel reads S and writes P'), backward about 10,
-~2.2 GB in all: ~0.7 ms at 3 TB/s. The mixing kernels issue more per score than the fused ones
-(SASS a thread per real score, bf16, 8 heads: 62 / 178 against 34 / 89), so the gain rests on
-them issuing near their rate where the fused kernels ran at a tenth of theirs: not yet timed on
-a GPU.
+~2.2 GB in all: ~0.7 ms at 3 TB/s. Timed on an H200 (2026-11-27) the forward won and the
+backward lost, its mixing pass ~70 % of it: one program a group of query rows, 16 warps, most of
+its ~1100 SASS instructions a thread on costs paid once a program (the mixing matrices' loads;
+the weight grads' reductions across warps: 160 shuffles), ncu: mio_throttle, DRAM at 4 %, and
+2-byte accesses (rows N apart). Since 2026-11-28 a program loops over GROUPS_PER_PROGRAM groups
+and pays those once, loads the next group's rows while one computes, and rows are a multiple
+of 16 elements apart (_nn_buffer): 16-byte accesses. SASS a thread per real score, bf16, 8
+heads, forward / backward mixing pass: 62 / 178 before, 36 / 87 now (triton 3.8; 3.6: 35 / 83;
+`python tests/aot/census.py`, its last lines), against the fused kernels' 34 / 89, which also
+hold the products. Not yet timed.
 
-Memory: the N x N tensors exist for `chunk` images at a time, so their buffers stay within
-CHUNK_BUDGET x the size of q (peak memory O(B H N D), as for the fused kernels), and nothing
-N x N is saved for the backward: it recomputes S = q k^T and dP' = dO v^T per chunk, then one
+Memory: the N x N tensors (rows padded to 16 elements) exist for `chunk` images at a time, so
+their buffers stay within CHUNK_BUDGET x the size of q (peak memory O(B H N D), as for the fused
+kernels), and nothing N x N is saved for the backward: it recomputes S = q k^T and dP' = dO v^T per chunk, then one
 kernel writes P' over S and dS over dP' (in place: each program owns its rows), then three GEMMs
 give dv = P'^T dO, dq = dS k, dk = dS^T q. The GEMMs (_gemm, wgmma on sm_90) read q, k, v and dO
 and write o, dq, dk and dv where the model keeps them (views of the packed projection,
@@ -48,6 +54,10 @@ MAX_KEYS = 256
 # Offsets inside one image's (H, N, N) slice are 32-bit (a [16, NP] tile of 64-bit pointers
 # would take two registers an element); the image's base is a 64-bit scalar.
 MAX_IMAGE = 2 ** 31
+# Row groups a mixing program loops over (the per-program costs are paid once for them all). 4:
+# in CaiT-M's backward (16 heads: a group is one query row; chunks of 13 images) 637 programs of
+# 16 warps, ~5 waves of one per SM on 132 SMs. Not yet timed.
+GROUPS_PER_PROGRAM = 4
 
 
 def supported(heads: int, n: int) -> bool:
@@ -55,9 +65,9 @@ def supported(heads: int, n: int) -> bool:
 
 
 def chunk_images(B: int, H: int, N: int, D: int, buffers: int) -> int:
-    """Images per chunk: `buffers` (c, H, N, N) tensors within CHUNK_BUDGET x q's (B, H, N, D),
-    spread evenly over the chunks (at least one image)."""
-    most = max(1, min(B, int(CHUNK_BUDGET * B * D // (buffers * N))))
+    """Images per chunk: `buffers` (c, H, N, N) tensors (rows padded: _row_stride) within
+    CHUNK_BUDGET x q's (B, H, N, D), spread evenly over the chunks (at least one image)."""
+    most = max(1, min(B, int(CHUNK_BUDGET * B * D // (buffers * _row_stride(N)))))
     return cdiv(B, cdiv(B, most))
 
 
@@ -71,96 +81,143 @@ def chunk_images(B: int, H: int, N: int, D: int, buffers: int) -> int:
 # are rounded to the inputs' dtype as there (fused._mix says why); fp32 stays fp32.
 
 @triton.jit
-def _rows(H, N, HP: tl.constexpr, HG: tl.constexpr, NP: tl.constexpr):
-    """(head, group, rows [HP], 32-bit offsets [HP, NP] into one image's (H, N, N), mask, live
-    slots [HP]) of this program's group of HP // HG query rows."""
-    head, group = fused._slots(HP, HG)
-    rows = tl.program_id(1) * (HP // HG) + group
+def _group(g, head, group, H, N, NS, HP: tl.constexpr, HG: tl.constexpr, NP: tl.constexpr):
+    """(rows [HP], 32-bit offsets [HP, NP] into one image's (H, N, NS) rows, their load / store
+    mask, live slots [HP]) of row group g: HP // HG query rows. The mask admits the row's padding
+    past N (up to NS, a multiple of 16), so that it is constant over 16 keys and the accesses are
+    16-byte vectors; the padding's values are the kernels' to ignore (or to zero: _keys)."""
+    rows = g * (HP // HG) + group
     jj = tl.arange(0, NP)
     live = (head < H) & (rows < N)
-    offs = (head[:, None] * N + rows[:, None]) * N + jj[None, :]
-    return head, group, rows, offs, live[:, None] & (jj[None, :] < N), live
+    offs = (head[:, None] * N + rows[:, None]) * NS + jj[None, :]
+    return rows, offs, live[:, None] & (jj[None, :] < NS), live
 
 
 @triton.jit
-def _mix_softmax_fwd(S, LSE, WL, WW, BW, H, N, qk_scale, HP: tl.constexpr, HG: tl.constexpr,
-                     NP: tl.constexpr, PRECISION: tl.constexpr):
-    """HP // HG query rows (program 1) of image pid0 of S (c, H, N, N), contiguous: P' over S in
-    place, the mixed logits' log-sum-exp (log2 units, without b_l) into LSE (c, H, N)."""
+def _keys(x, N, NP: tl.constexpr):
+    """x [HP, NP] with the keys at or past N (padding read from memory: anything, NaN included)
+    set to zero."""
+    return tl.where(tl.arange(0, NP)[None, :] < N, x, 0.0)
+
+
+@triton.jit
+def _mix_softmax_fwd(S, LSE, WL, WW, BW, H, N, NS, groups_per_prog, qk_scale, HP: tl.constexpr,
+                     HG: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
+    """groups_per_prog groups of HP // HG query rows (program 1) of image pid0 of S (c, H, N, N),
+    rows NS apart: P' over S in place, the mixed logits' log-sum-exp (log2 units, without b_l)
+    into LSE (c, H, N). The mixing matrices are loaded once for all the groups."""
     b = tl.program_id(0).to(tl.int64)
-    S += b * H * N * N
+    S += b * H * N * NS
     LSE += b * H * N
     DT = S.dtype.element_ty
-    head, group, rows, offs, mask, live = _rows(H, N, HP, HG, NP)
-    s = tl.load(S + offs, mask=mask, other=0.0)
-    x = tl.dot(fused._weights(WL, H, head, group, False, DT), s, input_precision=PRECISION)
-    x = tl.where(tl.arange(0, NP)[None, :] < N, x * qk_scale, float("-inf"))
-    m = tl.max(x, axis=1)
-    p = tl.exp2(x - m[:, None])
-    l = tl.sum(p, axis=1)
-    tl.store(LSE + head * N + rows, m + tl.log2(l), mask=live)
-    out = tl.dot(fused._weights(WW, H, head, group, False, DT), (p / l[:, None]).to(DT),
-                 input_precision=PRECISION)
+    head, group = fused._slots(HP, HG)
+    wl = fused._weights(WL, H, head, group, False, DT)
+    ww = fused._weights(WW, H, head, group, False, DT)
     bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
-    # In place: every warp's loads of S are done before any warp overwrites them. The dots'
-    # operand staging through shared memory orders them already; this does not rest on that
-    # (the interpreter runs a program in lockstep and would never show such a race).
-    tl.debug_barrier()
-    tl.store(S + offs, (out + bw[:, None]).to(DT), mask=mask)
+    first = tl.program_id(1) * groups_per_prog
+    for g in tl.range(first, tl.minimum(first + groups_per_prog, tl.cdiv(N, HP // HG))):
+        rows, offs, mask, live = _group(g, head, group, H, N, NS, HP, HG, NP)
+        s = tl.load(S + offs, mask=mask, other=0.0)
+        x = tl.dot(wl, s, input_precision=PRECISION)
+        x = tl.where(tl.arange(0, NP)[None, :] < N, x * qk_scale, float("-inf"))
+        m = tl.max(x, axis=1)
+        p = tl.exp2(x - m[:, None])
+        l = tl.sum(p, axis=1)
+        tl.store(LSE + head * N + rows, m + tl.log2(l), mask=live)
+        out = tl.dot(ww, (p / l[:, None]).to(DT), input_precision=PRECISION)
+        # In place: every warp's loads of S are done before any warp overwrites them. The dots'
+        # operand staging through shared memory orders them already; this does not rest on that
+        # (the interpreter runs a program in lockstep and would never show such a race).
+        tl.debug_barrier()
+        tl.store(S + offs, (out + bw[:, None]).to(DT), mask=mask)
 
 
 @triton.jit
-def _contract(a, b, HP: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
-    """[HP, HP] fp32 sum_j a[s, j] b[t, j]: a mixing weight's grad (before fused._fold). As one
-    [HP, NP] x [NP, HP] dot every warp held both whole operands (a 16 x 16 result leaves the K
-    axis unsplit) and the kernel spilled; batched per strip of 16 keys, each warp holds one
-    strip's, and the strips are added after."""
+def _contract(a, b, acc, HP: tl.constexpr, NP: tl.constexpr, STRIPS: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """acc + sum_j a[s, j] b[t, j], acc [STRIPS, HP, HP]: a mixing weight's grad before the strips
+    of acc are added (tl.sum over axis 0) and fused._fold. As one [HP, NP] x [NP, HP] dot every
+    warp held both whole operands (a 16 x 16 result leaves the K axis unsplit) and the kernel
+    spilled; batched per strip of 16 keys, each warp holds one strip's. With STRIPS = NP // 16 the
+    strips' sums stay in the dot's accumulator across a program's row groups; with STRIPS = 1
+    they are added at once (fp32 operands: their FMA dots left no registers for the former)."""
     a3 = tl.permute(tl.reshape(a, [HP, NP // 16, 16]), (1, 0, 2))
     b3 = tl.permute(tl.reshape(b, [HP, NP // 16, 16]), (1, 2, 0))
-    return tl.sum(tl.dot(a3, b3, input_precision=PRECISION), axis=0)
+    if STRIPS == 1:
+        acc += tl.sum(tl.dot(a3, b3, input_precision=PRECISION), axis=0, keep_dims=True)
+    else:
+        acc = tl.dot(a3, b3, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
-def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, qk_scale, scale, HP: tl.constexpr,
-                     HG: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
-    """Rows as _mix_softmax_fwd, from S = q k^T and DP = dO v^T (both (c, H, N, N)): P' over S
-    and scale * dS over DP, in place; this program's sums of dw_l, dw_w and db_w into PART[pid]
-    (3, HG, HG) fp32. With p_g the softmax of the mixed logits, dP_g = sum_f w_w[f,g] dP'_f,
-    dM_g = p_g (dP_g - rowsum(p_g dP_g) / rowsum(p_g)) and dS_h = sum_g w_l[g,h] dM_g.
-    Register pressure decides the order (16 warps leave a thread 128 registers; a program of
-    several row groups, or S held from the logits to dw_l, spilled under triton 3.8): S is read
-    twice, the second time from L1."""
+def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, NS, groups_per_prog, qk_scale, scale,
+                     HP: tl.constexpr, HG: tl.constexpr, NP: tl.constexpr, STRIPS: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Row groups as _mix_softmax_fwd, from S = q k^T and DP = dO v^T (both (c, H, N, N), rows NS
+    apart): P' over S and scale * dS over DP, in place;
+    this program's sums of dw_l, dw_w and db_w into PART[pid] (3, HG, HG) fp32. With p_g the
+    softmax of the mixed logits, dP_g = sum_f w_w[f,g] dP'_f, dM_g = p_g (dP_g - rowsum(p_g dP_g)
+    / rowsum(p_g)) and dS_h = sum_g w_l[g,h] dM_g.
+
+    A program loops over several row groups so that what does not depend on the rows is paid
+    once: the four mixing matrices' loads, and the weight grads' reductions across warps (their
+    strip sums stay in dot accumulators; a program of one group, as before 2026-11-28, spent
+    most of its SASS on those reductions, 160 of its ~1100 instructions a thread shuffles, and
+    an H200's ncu showed it mio_throttle-bound with DRAM at 4 %). Each iteration loads the next
+    group's S, dP' and lse into registers, so that those loads are in flight while this group
+    computes: one 16-warp program an SM (128 registers a thread) leaves no other to hide them,
+    and tl.range's pipeline did not take these loads."""
     b = tl.program_id(0).to(tl.int64)
-    S += b * H * N * N
-    DP += b * H * N * N
+    S += b * H * N * NS
+    DP += b * H * N * NS
     LSE += b * H * N
     DT = S.dtype.element_ty
-    head, group, rows, offs, mask, live = _rows(H, N, HP, HG, NP)
-    lse = tl.load(LSE + head * N + rows, mask=live, other=0.0)
-    s = tl.load(S + offs, mask=mask, other=0.0)
-    x = tl.dot(fused._weights(WL, H, head, group, False, DT), s, input_precision=PRECISION)
-    x = tl.where(tl.arange(0, NP)[None, :] < N, x * qk_scale, float("-inf"))
-    p = tl.exp2(x - lse[:, None])  # 0 past N (not exp2(-lse), which overflows for lse < -128)
-    dpp = tl.load(DP + offs, mask=mask, other=0.0)  # dP'
-    dp = tl.dot(fused._weights(WW, H, head, group, True, DT), dpp, input_precision=PRECISION)
-    # rowsum(p dP) / rowsum(p): the recomputed p carries lse's rounding (rows sum to 1 + e,
-    # e ~ 1e-5 where |lse| ~ 150); dividing it out makes dM sum to zero over the row, which dq
-    # (a sum of dS times k, whose shared component can dwarf the rest) needs (fused._normalised).
-    # rowsum(p) >= 1 / N in every slot, dead ones included: never zero.
-    dm = (p * (dp - (tl.sum(p * dp, axis=1) / tl.sum(p, axis=1))[:, None])).to(DT)
-    pd = p.to(DT)
-    dww = _contract(dpp, pd, HP, NP, PRECISION)
-    dbw = tl.sum(dpp.to(tl.float32), axis=1)
-    dwl = _contract(dm, tl.load(S + offs, mask=mask, other=0.0), HP, NP, PRECISION)
-    ds = tl.dot(fused._weights(WL, H, head, group, True, DT), dm, input_precision=PRECISION)
-    tl.debug_barrier()  # every warp's loads of S and DP before the in-place stores (as forward)
-    tl.store(DP + offs, (ds * scale).to(DT), mask=mask)
-    out = tl.dot(fused._weights(WW, H, head, group, False, DT), pd, input_precision=PRECISION)
+    head, group = fused._slots(HP, HG)
+    wl = fused._weights(WL, H, head, group, False, DT)
+    wl_t = fused._weights(WL, H, head, group, True, DT)
+    ww = fused._weights(WW, H, head, group, False, DT)
+    ww_t = fused._weights(WW, H, head, group, True, DT)
     bw = tl.load(BW + head, mask=head < H, other=0.0).to(tl.float32)
-    tl.store(S + offs, (out + bw[:, None]).to(DT), mask=mask)
+    acc_wl = tl.zeros([STRIPS, HP, HP], tl.float32)
+    acc_ww = tl.zeros([STRIPS, HP, HP], tl.float32)
+    acc_bw = tl.zeros([HP, NP], tl.float32)
+    first = tl.program_id(1) * groups_per_prog
+    last = tl.minimum(first + groups_per_prog, tl.cdiv(N, HP // HG))
+    # This group's S, dP' and lse were loaded during the group before (registers, two stages).
+    rows, offs, mask, live = _group(first, head, group, H, N, NS, HP, HG, NP)
+    s_next = tl.load(S + offs, mask=mask, other=0.0)
+    dpp_next = tl.load(DP + offs, mask=mask, other=0.0)
+    lse_next = tl.load(LSE + head * N + rows, mask=live, other=0.0)
+    for g in tl.range(first, last):
+        s, dpp, lse = _keys(s_next, N, NP), _keys(dpp_next, N, NP), lse_next
+        rows, offs, mask, live = _group(g, head, group, H, N, NS, HP, HG, NP)
+        ahead, _, mask_ahead, live_ahead = _group(g + 1, head, group, H, N, NS, HP, HG, NP)
+        s_next = tl.load(S + offs + (HP // HG) * NS, mask=mask_ahead & (g + 1 < last), other=0.0)
+        dpp_next = tl.load(DP + offs + (HP // HG) * NS, mask=mask_ahead & (g + 1 < last), other=0.0)
+        lse_next = tl.load(LSE + head * N + ahead, mask=live_ahead & (g + 1 < last), other=0.0)
+        x = tl.dot(wl, s, input_precision=PRECISION)
+        x = tl.where(tl.arange(0, NP)[None, :] < N, x * qk_scale, float("-inf"))
+        p = tl.exp2(x - lse[:, None])  # 0 past N (not exp2(-lse), which overflows for lse < -128)
+        dp = tl.dot(ww_t, dpp, input_precision=PRECISION)  # dpp: dP'
+        # rowsum(p dP) / rowsum(p): the recomputed p carries lse's rounding (rows sum to 1 + e,
+        # e ~ 1e-5 where |lse| ~ 150); dividing it out makes dM sum to zero over the row, which
+        # dq (a sum of dS times k, whose shared component can dwarf the rest) needs
+        # (fused._normalised). rowsum(p) >= 1 / N in every slot, dead ones included: never 0.
+        dm = (p * (dp - (tl.sum(p * dp, axis=1) / tl.sum(p, axis=1))[:, None])).to(DT)
+        pd = p.to(DT)
+        acc_ww = _contract(dpp, pd, acc_ww, HP, NP, STRIPS, PRECISION)
+        acc_bw += dpp.to(tl.float32)
+        acc_wl = _contract(dm, s, acc_wl, HP, NP, STRIPS, PRECISION)
+        ds = tl.dot(wl_t, dm, input_precision=PRECISION)
+        out = tl.dot(ww, pd, input_precision=PRECISION)
+        tl.debug_barrier()  # every warp's loads of S and DP before the in-place stores (as forward)
+        tl.store(DP + offs, (ds * scale).to(DT), mask=mask)
+        tl.store(S + offs, (out + bw[:, None]).to(DT), mask=mask)
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    fused._store_parts(PART, pid, fused._fold(dwl * scale, group, HP, HG),
-                       fused._fold(dww, group, HP, HG), tl.sum(tl.reshape(dbw, [HP // HG, HG]), 0), HG)
+    fused._store_parts(PART, pid, fused._fold(tl.sum(acc_wl, axis=0) * scale, group, HP, HG),
+                       fused._fold(tl.sum(acc_ww, axis=0), group, HP, HG),
+                       tl.sum(tl.reshape(tl.sum(acc_bw, axis=1), [HP // HG, HG]), 0), HG)
 
 
 @triton.jit
@@ -211,12 +268,28 @@ def _meta(H: int, N: int, dtype: torch.dtype, backward: bool) -> dict:
     is 16 * NP / (32 * warps) registers a thread; the backward keeps about twice the forward's
     tiles live (at 8 warps and NP 256 it took 255 registers and spilled, triton 3.8)."""
     np_ = max(16, next_pow2(N))
-    return dict(HP=SLOTS, HG=next_pow2(H), NP=np_, PRECISION=_precision(dtype),
+    meta = dict(HP=SLOTS, HG=next_pow2(H), NP=np_, PRECISION=_precision(dtype),
                 num_warps=max(4, min(16, np_ // (16 if backward else 32))), num_stages=1)
+    if backward:  # the weight grads' accumulators (_contract)
+        meta["STRIPS"] = 1 if dtype == torch.float32 else np_ // 16
+    return meta
 
 
-def _row_programs(N: int, meta: dict) -> int:
-    return cdiv(N, SLOTS // meta["HG"])
+def _programs(N: int, meta: dict) -> int:
+    """Mixing programs per image: GROUPS_PER_PROGRAM groups of query rows each."""
+    return cdiv(cdiv(N, SLOTS // meta["HG"]), GROUPS_PER_PROGRAM)
+
+
+def _row_stride(N: int) -> int:
+    """Elements between the rows of an N x N buffer: N rounded up to 16 (196: 208, 6 % more
+    bytes), so the mixing passes read and write 16-byte vectors; rows N apart, 2-byte aligned,
+    took one load or store per element."""
+    return cdiv(N, 16) * 16
+
+
+def _nn_buffer(c: int, H: int, N: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (c, H, N, N) view of rows _row_stride(N) apart."""
+    return torch.empty((c, H, N, _row_stride(N)), dtype=like.dtype, device=like.device)[..., :N]
 
 
 def forward(q, k, v, w_l, w_w, b_w, scale):
@@ -225,13 +298,13 @@ def forward(q, k, v, w_l, w_w, b_w, scale):
     o = token_major_empty(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     c = chunk_images(B, H, N, D, 1)
-    buf = torch.empty((c, H, N, N), dtype=q.dtype, device=q.device)
+    buf = _nn_buffer(c, H, N, q)
     meta = _meta(H, N, q.dtype, backward=False)
     for b0 in range(0, B, c):
         at = slice(b0, min(B, b0 + c))
         s = _bmm(q[at], k[at].transpose(-1, -2), buf[:at.stop - b0])
-        launch(_mix_softmax_fwd, (at.stop - b0, _row_programs(N, meta)), s, lse[at], w_l, w_w, b_w,
-               H, N, scale * LOG2E, **meta)
+        launch(_mix_softmax_fwd, (at.stop - b0, _programs(N, meta)), s, lse[at], w_l, w_w, b_w,
+               H, N, s.stride(2), GROUPS_PER_PROGRAM, scale * LOG2E, **meta)
         _bmm(s, v[at], o[at])
     return o, lse
 
@@ -242,20 +315,20 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, out=None):
     B, H, N, D = q.shape
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     c = chunk_images(B, H, N, D, 2)
-    s_buf, dp_buf = (torch.empty((c, H, N, N), dtype=q.dtype, device=q.device) for _ in range(2))
+    s_buf, dp_buf = _nn_buffer(c, H, N, q), _nn_buffer(c, H, N, q)
     meta = _meta(H, N, q.dtype, backward=True)
-    rows = _row_programs(N, meta)
+    programs = _programs(N, meta)
     # The weight-grad partials of one chunk's programs (3 KB each at 16 heads), summed per chunk:
     # for the whole batch they would be 2x q's bytes at CaiT-M's shape.
-    part = torch.empty((c * rows, 3, meta["HG"], meta["HG"]), dtype=torch.float32, device=q.device)
+    part = torch.empty((c * programs, 3, meta["HG"], meta["HG"]), dtype=torch.float32, device=q.device)
     chunk_sums = []
     for b0 in range(0, B, c):
         at = slice(b0, min(B, b0 + c))
         s = _bmm(q[at], k[at].transpose(-1, -2), s_buf[:at.stop - b0])
         dp = _bmm(do[at], v[at].transpose(-1, -2), dp_buf[:at.stop - b0])
-        launch(_mix_softmax_bwd, (at.stop - b0, rows), s, dp, lse[at], w_l, w_w, b_w, part, H, N,
-               scale * LOG2E, scale, **meta)
-        chunk_sums.append(part[:(at.stop - b0) * rows].sum(0))
+        launch(_mix_softmax_bwd, (at.stop - b0, programs), s, dp, lse[at], w_l, w_w, b_w, part, H,
+               N, s.stride(2), GROUPS_PER_PROGRAM, scale * LOG2E, scale, **meta)
+        chunk_sums.append(part[:(at.stop - b0) * programs].sum(0))
         _bmm(s.transpose(-1, -2), do[at], dv[at])  # dv = P'^T dO
         _bmm(dp, k[at], dq[at])  # dq = (scale dS) k
         _bmm(dp.transpose(-1, -2), q[at], dk[at])  # dk = (scale dS)^T q
@@ -269,7 +342,7 @@ def aot_configs(dtype: str):
     """The two mixing kernels at CaiT's head counts (4, 8, 16) and 196 tokens, at 8 heads and the
     longest rows taken (MAX_KEYS), and at the shortest (16 keys); and the GEMM; for the sm_90
     AOT test."""
-    ints = dict.fromkeys(["H", "N"], "i32")
+    ints = dict.fromkeys(["H", "N", "NS", "groups_per_prog"], "i32")
     ints.update(qk_scale="fp32", scale="fp32")
     ptrs = dict.fromkeys(["S", "DP"], f"*{dtype}")
     ptrs.update(dict.fromkeys(["LSE", "WL", "WW", "BW", "PART"], "*fp32"))
@@ -278,7 +351,8 @@ def aot_configs(dtype: str):
             meta = _meta(heads, n, DTYPES[dtype], backward=kernel is _mix_softmax_bwd)
             options = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
             sig = {a: ptrs.get(a) or ints.get(a) or "constexpr" for a in kernel.arg_names}
-            yield dict(kernel=kernel, signature=sig, constexprs=meta, **options, aligned=(), matmul=False)
+            yield dict(kernel=kernel, signature=sig, constexprs=meta, **options, aligned=("NS",),
+                       matmul=False)
     consts = {k: v for k, v in GEMM_TILES.items() if not k.startswith("num_")}
     consts["PRECISION"] = _precision(DTYPES[dtype])
     sig = {a: "constexpr" if a in consts else f"*{dtype}" if a in ("A", "B", "C") else "i32"

@@ -67,9 +67,10 @@ def main(block_d: int = 64, block_d2: int = 0, warps: int = 0) -> None:
 
 
 def chunked_counts(n: int = 196) -> None:
-    """The same measure for the mixing passes of kernels/talking_heads_chunked.py at N = n keys
-    (a program: one group of 16 // HG query rows, straight-line code, the whole SASS counted;
-    its GEMMs, the products, are not)."""
+    """The same measure for the mixing passes of kernels/talking_heads_chunked.py at N = n keys,
+    per group of 16 // HG query rows: one iteration of a program's loop over its groups, plus the
+    rest of its SASS (the mixing matrices' loads, the weight grads' reductions) over the
+    GROUPS_PER_PROGRAM groups it takes. Its GEMMs, the products, are not counted."""
     from deit_fast.kernels import talking_heads_chunked as chunked
     for heads in (4, 8, 16):
         counts = {}
@@ -77,11 +78,13 @@ def chunked_counts(n: int = 196) -> None:
             meta = chunked._meta(heads, n, torch.bfloat16, backward=name == "bwd")
             cfg = next(c for c in chunked.aot_configs("bf16") if c["kernel"] is kernel
                        and c["constexprs"]["HG"] == meta["HG"] and c["constexprs"]["NP"] == meta["NP"])
-            sass = compile_triton._sass(compile_triton.compile_variant(cfg).asm["cubin"])
+            cubin = compile_triton.compile_variant(cfg).asm["cubin"]
+            (start, end, body), = compile_triton.loops(cubin)  # the loop over row groups
+            rest = sum(1 for a, _ in compile_triton._sass(cubin) if not start <= a <= end)
             scores = chunked.SLOTS // meta["HG"] * heads * n / (32 * meta["num_warps"])
-            counts[name] = len(sass) / scores
-        print(f"H={heads} chunked mixing passes (N={n}): fwd {counts['fwd']:.0f}, bwd {counts['bwd']:.0f}",
-              flush=True)
+            counts[name] = (body + rest / chunked.GROUPS_PER_PROGRAM) / scores
+        print(f"H={heads} chunked mixing passes (N={n}, {chunked.GROUPS_PER_PROGRAM} groups a program): "
+              f"fwd {counts['fwd']:.0f}, bwd {counts['bwd']:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def test_tune(tmp_path):
     assert set(rows[2]["candidate"]) == {"BWD_TILE", "NUM_WARPS", "PROGRAMS_PER_SM", "STAGES"}
     assert rows[4]["candidate"] != rows[5]["candidate"] and set(rows[5]["candidate"]) == {"TC_TILES"}
     assert set(rows[7]["candidate"]) == {"LN_BWD_TILE", "BWD_PROGRAMS"}
-    assert set(rows[9]["candidate"]) == {"GEMM_TILES"}
+    assert rows[9]["candidate"] == {"GROUPS_PER_PROGRAM": 2}  # chunked: the new loop first
     assert "### attention.FWD at smoke (1x2x9x48)" in out and "(shipped)" in (tmp_path / "tune.md").read_text()
 
 

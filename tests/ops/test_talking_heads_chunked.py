@@ -56,6 +56,38 @@ def test_chunks_give_the_whole_batch_result(monkeypatch):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_groups_per_program_change_only_the_weight_grads_order(chunked_strategy, monkeypatch):
+    """A mixing program loops over GROUPS_PER_PROGRAM groups of query rows: 1, 3 (the last
+    program of 10 groups takes one) and more groups than an image has (one program an image) give
+    every row the same arithmetic, so bitwise the same output and q, k, v grads; the weight grads'
+    per-program partials are summed in another grouping, equal to fp32 rounding."""
+    poisoned_empty(monkeypatch)
+    q, k, v = qkv_views(2, 4, 37, 32, torch.float32)  # 4 heads: 4 rows a group, 10 groups
+    w = mixing(4)
+    do = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
+    results = []
+    for groups in (1, 3, 64):
+        monkeypatch.setattr(chunked, "GROUPS_PER_PROGRAM", groups)
+        results.append(run(fused, (q, k, v, *w), do))
+    names = ("out", "dq", "dk", "dv", "dw_l", "db_l", "dw_w", "db_w")
+    for other in results[1:]:
+        for name, a, b in zip(names, results[0], other):
+            if name in ("out", "dq", "dk", "dv"):
+                assert torch.equal(a, b), name
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_padded_rows_are_read_as_vectors():
+    """The N x N buffers' rows are a multiple of 16 elements apart (the mixing passes' 16-byte
+    accesses), and the GEMMs and mixing passes address them through that stride."""
+    q = torch.empty(1, 2, 196, 48, dtype=torch.float16)
+    buf = chunked._nn_buffer(3, 2, 196, q)
+    assert buf.shape == (3, 2, 196, 196) and buf.stride() == (2 * 196 * 208, 196 * 208, 208, 1)
+    assert chunked._nn_buffer(1, 1, 7, q).stride(2) == 16
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_strided_gemm_reads_and_writes_in_place(dtype):
     """chunked._bmm on the operands as the chunked path passes them (views of the packed
@@ -81,7 +113,7 @@ def test_chunk_buffers_stay_within_the_budget():
     B, H, N, D = 256, 8, 196, 48
     for buffers, expect in ((1, 86), (2, 52)):
         c = chunked.chunk_images(B, H, N, D, buffers)
-        assert c == expect and buffers * c * N <= chunked.CHUNK_BUDGET * B * D
+        assert c == expect and buffers * c * 208 <= chunked.CHUNK_BUDGET * B * D  # rows 208 apart
     assert chunked.chunk_images(1, 8, 784, 16, 2) == 1  # at least one image
 
 
