@@ -17,7 +17,8 @@ its ~1100 SASS instructions a thread on costs paid once a program (the mixing ma
 the weight grads' reductions across warps: 160 shuffles), ncu: mio_throttle, DRAM at 4 %, and
 2-byte accesses (rows N apart). Since 2026-11-28 a program loops over GROUPS_PER_PROGRAM groups
 and pays those once, loads the next group's rows while one computes, and rows are a multiple
-of 16 elements apart (_nn_buffer): 16-byte accesses. SASS a thread per real score, bf16, 8
+of 16 elements apart (_nn_buffer): 16-byte accesses, in the GEMMs that write or read the N x N
+buffers too (stores and cp.async copies of 16 bytes where they took 2: _gemm's padded bounds). SASS a thread per real score, bf16, 8
 heads, forward / backward mixing pass: 62 / 178 before, 36 / 87 now (triton 3.8; 3.6: 35 / 83;
 `python tests/aot/census.py`, its last lines), against the fused kernels' 34 / 89, which also
 hold the products. Not yet timed.
@@ -221,13 +222,20 @@ def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, NS, groups_per_prog, qk
 
 
 @triton.jit
-def _gemm(A, B, C, H, M, N, K, sab, sah, sam, sak, sbb, sbh, sbk, sbn, scb, sch, scm, scn,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gemm(A, B, C, H, M, N, K, MA, KA, NC, sab, sah, sam, sak, sbb, sbh, sbk, sbn, scb, sch, scm,
+          scn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           PRECISION: tl.constexpr):
     """C[z] = A[z] @ B[z] for z = b * H + h (program 0, as a grid's y stops at 65535; the tile of
     C is program 1), every operand through its own (batch, head, row, column) strides: q, k, v,
     dO and o, dq, dk, dv where the model keeps them (views of the packed projection, token-major
-    o) with no copy, and transposes by swapped strides."""
+    o) with no copy, and transposes by swapped strides.
+
+    MA >= M and KA >= K bound A's reads, NC >= N C's writes: an N x N buffer's padded rows
+    (_nn_buffer) are read and written up to a multiple of 16, so that the masks are constant
+    over 16 elements and the accesses 16-byte vectors. What that reads past M only reaches rows
+    of C that are not stored; past K it meets B's rows past K, which read as zero, so the
+    padding read must be finite (the mixing passes write P' and dS there: b_w and zero); what it
+    writes past N is padding."""
     z = tl.program_id(0)
     b, h = (z // H).to(tl.int64), (z % H).to(tl.int64)
     A += b * sab + h * sah
@@ -240,25 +248,28 @@ def _gemm(A, B, C, H, M, N, K, sab, sah, sam, sak, sbb, sbh, sbk, sbn, scb, sch,
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(A + rm[:, None] * sam + (k0 + rk)[None, :] * sak,
-                    mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0.0)
+                    mask=(rm[:, None] < MA) & (k0 + rk[None, :] < KA), other=0.0)
         bt = tl.load(B + (k0 + rk)[:, None] * sbk + rn[None, :] * sbn,
                      mask=(k0 + rk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = tl.dot(a, bt, acc, input_precision=PRECISION)
     tl.store(C + rm[:, None] * scm + rn[None, :] * scn, acc.to(C.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+             mask=(rm[:, None] < M) & (rn[None, :] < NC))
 
 
 GEMM_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
 
 
-def _bmm(a, b, c):
+def _bmm(a, b, c, pad_a: int = 0, pad_c: int = 0):
     """c = a @ b over the leading (batch, head) dims of (n, H, x, y), (n, H, y, z) and (n, H, x,
-    z) tensors of any strides (one launch)."""
+    z) tensors of any strides (one launch). pad_a: a is an N x N buffer (or its transpose), its
+    reads may take its rows' padding up to that many columns; pad_c: c's writes may (_gemm)."""
     n, H, M, K = a.shape
     N = b.shape[-1]
+    ma = max(M, pad_a) if pad_a and a.stride(-2) == 1 else M  # transposed: rows are a's columns
+    ka = max(K, pad_a) if pad_a and a.stride(-1) == 1 else K
     grid = (n * H, cdiv(M, GEMM_TILES["BLOCK_M"]) * cdiv(N, GEMM_TILES["BLOCK_N"]))
-    launch(_gemm, grid, a, b, c, H, M, N, K, *a.stride(), *b.stride(), *c.stride(),
-           PRECISION=_precision(a.dtype), **GEMM_TILES)
+    launch(_gemm, grid, a, b, c, H, M, N, K, ma, ka, max(N, pad_c), *a.stride(), *b.stride(),
+           *c.stride(), PRECISION=_precision(a.dtype), **GEMM_TILES)
     return c
 
 
@@ -302,10 +313,10 @@ def forward(q, k, v, w_l, w_w, b_w, scale):
     meta = _meta(H, N, q.dtype, backward=False)
     for b0 in range(0, B, c):
         at = slice(b0, min(B, b0 + c))
-        s = _bmm(q[at], k[at].transpose(-1, -2), buf[:at.stop - b0])
+        s = _bmm(q[at], k[at].transpose(-1, -2), buf[:at.stop - b0], pad_c=buf.stride(2))
         launch(_mix_softmax_fwd, (at.stop - b0, _programs(N, meta)), s, lse[at], w_l, w_w, b_w,
                H, N, s.stride(2), GROUPS_PER_PROGRAM, scale * LOG2E, **meta)
-        _bmm(s, v[at], o[at])
+        _bmm(s, v[at], o[at], pad_a=s.stride(2))
     return o, lse
 
 
@@ -316,6 +327,7 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, out=None):
     dq, dk, dv = out or (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     c = chunk_images(B, H, N, D, 2)
     s_buf, dp_buf = _nn_buffer(c, H, N, q), _nn_buffer(c, H, N, q)
+    pad = s_buf.stride(2)  # the GEMMs read and write the rows' padding (_gemm)
     meta = _meta(H, N, q.dtype, backward=True)
     programs = _programs(N, meta)
     # The weight-grad partials of one chunk's programs (3 KB each at 16 heads), summed per chunk:
@@ -324,14 +336,14 @@ def backward(do, q, k, v, w_l, w_w, b_w, lse, scale, out=None):
     chunk_sums = []
     for b0 in range(0, B, c):
         at = slice(b0, min(B, b0 + c))
-        s = _bmm(q[at], k[at].transpose(-1, -2), s_buf[:at.stop - b0])
-        dp = _bmm(do[at], v[at].transpose(-1, -2), dp_buf[:at.stop - b0])
+        s = _bmm(q[at], k[at].transpose(-1, -2), s_buf[:at.stop - b0], pad_c=pad)
+        dp = _bmm(do[at], v[at].transpose(-1, -2), dp_buf[:at.stop - b0], pad_c=pad)
         launch(_mix_softmax_bwd, (at.stop - b0, programs), s, dp, lse[at], w_l, w_w, b_w, part, H,
                N, s.stride(2), GROUPS_PER_PROGRAM, scale * LOG2E, scale, **meta)
         chunk_sums.append(part[:(at.stop - b0) * programs].sum(0))
-        _bmm(s.transpose(-1, -2), do[at], dv[at])  # dv = P'^T dO
-        _bmm(dp, k[at], dq[at])  # dq = (scale dS) k
-        _bmm(dp.transpose(-1, -2), q[at], dk[at])  # dk = (scale dS)^T q
+        _bmm(s.transpose(-1, -2), do[at], dv[at], pad_a=pad)  # dv = P'^T dO
+        _bmm(dp, k[at], dq[at], pad_a=pad)  # dq = (scale dS) k
+        _bmm(dp.transpose(-1, -2), q[at], dk[at], pad_a=pad)  # dk = (scale dS)^T q
     sums = torch.stack(chunk_sums).sum(0)  # fixed orders over programs and chunks: deterministic
     dw_l, dw_w, db_w = (t.to(w.dtype, copy=True) for t, w in (
         (sums[0, :H, :H], w_l), (sums[1, :H, :H], w_w), (sums[2, 0, :H], b_w)))

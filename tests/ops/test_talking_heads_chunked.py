@@ -107,6 +107,25 @@ def test_strided_gemm_reads_and_writes_in_place(dtype):
     assert torch.all(packed[:, :, 1] == 7)  # dk, written by none of them, untouched
 
 
+def test_gemm_reads_and_writes_the_rows_padding():
+    """On an N x N buffer with padded rows (as _nn_buffer's): with pad_c the GEMM writes the
+    padding too (zeros, as B's columns past N read as zero) and nothing past it; with pad_a it
+    reads A's padding (here finite junk, 5), which leaves the product unchanged, whether A is
+    the buffer or its transpose."""
+    B, H, N, D, pad = 2, 3, 37, 16, 48
+    q, k, v = qkv_views(B, H, N, D, torch.float16)
+    base = torch.full((B, H, N + 1, pad), 7.0, device=DEVICE, dtype=torch.float16)
+    s = base[:, :, :N, :N]  # the last row: past the buffer, must stay 7
+    assert chunked._bmm(q, k.transpose(-1, -2), s, pad_c=pad) is s
+    tol = dict(rtol=2e-3, atol=2e-2)
+    torch.testing.assert_close(s.float(), q.float() @ k.float().transpose(-1, -2), **tol)
+    assert torch.all(base[:, :, :N, N:] == 0) and torch.all(base[:, :, N] == 7)
+    base[:, :, :N, N:] = 5.0
+    for a, b in ((s, v), (s.transpose(-1, -2), q)):
+        c = torch.empty(B, H, N, D, device=DEVICE, dtype=torch.float16)
+        torch.testing.assert_close(chunked._bmm(a, b, c, pad_a=pad).float(), a.float() @ b.float(), **tol)
+
+
 def test_chunk_buffers_stay_within_the_budget():
     """CaiT-S training shape: the N x N buffers of a chunk within CHUNK_BUDGET x q's bytes, so peak
     memory is O(B H N D); chunks spread evenly over the batch."""
