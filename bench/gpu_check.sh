@@ -88,6 +88,7 @@ fi
 
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 6)
+jsonl=()  # the benches' row files, for the report
 pytest_gpu() {  # pytest_gpu NAME CAP ARGS...: the `gpu` tests among ARGS, junit to $work/NAME.xml
   local name=$1 cap=$2
   shift 2
@@ -95,17 +96,21 @@ pytest_gpu() {  # pytest_gpu NAME CAP ARGS...: the `gpu` tests among ARGS, junit
     --junitxml="$work/$name.xml" "$@"
 }
 want tests && pytest_gpu pytest_gpu_triton "$(budget 160)" tests --ignore-glob='*_cuda.py'
-# The pending part's Triton-only steps, while the extension builds: the chunked talking-heads
-# strategy since its mixing passes loop over row groups (2026-11-28: SASS a thread per score
-# halved, 16-byte accesses), its `gpu` tests, then the talking-heads tune at 16 heads (CaiT-M, the
-# target still missed): the chunked backward's groups a program (GROUPS_PER_PROGRAM) first, then
-# the fused backward's tiles (16 warps first; its shipped row is the backward the default
-# strategy runs), then the chunked forward.
+# The pending part's Triton-only steps, first (the extension builds meanwhile): the chunked
+# talking-heads strategy since its mixing passes loop over row groups (2026-11-28: SASS a thread
+# per score halved, 16-byte accesses): its `gpu` tests; the bench, chunked (what STRATEGY =
+# "chunked" runs) beside the default (the chunked forward, the fused backward) and timm eager at
+# CaiT's 224 px shapes, CaiT-M's (the target still missed) first; then the tune at 16 heads: the
+# chunked backward's groups a program (GROUPS_PER_PROGRAM), then the fused backward's tiles (16
+# warps first).
 if want pending; then
   pytest_gpu pytest_gpu_pending_triton "$(budget 60)" tests/ops/test_talking_heads_chunked.py
-  cap=$(budget 160)
-  step bench_tune_pending "$cap" "$PY" -m bench.tune \
-    --tunables talking_heads.chunked_bwd,talking_heads.tc_bwd,talking_heads.chunked_fwd \
+  cap=$(budget 70)
+  step bench_talking_heads_chunked "$cap" "$PY" -m bench.ops.talking_heads --impls triton_chunked,triton,eager \
+    --shapes cait_m_224,cait_s_224,cait_xxs_224 --time-budget $((cap - 15)) --out "$work/talking_heads_chunked"
+  jsonl+=("$work/talking_heads_chunked.jsonl")
+  cap=$(budget 110)
+  step bench_tune_pending "$cap" "$PY" -m bench.tune --tunables talking_heads.chunked_bwd,talking_heads.tc_bwd \
     --shapes cait_m_224 --time-budget $((cap - 20)) --out "$work/tune_pending"
 fi
 [[ -n $installing ]] && wait "$installing"
@@ -132,7 +137,6 @@ done
 
 # The attention kernels first (the largest unknowns), then the memory-bound ops; any bench/ops
 # file not named here runs after them.
-jsonl=()
 order=(attention talking_heads class_attention layerscale_layernorm distill_loss layerscale)
 for file in bench/ops/*.py; do
   op=$(basename "$file" .py)
@@ -182,7 +186,7 @@ fi
 # their gpu tests and sanitizer runs, then each against its default; last, the distillation loss
 # on both kernel backends since its one-launch backward.
 if want pending; then
-  pytest_gpu pytest_gpu_pending "$(budget 150)" tests/ops/test_class_attention_cuda.py \
+  pytest_gpu pytest_gpu_pending "$(budget 130)" tests/ops/test_class_attention_cuda.py \
     tests/ops/test_layerscale_layernorm_cuda.py tests/ops/test_attention_cuda.py \
     -k "prefetch or sanitizer or tilings or deterministic"
   cap=$(budget 50)
