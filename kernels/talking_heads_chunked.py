@@ -18,17 +18,17 @@ the weight grads' reductions across warps: 160 shuffles), ncu: mio_throttle, DRA
 2-byte accesses (rows N apart). Since 2026-11-28 a program loops over GROUPS_PER_PROGRAM groups
 and pays those once, loads the next group's rows while one computes, and rows are a multiple
 of 16 elements apart (_nn_buffer): 16-byte accesses, in the GEMMs that write or read the N x N
-buffers too (stores and cp.async copies of 16 bytes where they took 2: _gemm's padded bounds). SASS a thread per real score, bf16, 8
-heads, forward / backward mixing pass: 62 / 178 before, 36 / 87 now (triton 3.8; 3.6: 35 / 83;
-`python tests/aot/census.py`, its last lines), against the fused kernels' 34 / 89, which also
-hold the products. Not yet timed.
+buffers too (stores and cp.async copies of 16 bytes where they took 2: _gemm's padded bounds).
+SASS a thread per real score, bf16, 8 heads, forward / backward mixing pass: 62 / 178 before,
+36 / 86 now (triton 3.8; 3.6: 35 / 84; `python tests/aot/census.py`, its last lines), against
+the fused kernels' 34 / 89, which also hold the products. Not yet timed.
 
 Memory: the N x N tensors (rows padded to 16 elements) exist for `chunk` images at a time, so
 their buffers stay within CHUNK_BUDGET x the size of q (peak memory O(B H N D), as for the fused
-kernels), and nothing N x N is saved for the backward: it recomputes S = q k^T and dP' = dO v^T per chunk, then one
-kernel writes P' over S and dS over dP' (in place: each program owns its rows), then three GEMMs
-give dv = P'^T dO, dq = dS k, dk = dS^T q. The GEMMs (_gemm, wgmma on sm_90) read q, k, v and dO
-and write o, dq, dk and dv where the model keeps them (views of the packed projection,
+kernels), and nothing N x N is saved for the backward: it recomputes S = q k^T and dP' = dO v^T
+per chunk, then one kernel writes P' over S and dS over dP' (in place: each program owns its
+rows), then three GEMMs give dv = P'^T dO, dq = dS k, dk = dS^T q. The GEMMs (_gemm, wgmma on
+sm_90) read q, k, v and dO and write o, dq, dk and dv where the model keeps them (views of the packed projection,
 token-major o): cuBLAS's bmm needs one batch stride, and the copies that would give it one add
 ~0.85 GB of traffic at 256 x 8 x 196 x 48 to the ~2.2 GB above. The weight grads are
 per-program partial sums, added in a fixed order: deterministic, like the GEMMs. The saved
@@ -134,6 +134,13 @@ def _mix_softmax_fwd(S, LSE, WL, WW, BW, H, N, NS, groups_per_prog, qk_scale, HP
 
 
 @triton.jit
+def _add_pairs(a0, a1, b0, b1):
+    """Two sums in one tl.reduce: their partials cross warps through shared memory together (two
+    barriers a group fewer than two tl.sum)."""
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _contract(a, b, acc, HP: tl.constexpr, NP: tl.constexpr, STRIPS: tl.constexpr,
               PRECISION: tl.constexpr):
     """acc + sum_j a[s, j] b[t, j], acc [STRIPS, HP, HP]: a mixing weight's grad before the strips
@@ -205,7 +212,8 @@ def _mix_softmax_bwd(S, DP, LSE, WL, WW, BW, PART, H, N, NS, groups_per_prog, qk
         # e ~ 1e-5 where |lse| ~ 150); dividing it out makes dM sum to zero over the row, which
         # dq (a sum of dS times k, whose shared component can dwarf the rest) needs
         # (fused._normalised). rowsum(p) >= 1 / N in every slot, dead ones included: never 0.
-        dm = (p * (dp - (tl.sum(p * dp, axis=1) / tl.sum(p, axis=1))[:, None])).to(DT)
+        delta, psum = tl.reduce((p * dp, p), 1, _add_pairs)  # one exchange across warps for both
+        dm = (p * (dp - (delta / psum)[:, None])).to(DT)
         pd = p.to(DT)
         acc_ww = _contract(dpp, pd, acc_ww, HP, NP, STRIPS, PRECISION)
         acc_bw += dpp.to(tl.float32)
