@@ -23,10 +23,10 @@ A tunable is a set of module constants of one kernel file that its host code rea
     2, 8, 16, 1), its GEMMs' tiles and warps (GEMM_TILES, 12 candidates) and its chunk size
     (CHUNK_BUDGET: 1, 4 and 4.5, which gives one forward chunk at N = 196), never timed.
   - layerscale.ln_fwd, layerscale.ln_bwd (kernels/layerscale.py): the residual + LayerNorm's
-    elements per program tile, and in the backward the row strips (BWD_PROGRAMS, which the plain
-    layerscale backward shares) that set how many programs stream rows and write column
-    partials, and the tiles in flight per strip (BWD_STAGES: 1 is no pipeline): 4 and 18
-    candidates. An H100 (2026-11-26) ran the backward, then unpipelined, at 29-42 % of the HBM
+    elements per program tile (in the forward also smaller ones at 2 and 4 warps: LN_FWD_WARPS),
+    and in the backward the row strips (BWD_PROGRAMS, which the plain layerscale backward
+    shares) that set how many programs stream rows and write column partials, and the tiles in
+    flight per strip (BWD_STAGES: 1 is no pipeline): 8 and 18 candidates. An H100 (2026-11-26) ran the backward, then unpipelined, at 29-42 % of the HBM
     roofline, half the CUDA kernel's speed.
 For each candidate it sets the constants, checks the outputs against an fp32 reference (error at
 most twice the shipped config's plus a floor, the FlashAttention rule of tests/ops), times the
@@ -251,7 +251,8 @@ def _chunked_grid() -> List[dict]:
 
 def _layernorm_grid(direction: str) -> List[dict]:
     if direction == "fwd":
-        return [{"LN_FWD_TILE": t} for t in (1024, 2048, 4096, 8192)]
+        return [{"LN_FWD_TILE": t} for t in (1024, 2048, 4096, 8192)] + \
+            [{"LN_FWD_TILE": t, "LN_FWD_WARPS": w} for t, w in ((256, 2), (512, 2), (512, 4), (1024, 4))]
     return [{"LN_BWD_TILE": t, "BWD_PROGRAMS": p} for t in (1024, 2048, 4096)
             for p in (512, 1024, 2048, 4096, 8192)] + [{"BWD_STAGES": s} for s in (1, 2, 4)]
 

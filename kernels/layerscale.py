@@ -242,6 +242,10 @@ def _column_sums(PARTIAL, DG, DW, DB, programs, C, HAS_GAMMA: tl.constexpr,
 # BWD_PROGRAMS strips take at most 8 steps. Untimed on a GPU.
 COLSUM_P, COLSUM_N, COLSUM_WARPS = 128, 32, 8
 LN_FWD_TILE, LN_BWD_TILE = 4096, 2048  # elements per program tile
+# Warps of a forward program; None: _ln_tile's (8, more for rows past 2048). A tuning knob: on
+# an H200 (2026-11-27) the forward ran 5-15 % behind torch.compile's at every ViT width, and
+# bench.tune's layerscale.ln_fwd now also tries smaller programs at 2 and 4 warps (never timed).
+LN_FWD_WARPS = None
 LN_MAX_C = 8192  # widest row a program holds in registers (32 warps, 8 elements per thread)
 
 
@@ -253,13 +257,19 @@ def _ln_tile(C: int, tile: int):
     return max(1, tile // block_c), block_c, max(8, block_c // 256)
 
 
+def _ln_fwd_tile(C: int):
+    """_ln_tile of the forward, with LN_FWD_WARPS where set."""
+    block_r, block_c, warps = _ln_tile(C, LN_FWD_TILE)
+    return block_r, block_c, LN_FWD_WARPS or warps
+
+
 def residual_layernorm_forward(x, y, gamma, scale, weight, bias, eps, out_dtype):
     """-> (out, normed, mean, rstd). y None: plain LayerNorm of x (out is then None).
     normed takes out's dtype (x's for a plain LayerNorm); mean and rstd are fp32 (rows,)."""
     x3 = _rows(x)
     y3 = _rows(y) if y is not None else x3
     B, N, C = x3.shape
-    block_r, block_c, warps = _ln_tile(C, LN_FWD_TILE)
+    block_r, block_c, warps = _ln_fwd_tile(C)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device) if y is not None else None
     normed = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean, rstd = (torch.empty(B * N, dtype=torch.float32, device=x.device) for _ in range(2))
@@ -335,8 +345,9 @@ def aot_configs(dtype: str):
         combos = flag_sets + ([(True, False, False), (True, True, False), (True, False, True)]
                               if C <= 1024 else [])
         for has_res, has_gamma, has_drop in combos:
-            for kernel, tile in ((_residual_ln_fwd, LN_FWD_TILE), (_residual_ln_bwd, LN_BWD_TILE)):
-                block_r, block_c, warps = _ln_tile(C, tile)
+            for kernel in (_residual_ln_fwd, _residual_ln_bwd):
+                block_r, block_c, warps = (_ln_fwd_tile(C) if kernel is _residual_ln_fwd
+                                           else _ln_tile(C, LN_BWD_TILE))
                 stages = (dict(STAGES=_stages(block_r, block_c, *[size] * 4))  # as the host
                           if kernel is _residual_ln_bwd else {})
                 yield variant(kernel, True, HAS_RESIDUAL=has_res, HAS_GAMMA=has_gamma,

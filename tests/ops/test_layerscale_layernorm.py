@@ -65,6 +65,27 @@ def test_column_sums_over_several_steps(gamma, monkeypatch):
     check(*make((2, 19, 45), (F32, F32, F32), gamma=gamma, drop=True))
 
 
+def test_forward_warps_reach_the_forward_launch_alone(monkeypatch):
+    """LN_FWD_WARPS (a tune candidate) sets the forward kernel's num_warps and no other launch's,
+    and the AOT list compiles the forward with it. The interpreter ignores warps, so the results
+    are bitwise those of the default."""
+    from deit_fast.kernels import layerscale as kernel
+    x, y, g, _ = make((2, 9, 192), (F32, BF16, F32))
+    w, b = torch.randn(192, device=DEVICE), torch.randn(192, device=DEVICE)
+    launches = []
+    real_launch = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda fn, *a, **kw: (
+        launches.append((fn, kw["num_warps"])), real_launch(fn, *a, **kw)))
+    assert kernel.LN_FWD_WARPS is None
+    default = kernel.residual_layernorm_forward(x, y, g, None, w, b, 1e-6, torch.float32)
+    monkeypatch.setattr(kernel, "LN_FWD_WARPS", 2)
+    assert all(torch.equal(a, c) for a, c in zip(
+        default, kernel.residual_layernorm_forward(x, y, g, None, w, b, 1e-6, torch.float32)))
+    assert launches == [(kernel._residual_ln_fwd, 8), (kernel._residual_ln_fwd, 2)]
+    aot = {c["num_warps"] for c in kernel.aot_configs("bf16") if c["kernel"] is kernel._residual_ln_fwd}
+    assert aot == {2}
+
+
 def test_strided_inputs():
     B, N, C = 2, 65, 96
     x = torch.randn(B, N, 3 * C, device=DEVICE)[..., C:2 * C]
