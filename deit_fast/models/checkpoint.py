@@ -1,4 +1,5 @@
 """Loading official DeiT/CaiT and timm checkpoints into deit_fast models (same key names)."""
+import argparse
 import math
 from typing import Dict
 
@@ -6,7 +7,17 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-__all__ = ["load_checkpoint", "adapt_state_dict"]
+__all__ = ["load_checkpoint", "adapt_state_dict", "read_file"]
+
+HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+
+
+def read_file(path: str):
+    """torch.load(path) of a file from elsewhere: weights_only=True (no pickled code runs), with
+    argparse.Namespace allowed, which the official DeiT main.py saves as 'args' in its training
+    checkpoints (refused as an unpickling error otherwise)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _weights(ckpt) -> Dict[str, Tensor]:
@@ -34,13 +45,21 @@ def adapt_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> Dict[st
     return sd
 
 
-def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str, new_head: bool = False) -> nn.Module:
     """Load an official DeiT/CaiT, timm or deit_fast checkpoint file into model, strictly.
 
+    new_head: classifier weights (head, head_dist) that do not fit model (another number of
+    classes, or none: num_classes=0) are left out and the model keeps its fresh head, as timm's
+    pretrained loading does; every other key must still fit.
     Raises ValueError listing missing, unexpected and shape-mismatched keys."""
-    sd = adapt_state_dict(model, _weights(torch.load(path, map_location="cpu", weights_only=True)))
+    sd = adapt_state_dict(model, _weights(read_file(path)))
     expected = model.state_dict()
+    if new_head:
+        for k in [k for k in HEAD_KEYS if k in sd and (k not in expected or sd[k].shape != expected[k].shape)]:
+            del sd[k]
     missing = sorted(set(expected) - set(sd))
+    if new_head:
+        missing = [k for k in missing if k not in HEAD_KEYS]
     unexpected = sorted(set(sd) - set(expected))
     mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
                         for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
@@ -51,5 +70,5 @@ def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         raise ValueError("\n".join(lines))
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=not new_head)
     return model

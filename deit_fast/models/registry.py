@@ -70,10 +70,12 @@ def _pretrained_cfg(name: str) -> dict:
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
-                 **kwargs) -> nn.Module:
+                 new_head: bool = False, **kwargs) -> nn.Module:
     """Build a model by timm name; kwargs override its constructor arguments (num_classes,
     drop_path_rate, img_size, ...). Weights come from checkpoint_path (official DeiT/CaiT,
-    timm or deit_fast files): there is no download."""
+    timm or deit_fast files): there is no download. The file must fit the model exactly, unless
+    new_head: then a classifier of another size (or num_classes=0) is left fresh, as timm does
+    (what timm.create_model("deit_fast_...", pretrained=True, num_classes=...) gets)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; deit_fast.list_models() gives the known ones")
     if pretrained and checkpoint_path is None:
@@ -84,7 +86,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     model = cls(**{**defaults, **kwargs})
     model.pretrained_cfg = model.default_cfg = _pretrained_cfg(name)
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
+        load_checkpoint(model, checkpoint_path, new_head=new_head)
     return model
 
 
@@ -98,7 +100,7 @@ def _timm_entrypoint(name: str):
                    pretrained_cfg if isinstance(pretrained_cfg, dict) else {})
         cfg.update(pretrained_cfg_overlay or {})
         path = cfg.get("file") if pretrained else None
-        model = create_model(name, pretrained=pretrained, checkpoint_path=path, **kwargs)
+        model = create_model(name, pretrained=pretrained, checkpoint_path=path, new_head=True, **kwargs)
         model.pretrained_cfg.update({k: v for k, v in cfg.items() if v is not None},
                                     architecture=timm_name(name))
         return model

@@ -1,4 +1,5 @@
 """Input checks shared by the ops. Each raises ValueError naming the argument, before any launch."""
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -21,6 +22,25 @@ def tensor(name: str, t, dims: Optional[Iterable[int]] = None, dtypes=TORCH_DTYP
 def shape(name: str, t: Tensor, expected, what: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}{what}, got {tuple(t.shape)}")
+
+
+def positive(name: str, value) -> None:
+    """A positive, finite float (a softmax scale, an eps, a temperature): inf passed a `> 0` test
+    and gave non-finite outputs."""
+    try:
+        ok = math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+
+
+def dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t with contiguous memory (itself if it has it). For the parameters the kernels read as flat
+    arrays (gamma, LayerNorm weight and bias, head-mixing weights): a strided or expanded view
+    (w.t(), p[:, 0], x.expand(C)) was read as if dense, wrong values without an error. A copy
+    of a parameter costs nothing next to a kernel, and autograd takes the grad back through it."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def same_device(**tensors: Optional[Tensor]) -> None:

@@ -12,6 +12,7 @@ and backward formula, and dispatch() calls the twin on plain tensors outside tor
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -26,9 +27,15 @@ def custom_op(name: str):
     return wrap
 
 
-def register_autograd(op, backward: Callable, setup_context: Callable, stats: int = 0) -> None:
+def register_autograd(op, backward: Callable, setup_context: Callable, stats: int = 0,
+                      double_backward: bool = False) -> None:
     """op.register_autograd, and op.eager: an autograd.Function.apply with the same pieces.
     backward calls its backward op through backward_call(ctx, ...).
+
+    double_backward: whether backward is itself differentiable (only the distillation loss's is).
+    Otherwise the eager twin's backward is once_differentiable, so that a second derivative
+    (create_graph=True) raises, as the custom op's does: the kernels' grads would otherwise come
+    back as constants and the torch ops around them differentiable, a silently partial result.
 
     stats: how many trailing outputs are saved statistics (lse, mean, rstd) that nothing
     differentiates. Autograd would hand backward a zero tensor for each (a launch and an
@@ -52,7 +59,9 @@ def register_autograd(op, backward: Callable, setup_context: Callable, stats: in
     # Named after the op, so that a grad_fn reads e.g. deit_fast_attention_eagerBackward.
     name = op.opname.replace("::", "_") + "_eager"
     twin = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                    "backward": staticmethod(backward)})
+                                                    "backward": staticmethod(
+                                                        backward if double_backward
+                                                        else once_differentiable(backward))})
     op.eager = twin.apply
 
 

@@ -39,8 +39,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
 
 
 def check_scale(scale: Optional[float]) -> None:
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be a positive float, got {scale}")
+    if scale is not None:
+        _checks.positive("scale", scale)
 
 
 def check_head_dim(backend: str, q: Tensor, head_dims, name: str = "q") -> None:
@@ -214,7 +214,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     """
     check_qkv(q, k, v, scale)
     backend = _backend.resolve("attention", q.device)
-    if backend == "torch":
+    if backend == "torch" or q.numel() == 0:  # empty: nothing to launch
         return sdpa(q, k, v, scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
@@ -230,6 +230,6 @@ def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
     """
     check_packed(qkv, scale)
     backend = _backend.resolve("attention", qkv.device)
-    if backend == "torch":
+    if backend == "torch" or qkv.numel() == 0:  # empty: nothing to launch
         return sdpa(*split_qkv(qkv), scale)
     return dispatch(_fused_qkv, qkv, _kernel_scale(backend, qkv, scale, "qkv"), backend)[0]

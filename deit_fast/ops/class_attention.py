@@ -113,7 +113,7 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
     if q.shape[2] != 1:
         raise ValueError(f"q must hold one query per head, shape (B, H, 1, D), got {tuple(q.shape)}")
     backend = _backend.resolve("class_attention", q.device)
-    if backend == "torch":
+    if backend == "torch" or q.numel() == 0:  # empty: nothing to launch
         return sdpa(q, k, v, scale)
     check_kernel(backend, q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -140,7 +140,7 @@ def _backward(ctx, dloss, _dparts, _dds, _ddd):
     return (grads[0] if want[0] else None, grads[1] if want[1] else None) + (None,) * 7
 
 
-register_autograd(_fused, _backward, _setup_context)
+register_autograd(_fused, _backward, _setup_context, double_backward=True)
 
 
 def check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
@@ -177,8 +177,7 @@ def check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_s
                         target=target, teacher_logits=teacher_logits if kind != "none" else None)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not tau > 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+    _checks.positive("tau", tau)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 

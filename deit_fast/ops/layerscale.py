@@ -104,9 +104,10 @@ def layerscale_residual(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     """
     check(x, y, gamma, keep_mask, keep_prob)
     backend = _backend.resolve("layerscale_residual", x.device)
-    if backend == "torch":
+    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch
         return reference.layerscale_residual(x, y, gamma, keep_mask, keep_prob)
     _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma)
+    gamma = _checks.dense(gamma)
     scale = None if keep_mask is None else keep_mask.to(torch.float32) / keep_prob
     return dispatch(_fused, x, y, gamma, scale, backend)
 
@@ -115,8 +116,7 @@ def check_norm(weight: Tensor, bias: Tensor, eps: float, channels: int) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         _checks.tensor(name, t, dims=(1,))
         _checks.shape(name, t, (channels,), " (C,)")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    _checks.positive("eps", eps)
 
 
 CUDA_LN_MAX_C = 8192  # kMaxC in csrc/layerscale_layernorm.cu
@@ -232,9 +232,10 @@ def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     check_norm(weight, bias, eps, x.shape[-1])
     _checks.same_device(x=x, weight=weight, bias=bias)
     backend = _backend.resolve("layerscale_residual_layernorm", x.device, width=x.shape[-1])
-    if backend == "torch":
+    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch
         return reference.layerscale_residual_layernorm(x, y, gamma, weight, bias, eps, keep_mask, keep_prob)
     _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma, weight=weight, bias=bias)
+    gamma, weight, bias = (_checks.dense(t) for t in (gamma, weight, bias))
     check_norm_width(backend, x.shape[-1])
     scale = None if keep_mask is None else keep_mask.to(torch.float32) / keep_prob
     out, normed, _, _ = dispatch(_fused_ln, x, y, gamma, scale, weight, bias, eps, backend)
@@ -291,8 +292,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Te
     check_norm(weight, bias, eps, x.shape[-1])
     _checks.same_device(x=x, weight=weight, bias=bias)
     backend = _backend.resolve("layer_norm", x.device)
-    if backend == "torch":
+    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch
         return reference.layer_norm(x, weight, bias, eps)
     _checks.kernel_dtypes(backend, x=x, weight=weight, bias=bias)
+    weight, bias = _checks.dense(weight), _checks.dense(bias)
     check_norm_width(backend, x.shape[-1])
     return dispatch(_ln, x, weight, bias, eps, backend)[0]

@@ -134,10 +134,10 @@ def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: T
     """
     check_qkv(q, k, v, scale)
     backend = _backend_for(q, k, w_l, b_l, w_w, b_w)
-    if backend == "torch":
+    if backend == "torch" or q.numel() == 0:  # empty: nothing to launch
         return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return dispatch(_fused, q, k, v, w_l, b_l, w_w, b_w, scale, backend)[0]
+    return dispatch(_fused, q, k, v, *map(_checks.dense, (w_l, b_l, w_w, b_w)), scale, backend)[0]
 
 
 def talking_heads_attention_qkv(qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_w: Tensor,
@@ -148,7 +148,7 @@ def talking_heads_attention_qkv(qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tens
     check_packed(qkv, scale)
     q, k, v = split_qkv(qkv)
     backend = _backend_for(q, k, w_l, b_l, w_w, b_w, name="qkv")
-    if backend == "torch":
+    if backend == "torch" or qkv.numel() == 0:  # empty: nothing to launch
         return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return dispatch(_fused_qkv, qkv, w_l, b_l, w_w, b_w, scale, backend)[0]
+    return dispatch(_fused_qkv, qkv, *map(_checks.dense, (w_l, b_l, w_w, b_w)), scale, backend)[0]

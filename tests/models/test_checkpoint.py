@@ -54,3 +54,34 @@ def test_mismatched_file_lists_the_keys(tmp_path):
 def test_pretrained_without_a_file_says_what_to_do():
     with pytest.raises(RuntimeError, match="checkpoint_path"):
         deit_fast.create_model("deit_tiny_patch16_224", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "cait_xxs24_224"])
+@pytest.mark.parametrize("classes", [10, 0])
+def test_timm_entrypoint_takes_a_new_head(tmp_path, name, classes):
+    """timm.create_model(pretrained=True, num_classes=...) keeps the file's body and a fresh
+    head of the new size (or none), as timm's own models do; it raised on the head's shape."""
+    src = timm.create_model(name, depth=1)
+    path = _save(tmp_path, src.state_dict())
+    model = timm.create_model(deit_fast.models.registry.timm_name(name), pretrained=True, depth=1,
+                              num_classes=classes, pretrained_cfg_overlay=dict(file=path))
+    own = model.state_dict()
+    assert not any(k.startswith(("head.", "head_dist.")) and v.shape == src.state_dict()[k].shape
+                   for k, v in own.items())
+    for k, v in src.state_dict().items():
+        if not k.startswith(("head.", "head_dist.")):
+            assert torch.equal(own[k], v), k
+    assert model.num_classes == classes
+    with pytest.raises(ValueError, match="head.weight"):  # create_model itself stays strict
+        deit_fast.create_model(name, depth=1, num_classes=classes, checkpoint_path=path)
+
+
+def test_official_training_checkpoint_with_args_loads(tmp_path):
+    """The official main.py saves 'args' (an argparse.Namespace) beside 'model'; weights_only
+    loading allows that one class and still runs no pickled code."""
+    import argparse
+    src = timm.create_model("deit_tiny_patch16_224", depth=1)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": src.state_dict(), "epoch": 299, "args": argparse.Namespace(lr=5e-4)}, path)
+    model = deit_fast.create_model("deit_tiny_patch16_224", depth=1, checkpoint_path=str(path))
+    assert torch.equal(model.head.weight, src.head.weight)

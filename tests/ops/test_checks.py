@@ -13,6 +13,8 @@ q = torch.randn(2, 3, 7, 16)
     ((q, q, q[..., :8]), "v"),
     ((q, q, q.half()), "dtype"),
     ((q, q, q, -1.0), "scale"),
+    ((q, q, q, float("inf")), "scale"),
+    ((q, q, q, float("nan")), "scale"),
     ((q, q[:, :, :0], q[:, :, :0]), "k"),
 ])
 def test_attention(args, arg):
@@ -49,6 +51,7 @@ Y = torch.tensor([0, 3, 9, 1])
     (dict(kl_reduction="mean"), "kl_reduction"),
     (dict(alpha=1.5), "alpha"),
     (dict(tau=0.0), "tau"),
+    (dict(tau=float("inf")), "tau"),
     (dict(label_smoothing=1.0), "label_smoothing"),
     (dict(logits=torch.randn(4, 10, 1)), "logits"),
 ])
@@ -59,7 +62,8 @@ def test_distillation_loss(kwargs, arg):
         ops.distillation_loss(**args)
 
 
-@pytest.mark.parametrize("kwargs,arg", [(dict(weight=torch.randn(5)), "weight"), (dict(eps=0.0), "eps")])
+@pytest.mark.parametrize("kwargs,arg", [(dict(weight=torch.randn(5)), "weight"), (dict(eps=0.0), "eps"),
+                                          (dict(eps=float("inf")), "eps")])
 def test_layerscale_residual_layernorm(kwargs, arg):
     x = torch.randn(2, 3, 6)
     args = dict(x=x, y=x, gamma=None, weight=torch.ones(6), bias=torch.zeros(6))

@@ -1,0 +1,103 @@
+"""Legal but unusual input to the kernel backends: strided parameters, empty batches, second
+derivatives. Each case was silently wrong or failed with a foreign error before (an audit,
+2026-11-28)."""
+import pytest
+import torch
+
+from deit_fast import ops
+from deit_fast.ops import reference
+
+from ..conftest import DEVICE
+
+KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _strided(*shape):
+    """A non-contiguous view with the values of randn(*shape): every other column of a wider
+    tensor (1-D: stride 2; 2-D: its transpose's transpose of a strided slice)."""
+    return torch.randn(*shape, 2, device=DEVICE)[..., 0]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_layerscale_parameters(backend):
+    """gamma, LayerNorm weight and bias as strided or expanded views: the kernels read them as
+    flat arrays, so the ops hand them over dense (max error was 5.6 for a stride-2 gamma)."""
+    x, y = (torch.randn(2, 3, 40, device=DEVICE) for _ in range(2))
+    g, w, b = _strided(40), _strided(40), _strided(40)
+    expanded = torch.tensor(0.5, device=DEVICE).expand(40)  # stride 0: read past its storage
+    with ops.use_backend(backend):
+        got = [ops.layerscale_residual(x, y, g), ops.layerscale_residual(x, y, expanded),
+               *ops.layerscale_residual_layernorm(x, y, g, w, b), ops.layer_norm(x, w, b)]
+    want = [reference.layerscale_residual(x, y, g), reference.layerscale_residual(x, y, expanded),
+            *reference.layerscale_residual_layernorm(x, y, g, w, b), reference.layer_norm(x, w, b)]
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_strided_talking_heads_weights():
+    """Transposed mixing matrices and a strided b_w (max error 16.9 before), with their grads."""
+    H = 4
+    q, k, v = (torch.randn(1, H, 5, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    w_l, w_w = (torch.randn(H, H, device=DEVICE).t().requires_grad_() for _ in range(2))
+    b_l, b_w = torch.randn(H, device=DEVICE), _strided(H).requires_grad_()
+    grads = []
+    for run in (lambda: reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w),
+                lambda: ops.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w)):
+        with ops.use_backend("triton"):
+            out = run()
+        grads.append([out] + list(torch.autograd.grad(out.square().sum(), (q, w_l, w_w, b_w))))
+    for a, r in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, r, atol=2e-4, rtol=2e-4)
+
+
+def _x(*shape):
+    return torch.randn(*shape, device=DEVICE, requires_grad=True)
+
+
+EMPTY = {
+    "attention": lambda: ops.attention(_x(0, 2, 5, 32), _x(0, 2, 5, 32), _x(0, 2, 5, 32)),
+    "attention_qkv": lambda: ops.attention_qkv(_x(0, 5, 3, 2, 32)),
+    "class_attention": lambda: ops.class_attention(_x(0, 2, 1, 32), _x(0, 2, 5, 32), _x(0, 2, 5, 32)),
+    "talking_heads_attention": lambda: ops.talking_heads_attention(
+        _x(0, 2, 5, 32), _x(0, 2, 5, 32), _x(0, 2, 5, 32), _x(2, 2), _x(2), _x(2, 2), _x(2)),
+    "talking_heads_attention_qkv": lambda: ops.talking_heads_attention_qkv(
+        _x(0, 5, 3, 2, 32), _x(2, 2), _x(2), _x(2, 2), _x(2)),
+    "layerscale_residual": lambda: ops.layerscale_residual(_x(0, 3, 8), _x(0, 3, 8), _x(8)),
+    "layerscale_residual tokens": lambda: ops.layerscale_residual(_x(2, 0, 8), _x(2, 0, 8), _x(8)),
+    "layerscale_residual_layernorm": lambda: ops.layerscale_residual_layernorm(
+        _x(0, 3, 8), _x(0, 3, 8), _x(8), _x(8), _x(8))[1],
+    "layer_norm": lambda: ops.layer_norm(_x(0, 3, 8), _x(8), _x(8)),
+}
+
+
+@pytest.mark.parametrize("op", list(EMPTY))
+def test_empty_batch(op):
+    """An empty batch gives empty outputs and grads on the kernel backends, as on torch (it was a
+    reshape error or a ZeroDivisionError in the launch arithmetic)."""
+    with ops.use_backend("triton"):
+        out = EMPTY[op]()
+    with ops.use_backend("torch"):
+        want = EMPTY[op]()
+    assert out.shape == want.shape and out.numel() == 0
+    out.sum().backward()
+
+
+DOUBLE = {
+    "layerscale_residual": lambda x, w: ops.layerscale_residual(x, x * 2, w),
+    "layerscale_residual_layernorm": lambda x, w: ops.layerscale_residual_layernorm(x, x, w, w, w)[1],
+    "layer_norm": lambda x, w: ops.layer_norm(x, w, w),
+    "attention": lambda x, w: ops.attention(*(x.view(1, 1, 2, 32) * w[:1],) * 3),
+}
+
+
+@pytest.mark.parametrize("op", list(DOUBLE))
+def test_second_derivative_raises(op):
+    """A gradient penalty through a fused op: the kernels' grads are not differentiable, so the
+    second derivative raises (it was partial and silent: the kernel grads came back as constants,
+    the torch ops around them differentiable)."""
+    x, w = _x(2, 32), _x(32)
+    with ops.use_backend("triton"):
+        out = DOUBLE[op](x, w)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        gx.square().sum().backward()
