@@ -149,10 +149,17 @@ def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
         if action is None or dest in ("help", "config"):
             unknown.append(str(key))
             continue
-        if isinstance(value, str) and action.type is not None:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):  # the option's value itself; "false" would be truthy
+                raise SystemExit(f"error: --config {path}: {key}={value!r} must be true or false")
+        elif isinstance(value, bool) and action.type in (int, float):
+            raise SystemExit(f"error: --config {path}: {key}={value!r} must be a number")
+        elif isinstance(value, str) and action.type is not None:
             value = action.type(value)  # PyYAML reads 5e-4 (no dot) as a string
         elif isinstance(value, int) and action.type is float:
             value = float(value)
+        elif isinstance(value, float) and action.type is int:
+            raise SystemExit(f"error: --config {path}: {key}={value!r} must be an integer")
         if action.choices is not None and value not in action.choices:
             raise SystemExit(f"error: --config {path}: {key}={value!r} is not one of {action.choices}")
         defaults[dest] = value
@@ -171,7 +178,37 @@ def parse_args(argv: Optional[List[str]] = None, prog: str = "deit-fast train") 
         parser.error("--batch-size and --epochs must be at least 1")
     if args.batch_size % 2 and (args.mixup > 0 or args.cutmix > 0):
         parser.error("mixup/cutmix mix each batch with its reverse: --batch-size must be even")
+    _check_ranges(parser, args)
     return args
+
+
+def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values the recipe cannot mean, refused by name. Each was taken silently: a negative
+    --clip-grad flipped the gradient (clip_grad_norm_ scales by max_norm / norm), a decay or a
+    smoothing past 1 extrapolated, a crop ratio past 1 padded the eval images with zeros."""
+    bad = []
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        bad.append(f"--clip-grad must be positive (or left out), got {args.clip_grad}")
+    for flag, value, ok in (
+            ("--model-ema-decay", args.model_ema_decay, 0.0 <= args.model_ema_decay <= 1.0),
+            ("--smoothing", args.smoothing, 0.0 <= args.smoothing < 1.0),
+            ("--eval-crop-ratio", args.eval_crop_ratio, 0.0 < args.eval_crop_ratio <= 1.0),
+            ("--distillation-alpha", args.distillation_alpha, 0.0 <= args.distillation_alpha <= 1.0),
+            ("--distillation-tau", args.distillation_tau, args.distillation_tau > 0),
+            ("--drop-path", args.drop_path, 0.0 <= args.drop_path < 1.0),
+            ("--drop", args.drop, 0.0 <= args.drop < 1.0)):
+        if not ok:
+            bad.append(f"{flag} is out of range, got {value}")
+    for flag in ("steps_per_epoch", "stop_after_steps", "save_every_steps", "num_workers"):
+        if getattr(args, flag) < 0:
+            bad.append(f"--{flag.replace('_', '-') if flag != 'num_workers' else flag} must be >= 0, "
+                       f"got {getattr(args, flag)}")
+    if args.print_freq < 1:
+        bad.append(f"--print-freq must be at least 1, got {args.print_freq}")
+    if args.eval and not (args.resume or args.finetune):
+        bad.append("--eval evaluates the weights of --resume or --finetune: give one of them")
+    if bad:
+        parser.error("; ".join(bad))
 
 
 def _config_only() -> argparse.ArgumentParser:

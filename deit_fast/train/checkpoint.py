@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 FORMAT = "deit_fast.train/1"
-REQUIRED = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "args")
+REQUIRED = ("model", "optimizer", "lr_scheduler", "epoch", "step_in_epoch", "global_step",
+            "meters", "args")
 
 
 class CheckpointError(RuntimeError):
@@ -44,19 +45,29 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save(obj: dict, path: str) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace: a reader (or a crash)
-    sees the old file or the new one, never half of one."""
+def _atomic_write(path: str, write) -> None:
+    """write(tmp) to a temporary file beside `path`, fsync it, os.replace, then fsync the
+    directory (the rename itself survives a power loss): a reader or a crash sees the old file
+    or the new one, never half of one, and no temporary file is left behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save(obj: dict, path: str) -> None:
+    """torch.save, atomically (_atomic_write)."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path: str) -> dict:
@@ -98,7 +109,6 @@ def export_safetensors(state_dict: dict, path: str, metadata: Optional[dict] = N
     """The final weights as safetensors (no pickle at all), atomically."""
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp,
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in
+                                                                      (metadata or {}).items()}))

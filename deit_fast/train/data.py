@@ -112,6 +112,15 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
                                 f"folders with one subfolder per class (ImageFolder layout)")
     dataset = datasets.ImageFolder(split, transform=build_transform(is_train, args))
     nb_classes = len(dataset.classes)
+    train_split = os.path.join(root, "train")
+    if not is_train and os.path.isdir(train_split):
+        # ImageFolder numbers each split's folders on its own: a class missing from val/ would
+        # shift every label after it onto the wrong class.
+        train_classes = dataset.find_classes(train_split)[0]
+        if dataset.classes != train_classes:
+            differ = sorted(set(dataset.classes) ^ set(train_classes))
+            raise ValueError(f"--data-path {root}: val/ and train/ must hold the same class folders; "
+                             f"in one only: {', '.join(differ[:10])}{' ...' if len(differ) > 10 else ''}")
     if args.data_set == "IMNET" and nb_classes != 1000:
         raise ValueError(f"{split} holds {nb_classes} class folders, ImageNet has 1000 "
                          f"(use --data-set FOLDER for other folder datasets)")

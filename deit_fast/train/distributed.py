@@ -31,6 +31,9 @@ def init(device_arg: str) -> "tuple[Dist, torch.device]":
     d = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
     kind = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(kind)
+    if d.enabled and device.type == "cuda" and device.index is not None:
+        raise ValueError(f"--device {device_arg} under torchrun would put all {world} ranks on one GPU: "
+                         "pass --device cuda (each rank takes its LOCAL_RANK) or none")
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)

@@ -23,7 +23,8 @@ from deit_fast import ops
 
 from . import checkpoint, distributed, graphs
 from .args import build_parser, parse_args
-from .data import SyntheticLoader, build_dataset, build_loaders, build_mixup, seed_everything
+from .data import (DATA_SETS, SyntheticLoader, build_dataset, build_loaders, build_mixup,
+                   seed_everything)
 from .engine import (NonFiniteLossError, State, StopTraining, eager_step, evaluate, forward_flops,
                      peak_flops, train_one_epoch)
 from .teacher import CompiledTeacher, build_teacher
@@ -55,15 +56,39 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
 def load_finetune(model: torch.nn.Module, path: str) -> None:
     """Start from other weights (official, timm or our checkpoints): pos_embed resampled, heads
     that do not fit the number of classes dropped (they train from scratch), as main.py."""
-    from deit_fast.models.checkpoint import _weights, adapt_state_dict
-    sd = adapt_state_dict(model, _weights(torch.load(path, map_location="cpu", weights_only=True)))
+    from deit_fast.models.checkpoint import HEAD_KEYS, _weights, adapt_state_dict, read_file
+    sd = adapt_state_dict(model, _weights(read_file(path)))
     own = model.state_dict()
-    for k in [k for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
-              if k in sd and k in own and sd[k].shape != own[k].shape]:
+    for k in [k for k in HEAD_KEYS if k in sd and k in own and sd[k].shape != own[k].shape]:
         print(f"finetune: dropping {k} of {path} (shape {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
         del sd[k]
     result = model.load_state_dict(sd, strict=False)
     print(f"finetune: loaded {path}; missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+
+
+# The flags that define a run's steps: a resume continues the checkpoint's run, so these must not
+# change (its lr schedule is restored whole, in the steps of its own batch count; another seed
+# draws other batches; another distillation setting trains another objective).
+RECIPE = ("model", "model_kwargs", "input_size", "epochs", "lr", "unscale_lr", "min_lr", "warmup_lr",
+          "warmup_epochs", "weight_decay", "seed", "distillation_type", "distillation_alpha",
+          "distillation_tau", "kl_reduction", "teacher_model", "mixup", "cutmix", "smoothing",
+          "drop_path", "repeated_aug")
+
+
+def check_resume(resume: dict, args: Namespace, steps_per_epoch: int, total_batch: int) -> None:
+    """Refuse, naming each, a resume whose flags or batch arithmetic differ from the checkpoint's."""
+    saved = resume["args"]
+    now = dict(vars(args), steps_per_epoch=steps_per_epoch, total_batch=total_batch)
+    was = dict(saved, steps_per_epoch=resume.get("steps_per_epoch"), total_batch=resume.get("total_batch"))
+    differ = [f"{k}: checkpoint {was[k]!r}, now {now[k]!r}"
+              for k in RECIPE + ("steps_per_epoch", "total_batch")
+              if was.get(k) is not None and k in now and was[k] != now[k]]
+    if differ:
+        raise checkpoint.CheckpointError(
+            f"--resume {args.resume} continues a run with other settings ({'; '.join(differ)}). "
+            "Resume with the checkpoint's flags (steps_per_epoch: --steps-per-epoch and the data; "
+            "total_batch: --batch-size x processes), or start a new run from its weights with "
+            "--finetune.")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -112,6 +137,8 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
     if args.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
     mixup = build_mixup(args, nb_classes)
+    if resume is not None and not args.eval:  # before the model and teacher are built
+        check_resume(resume, args, steps_per_epoch, args.batch_size * dist.world)
 
     # ---- student, EMA, optimiser, schedule ---------------------------------------------------
     model = build_model(args, nb_classes)
@@ -146,6 +173,8 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
     teacher = None
     if args.distillation_type != "none" and not args.eval:
         teacher = build_teacher(args, nb_classes, device)
+    elif args.teacher_path and not args.eval:
+        say(f"note: --teacher-path {args.teacher_path} is unused: --distillation-type is none")
 
     # ---- wrappers: DDP on the student only; compile after DDP, as timm -------------------------
     if dist.enabled:
@@ -167,8 +196,12 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
     start_epoch, start_step, max_accuracy = 0, 0, 0.0
     if resume is not None:
         raw_model.load_state_dict(resume["model"])
-        if model_ema is not None and resume.get("model_ema") is not None:
-            model_ema.module.load_state_dict(resume["model_ema"])
+        if model_ema is not None:
+            # A checkpoint without an EMA (--no-model-ema): start it from the resumed weights,
+            # not from the initial ones it was built from above.
+            if resume.get("model_ema") is None:
+                say(f"note: {args.resume} holds no EMA; it starts from the resumed weights")
+            model_ema.module.load_state_dict(resume.get("model_ema") or raw_model.state_dict())
         if not args.eval:
             optimizer.load_state_dict(resume["optimizer"])
             if resume.get("scaler"):
@@ -203,6 +236,7 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
             "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
             "global_step": s.global_step, "meters": dict(s.meters), "max_accuracy": max_accuracy,
             "rng": checkpoint.rng_state(), "args": dict(vars(args), lr_scaled=lr),
+            "steps_per_epoch": steps_per_epoch, "total_batch": total_batch,
         }, ckpt_path)
         s.last_checkpoint = ckpt_path
 
@@ -269,11 +303,11 @@ def _train(args: Namespace, dist: distributed.Dist, device: torch.device) -> dic
                 peak_mem_gib=peak_memory_gib(device), n_parameters=n_params, world_size=dist.world,
                 backends={op: r[device.type]["runs"] for op, r in ops.backend_report().items()})
             s.meters = {"loss": 0.0, "base": 0.0, "distill": 0.0, "steps": 0}
+            if dist.main and log_path:  # before the checkpoint: its resume goes on past this epoch
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             save(epoch, steps_per_epoch)
             if dist.main:
-                if log_path:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
                 if writer is not None:
                     for k, v in record.items():
                         if isinstance(v, (int, float)):
@@ -342,7 +376,7 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("checkpoint", help="a checkpoint.pth written by deit-fast train")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--data-path", dest="data_path")
-    p.add_argument("--data-set", dest="data_set")
+    p.add_argument("--data-set", dest="data_set", choices=DATA_SETS)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--device")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"))

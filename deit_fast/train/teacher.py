@@ -12,12 +12,9 @@ from torch import nn
 def load_teacher_weights(model: nn.Module, path: str) -> None:
     """Strictly load `path` (a state_dict, or one under 'model' / 'state_dict', DDP prefix
     allowed) with weights_only=True; a file that does not fit raises listing the keys."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt.items()}
+    from deit_fast.models.checkpoint import _weights, read_file
+    sd = {k[len("module."):] if k.startswith("module.") else k: v
+          for k, v in _weights(read_file(path)).items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

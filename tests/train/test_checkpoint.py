@@ -103,3 +103,29 @@ def test_non_finite_loss_stops_without_saving_it(tmp_path, digits):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert state["global_step"] >= 1
     assert not os.path.exists(out / "model.safetensors")
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, digits):
+    """A resume continues the checkpoint's run: another batch size (its lr schedule is counted in
+    the old steps) or seed is refused by name, not trained on silently."""
+    out = tmp_path / "run"
+    train(tiny_args(out, digits, "deit_tiny_patch16_224", "--stop-after-steps", "2", "--save-every-steps", "1"))
+    ckpt = str(out / "checkpoint.pth")
+    with pytest.raises(CheckpointError, match=r"total_batch: checkpoint 16, now 8"):
+        train(tiny_args(out, digits, "deit_tiny_patch16_224", "--resume", ckpt, "--batch-size", "8"))
+    with pytest.raises(CheckpointError, match=r"seed: checkpoint 0, now 1.*distillation_type"):
+        train(tiny_args(out, digits, "deit_tiny_patch16_224", "--resume", ckpt, "--seed", "1",
+                        "--distillation-type", "hard", "--teacher-path", "unused.pth"))
+
+
+def test_resume_adds_an_ema_of_the_resumed_weights(tmp_path, digits):
+    """--model-ema on a resume from a run without one: the EMA starts from the resumed weights,
+    not from the initial ones the model was built with (decay 1: it stays there)."""
+    out = tmp_path / "run"
+    train(tiny_args(out, digits, "deit_tiny_patch16_224", "--stop-after-steps", "2", "--save-every-steps", "1"))
+    ckpt = str(out / "checkpoint.pth")
+    before = load(ckpt)
+    assert before["model_ema"] is None
+    train(tiny_args(out, digits, "deit_tiny_patch16_224", "--resume", ckpt, "--model-ema",
+                    "--model-ema-decay", "1.0"))  # runs the epoch's last step, then saves
+    assert state_dicts_equal(load(ckpt)["model_ema"], before["model"])

@@ -5,6 +5,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -84,3 +85,10 @@ def test_ddp_training_run_reduces_metrics(tmp_path, digits, teacher_path):
         assert r0[key] == r1[key], key
     assert r0["val_images"] == 360
     assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint.pth", "log.jsonl", "model.safetensors"]
+
+
+def test_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    """--device cuda:N would put every rank on GPU N (NCCL: duplicate GPU)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--device cuda:1 under torchrun"):
+        distributed.init("cuda:1")

@@ -10,7 +10,7 @@ import torch
 from deit_fast.train import evaluate_checkpoint, parse_args, train
 from deit_fast.train.checkpoint import load
 
-from .common import tiny_args
+from .common import SIZE, tiny_args
 
 MODELS = {"deit": "deit_tiny_distilled_patch16_224", "cait": "cait_xxs24_224"}
 
@@ -102,6 +102,41 @@ def test_yaml_config(tmp_path):
     cfg.write_text("lerning_rate: 1\n")
     with pytest.raises(SystemExit, match="unknown keys lerning_rate"):
         parse_args(["--config", str(cfg)])
+    # Values of the wrong type are refused by key, not taken ("false" is a truthy string).
+    for text, key in (("model-ema: 'false'", "model-ema"), ("epochs: 2.5", "epochs"),
+                      ("clip-grad: true", "clip-grad")):
+        cfg.write_text(text + "\n")
+        with pytest.raises(SystemExit, match=f"{key}="):
+            parse_args(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--clip-grad", "-1"], "--clip-grad"),  # clip_grad_norm_ would flip the gradient
+    (["--model-ema-decay", "1.5"], "--model-ema-decay"),
+    (["--smoothing", "1.5"], "--smoothing"),  # with mixup on too (the default)
+    (["--eval-crop-ratio", "0"], "--eval-crop-ratio"),
+    (["--eval-crop-ratio", "1.2"], "--eval-crop-ratio"),
+    (["--distillation-alpha", "2"], "--distillation-alpha"),
+    (["--steps-per-epoch", "-1"], "--steps-per-epoch"),
+    (["--save-every-steps", "-1"], "--save-every-steps"),
+    (["--print-freq", "0"], "--print-freq"),
+    (["--eval"], "--resume or --finetune"),
+])
+def test_out_of_range_flags_are_refused_by_name(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert flag in capsys.readouterr().err
+
+
+def test_val_classes_must_match_train(tmp_path, digits):
+    """ImageFolder numbers each split on its own: a class folder missing from val/ would shift
+    the labels after it. Refused, naming the folder."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(digits, f"{SIZE}px"), root)
+    shutil.rmtree(root / "val" / sorted(os.listdir(root / "val"))[3])
+    with pytest.raises(ValueError, match="same class folders; in one only: 3"):
+        train(tiny_args(tmp_path, str(root), "deit_tiny_patch16_224", "--data-set", "FOLDER"))
 
 
 def test_teacher_checkpoint_that_does_not_fit(tmp_path, digits):
