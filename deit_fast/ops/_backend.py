@@ -110,7 +110,26 @@ def _cuda_unavailable(device_type: str) -> Optional[str]:
         return f"deit_fast._C is not available: {why or e}"
     if not torch.cuda.is_available():
         return "no CUDA device"
+    from deit_fast._build_info import CUDA_ARCHS
+    major, minor = torch.cuda.get_device_capability()
+    if not arch_supported(CUDA_ARCHS, major, minor):
+        return (f"deit_fast._C holds code for TORCH_CUDA_ARCH_LIST {CUDA_ARCHS!r}, not for this "
+                f"GPU (sm_{major}{minor}): reinstall with its arch in the list")
     return None
+
+
+def arch_supported(archs: str, major: int, minor: int) -> bool:
+    """Whether a build for `archs` (TORCH_CUDA_ARCH_LIST: "8.0;9.0", "9.0a", "8.6+PTX") runs on
+    a GPU of compute capability major.minor: machine code runs on its own major at an equal or
+    higher minor; PTX is compiled by the driver for any GPU from its arch on."""
+    for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
+        name = arch.strip()
+        if not name:
+            continue
+        m, n = (int(x) for x in name.split("+")[0].rstrip("af").split("."))
+        if (m == major and n <= minor) or ("+PTX" in name and (m, n) <= (major, minor)):
+            return True
+    return False
 
 
 def unavailable(op: str, backend: str, device_type: str) -> Optional[str]:
@@ -119,11 +138,15 @@ def unavailable(op: str, backend: str, device_type: str) -> Optional[str]:
         return None
     if backend not in KERNELS[op]:
         return f"no {backend} kernel for {op} yet"
-    key = (backend, device_type)
-    if key not in _availability:  # probed once: imports and device queries are not free
-        check = _triton_unavailable if backend == "triton" else _cuda_unavailable
-        _availability[key] = check(device_type)
-    return _availability[key]
+    for name in (backend, "triton") if (op, backend) == ("attention", "cuda") else (backend,):
+        # (attention on cuda: its backward, and the forwards it has no CUDA kernel for, are Triton's)
+        key = (name, device_type)
+        if key not in _availability:  # probed once (the current GPU): imports and queries are not free
+            check = _triton_unavailable if name == "triton" else _cuda_unavailable
+            _availability[key] = check(device_type)
+        if _availability[key] is not None:
+            return _availability[key]
+    return None
 
 
 def order(op: str, width: Optional[int] = None) -> tuple:

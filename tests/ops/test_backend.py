@@ -72,3 +72,32 @@ def test_the_residual_layernorm_asks_with_its_width(monkeypatch):
     ops.layerscale_residual_layernorm(torch.randn(2, 3, 12), torch.randn(2, 3, 12), None,
                                       torch.ones(12), torch.zeros(12))
     assert asked == [("layerscale_residual_layernorm", 12)]
+
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    ("8.0;9.0", (9, 0), True), ("8.0;9.0", (8, 6), True), ("8.0;9.0", (8, 9), True),
+    ("8.0;9.0", (10, 0), False), ("8.0;9.0", (12, 0), False), ("8.0;9.0", (7, 5), False),
+    ("9.0a", (9, 0), True), ("8.0+PTX", (10, 0), True), ("9.0+PTX", (8, 6), False),
+])
+def test_cuda_extension_runs_only_on_the_archs_it_was_built_for(archs, capability, runs):
+    assert _backend.arch_supported(archs, *capability) is runs
+
+
+def test_auto_skips_the_extension_on_a_gpu_it_has_no_code_for(monkeypatch):
+    """A Blackwell GPU (sm_100) and an sm_80/sm_90 build: every op would fail with 'no kernel
+    image'; auto takes Triton instead and the report says why."""
+    pytest.importorskip("deit_fast._C")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (10, 0))
+    monkeypatch.setattr("deit_fast._build_info.CUDA_ARCHS", "8.0;9.0")
+    monkeypatch.setattr(_backend, "_availability", {("triton", "cuda"): None})
+    assert "sm_100" in _backend.unavailable("class_attention", "cuda", "cuda")
+    assert _backend.resolve("class_attention", torch.device("cuda")) == "triton"
+
+
+def test_cuda_attention_needs_triton_too(monkeypatch):
+    """The CUDA backend's attention runs Triton's backward: without Triton it is unavailable."""
+    monkeypatch.setattr(_backend, "_availability", {("cuda", "cuda"): None,
+                                                    ("triton", "cuda"): "triton does not import"})
+    assert _backend.unavailable("attention", "cuda", "cuda") == "triton does not import"
+    assert _backend.unavailable("class_attention", "cuda", "cuda") is None
