@@ -15,6 +15,7 @@ import triton.language as tl
 from . import DTYPES, cdiv, launch, next_pow2
 
 BLOCK_R, BLOCK_C, NUM_WARPS = 16, 256, 8  # 4096-element tiles, 16 per thread; 256 columns = 512 B of bf16
+MAX_C = 65535 * BLOCK_C  # column tiles are the grid's second axis, which CUDA caps at 65535
 BWD_PROGRAMS = 1024  # row strips in the backward: enough to fill 132 SMs a few times over
 # Row tiles a backward strip has in flight (tl.range's software pipeline: cp.async copies of the
 # next tiles' loads while this one computes). On an H100 (2026-11-26) the residual + LayerNorm
@@ -80,7 +81,7 @@ def _layerscale_bwd(DO, Y, G, S, DY, PARTIAL, rows, N, C, sdb, sdn, syb, syn, ro
             dy = do
         tl.store(DY + r.to(tl.int64)[:, None] * C + c[None, :], dy.to(DY.dtype.element_ty), mask=mask)
     if HAS_GAMMA:
-        tl.store(PARTIAL + pid * C + c, tl.sum(acc, axis=0), mask=cmask)
+        tl.store(PARTIAL + pid.to(tl.int64) * C + c, tl.sum(acc, axis=0), mask=cmask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

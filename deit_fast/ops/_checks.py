@@ -43,6 +43,15 @@ def dense(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def int32_slices(t: Tensor) -> Tensor:
+    """t, or a contiguous copy when one batch element of it spans 2^31 elements or more. The
+    attention kernels address within a batch element in int32 (int64 only across the batch), where
+    the registers and instructions count (an int64 _gemm took 72 -> 96 registers); views whose
+    inner strides span the batch (a sequence-major projection of ~5000+ images) would overflow."""
+    span = sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]) if n > 0)
+    return t if span < 2 ** 31 else t.contiguous()
+
+
 def same_device(**tensors: Optional[Tensor]) -> None:
     named = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = named[0]

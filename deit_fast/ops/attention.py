@@ -122,6 +122,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
+    do = _checks.int32_slices(do)
     return (*backward_call(ctx, _fused_backward)(do, q, k, v, o, lse, ctx.scale, ctx.backend), None, None)
 
 
@@ -177,6 +178,7 @@ def _setup_context_qkv(ctx, inputs, output):
 
 def _backward_qkv(ctx, do, _dlse):
     qkv, o, lse = ctx.saved_tensors
+    do = _checks.int32_slices(do)
     return backward_call(ctx, _fused_qkv_backward)(do, qkv, o, lse, ctx.scale, ctx.backend), None, None
 
 
@@ -219,6 +221,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
                          "self-attention kernel takes Nq == N: use the torch backend")
+    q, k, v = map(_checks.int32_slices, (q, k, v))
     return dispatch(_fused, q, k, v, _kernel_scale(backend, q, scale), backend)[0]
 
 
@@ -232,4 +235,5 @@ def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
     backend = _backend.resolve("attention", qkv.device)
     if backend == "torch" or qkv.numel() == 0:  # empty: nothing to launch
         return sdpa(*split_qkv(qkv), scale)
-    return dispatch(_fused_qkv, qkv, _kernel_scale(backend, qkv, scale, "qkv"), backend)[0]
+    return dispatch(_fused_qkv, _checks.int32_slices(qkv), _kernel_scale(backend, qkv, scale, "qkv"),
+                    backend)[0]

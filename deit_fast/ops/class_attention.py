@@ -86,7 +86,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = backward_call(ctx, _fused_backward)(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
+    dq, dk, dv = backward_call(ctx, _fused_backward)(_checks.int32_slices(dout), q, k, v, out, lse, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
 
@@ -117,4 +117,5 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
         return sdpa(q, k, v, scale)
     check_kernel(backend, q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = map(_checks.int32_slices, (q, k, v))
     return dispatch(_fused, q, k, v, scale, backend)[0]

@@ -221,7 +221,8 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     backend's cross_entropy reports it itself). The trainer passes False: its labels come from the
     dataset its model was sized for.
 
-    Gradients flow to logits and dist_logits only; target and teacher_logits get none. The kernel
+    Gradients flow to logits and dist_logits only: on the kernel backends a target or
+    teacher_logits that requires grad (with grad enabled) is refused, rather than left without. The kernel
     backends compute them in the forward: they are saved in the head's dtype (fp32 for fp16
     heads, whose range the 1/B-scaled grads underflow) and the backward only rescales them.
     """
@@ -234,6 +235,12 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
                                               alpha, tau, label_smoothing, kl_reduction)
         return reference.distillation_loss(logits, dist_logits, target, teacher_logits, kind, alpha,
                                            tau, label_smoothing, kl_reduction)
+    if torch.is_grad_enabled():  # the kernels give these no grad: say so rather than drop it
+        for name, t in (("teacher_logits", teacher_logits if kind != "none" else None),
+                        ("target", target if target.is_floating_point() else None)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad, but the {backend} backend gives it none (the "
+                                 "teacher is frozen, targets are data): detach it, or use the torch backend")
     heads = dict(logits=logits)
     if kind != "none":
         heads.update(dist_logits=dist_logits, teacher_logits=teacher_logits)

@@ -107,6 +107,11 @@ def layerscale_residual(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     if backend == "torch" or x.numel() == 0:  # empty: nothing to launch
         return reference.layerscale_residual(x, y, gamma, keep_mask, keep_prob)
     _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma)
+    if backend == "triton":
+        from deit_fast.kernels.layerscale import MAX_C
+        if x.shape[-1] > MAX_C:
+            raise ValueError(f"x has C={x.shape[-1]} channels; the triton kernel takes C <= {MAX_C}: "
+                             "use the torch backend")
     gamma = _checks.dense(gamma)
     scale = None if keep_mask is None else keep_mask.to(torch.float32) / keep_prob
     return dispatch(_fused, x, y, gamma, scale, backend)

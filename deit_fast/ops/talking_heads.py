@@ -49,7 +49,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, _dlse):
-    dq, dk, dv, dw_l, dw_w, db_w = backward_call(ctx, _fused_backward)(do, *ctx.saved_tensors, ctx.scale, ctx.backend)
+    dq, dk, dv, dw_l, dw_w, db_w = backward_call(ctx, _fused_backward)(
+        _checks.int32_slices(do), *ctx.saved_tensors, ctx.scale, ctx.backend)
     return dq, dk, dv, dw_l, torch.zeros_like(db_w), dw_w, db_w, None, None
 
 
@@ -89,8 +90,8 @@ def _setup_context_qkv(ctx, inputs, output):
 
 
 def _backward_qkv(ctx, do, _dlse):
-    dqkv, dw_l, dw_w, db_w = backward_call(ctx, _fused_qkv_backward)(do, *ctx.saved_tensors, ctx.scale,
-                                                                     ctx.backend)
+    dqkv, dw_l, dw_w, db_w = backward_call(ctx, _fused_qkv_backward)(
+        _checks.int32_slices(do), *ctx.saved_tensors, ctx.scale, ctx.backend)
     return dqkv, dw_l, torch.zeros_like(db_w), dw_w, db_w, None, None
 
 
@@ -137,6 +138,7 @@ def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: T
     if backend == "torch" or q.numel() == 0:  # empty: nothing to launch
         return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = map(_checks.int32_slices, (q, k, v))
     return dispatch(_fused, q, k, v, *map(_checks.dense, (w_l, b_l, w_w, b_w)), scale, backend)[0]
 
 
@@ -151,4 +153,5 @@ def talking_heads_attention_qkv(qkv: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tens
     if backend == "torch" or qkv.numel() == 0:  # empty: nothing to launch
         return reference.talking_heads_attention(q, k, v, w_l, b_l, w_w, b_w, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return dispatch(_fused_qkv, qkv, *map(_checks.dense, (w_l, b_l, w_w, b_w)), scale, backend)[0]
+    return dispatch(_fused_qkv, _checks.int32_slices(qkv), *map(_checks.dense, (w_l, b_l, w_w, b_w)),
+                    scale, backend)[0]

@@ -234,12 +234,18 @@ def test_backward_kernel_spans_blocks(monkeypatch):
         assert torch.equal(out_a, (a * g).to(F16)) and torch.equal(out_b, b * g)
 
 
-def test_target_and_teacher_get_no_grad():
-    s, d, t, q = make(2, 10, F32, "soft")
-    leaves = [x.requires_grad_() for x in (s, d, t, q)]
-    with ops.use_backend("triton"):
-        ops.distillation_loss(*leaves[:2], leaves[3], leaves[2], "soft").backward()
-    assert s.grad is not None and d.grad is not None and t.grad is None and q.grad is None
+@pytest.mark.parametrize("name", ["teacher_logits", "target"])
+def test_distillation_grads_the_kernels_do_not_give_are_refused(name):
+    """The kernel backends differentiate the student's heads only; a teacher or soft target that
+    requires grad got none, silently (the torch backend gives one)."""
+    logits, dist, teacher = (torch.randn(4, 10, device=DEVICE) for _ in range(3))
+    args = dict(logits=logits.requires_grad_(), dist_logits=dist, teacher_logits=teacher,
+                target=torch.rand(4, 10, device=DEVICE).softmax(-1), kind="soft")
+    args[name] = args[name].requires_grad_()
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=f"{name} requires grad"):
+        ops.distillation_loss(**args)
+    with ops.use_backend("triton"), torch.no_grad():
+        ops.distillation_loss(**args)  # nothing to differentiate: fine
 
 
 def test_components_sum_to_the_loss():

@@ -101,3 +101,49 @@ def test_second_derivative_raises(op):
     (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
         gx.square().sum().backward()
+
+
+def test_layerscale_residual_width_past_the_grid_is_refused():
+    """Column tiles are the launch grid's second axis (at most 65535 on CUDA)."""
+    from deit_fast.kernels.layerscale import MAX_C
+    x = torch.zeros(1, device=DEVICE).expand(2, MAX_C + 1)  # no memory behind it
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=f"C={MAX_C + 1}"):
+        ops.layerscale_residual(x, x, None)
+
+
+def _huge_stride_view(tmp_path, shape, strides, values):
+    """A view whose strides span more than 2^31 elements, over a sparse file: only the elements
+    the view holds take memory."""
+    extent = sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(extent * 4)
+    view = torch.from_file(str(path), shared=True, size=extent, dtype=torch.float32).as_strided(shape, strides)
+    view.copy_(values)
+    return view
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors under the interpreter (a GPU would need the 8 GB)")
+@pytest.mark.parametrize("op", ["attention", "class_attention", "talking_heads_attention"])
+def test_views_spanning_past_int32_are_read_right(tmp_path, op):
+    """k with a row stride of 2^27 elements (a sequence-major view of a huge batch): the kernels
+    address within a batch element in int32, so the op hands them a copy (an out-of-bounds read
+    before: a segfault under the interpreter)."""
+    H, N, D = 2, 17, 32
+    k_values = torch.randn(1, H, N, D)
+    k = _huge_stride_view(tmp_path, (1, H, N, D), (0, D, 2 ** 27, 1), k_values)
+    q = torch.randn(1, H, 1 if op == "class_attention" else N, D)
+    v = torch.randn(1, H, N, D)
+    mix = [torch.randn(H, H), torch.randn(H), torch.randn(H, H), torch.randn(H)] if "talking" in op else []
+    with ops.use_backend("triton"):
+        got = getattr(ops, op)(q, k, v, *mix)
+    want = getattr(reference, op)(q, k_values, v, *mix)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_int32_slices_copies_only_what_overflows():
+    from deit_fast.ops import _checks
+    base = torch.empty(2 ** 33, device="meta")
+    wide = base.as_strided((3, 2, 17, 32), (2 ** 31, 32, 2 ** 27, 1))  # a batch element spans 2^31
+    narrow = base.as_strided((3, 2, 17, 32), (2 ** 31, 32, 2 ** 20, 1))  # huge batch stride only
+    assert _checks.int32_slices(wide).is_contiguous() and _checks.int32_slices(narrow) is narrow
