@@ -54,12 +54,10 @@ def load_checkpoint(model: nn.Module, path: str, new_head: bool = False) -> nn.M
     Raises ValueError listing missing, unexpected and shape-mismatched keys."""
     sd = adapt_state_dict(model, _weights(read_file(path)))
     expected = model.state_dict()
-    if new_head:
-        for k in [k for k in HEAD_KEYS if k in sd and (k not in expected or sd[k].shape != expected[k].shape)]:
-            del sd[k]
-    missing = sorted(set(expected) - set(sd))
-    if new_head:
-        missing = [k for k in missing if k not in HEAD_KEYS]
+    if new_head:  # drop the file's heads that do not fit; the model's own stay fresh
+        sd = {k: v for k, v in sd.items()
+              if k not in HEAD_KEYS or (k in expected and v.shape == expected[k].shape)}
+    missing = sorted(k for k in set(expected) - set(sd) if not (new_head and k in HEAD_KEYS))
     unexpected = sorted(set(sd) - set(expected))
     mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
                         for k, v in expected.items() if k in sd and sd[k].shape != v.shape)

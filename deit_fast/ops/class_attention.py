@@ -86,7 +86,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = backward_call(ctx, _fused_backward)(_checks.int32_slices(dout), q, k, v, out, lse, ctx.scale, ctx.backend)
+    dq, dk, dv = backward_call(ctx, _fused_backward)(_checks.int32_slices(dout), q, k, v, out, lse,
+                                                     ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
 

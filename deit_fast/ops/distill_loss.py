@@ -222,8 +222,8 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     dataset its model was sized for.
 
     Gradients flow to logits and dist_logits only: on the kernel backends a target or
-    teacher_logits that requires grad (with grad enabled) is refused, rather than left without. The kernel
-    backends compute them in the forward: they are saved in the head's dtype (fp32 for fp16
+    teacher_logits that requires grad (with grad enabled) is refused, rather than left without.
+    The kernel backends compute them in the forward: they are saved in the head's dtype (fp32 for fp16
     heads, whose range the 1/B-scaled grads underflow) and the backward only rescales them.
     """
     check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
