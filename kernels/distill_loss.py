@@ -73,11 +73,19 @@ def _sweep_stats(s, d, t, q, cols, mask, tau, m_s, z_s, m_d, z_d, m_t, z_t, t_be
     m_s, z_s = _lse_update(m_s, z_s, tl.where(mask, s, float("-inf")))
     if KIND == 1:
         m_d, z_d = _lse_update(m_d, z_d, tl.where(mask, d, float("-inf")))
+        # torch.argmax's order: NaN above everything (the hardware max drops NaN, so it is kept
+        # apart), then the larger value, then the smaller index
         tm = tl.where(mask, t, float("-inf"))
-        chunk_best = tl.max(tm, axis=0)
-        chunk_arg = tl.min(tl.where(tm == chunk_best, cols, 2147483647), axis=0)  # first index of the max
-        t_arg = tl.where(chunk_best > t_best, chunk_arg, t_arg)  # strict: an earlier chunk wins ties
-        t_best = tl.maximum(t_best, chunk_best)
+        is_nan = tm != tm
+        has_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+        chunk_best = tl.max(tl.where(is_nan, float("-inf"), tm), axis=0)
+        at_best = tl.where(has_nan, is_nan, tm == chunk_best)
+        chunk_arg = tl.min(tl.where(at_best, cols, 2147483647), axis=0)  # first index of the max
+        chunk_best = tl.where(has_nan, float("nan"), chunk_best)
+        best_nan = t_best != t_best
+        # strict: an earlier chunk wins ties, and an earlier NaN beats a later one
+        t_arg = tl.where((chunk_best > t_best) | (has_nan & ~best_nan), chunk_arg, t_arg)
+        t_best = tl.where(has_nan | best_nan, float("nan"), tl.maximum(t_best, chunk_best))
     if KIND == 2:
         m_d, z_d = _lse_update(m_d, z_d, tl.where(mask, d / tau, float("-inf")))
         m_t, z_t = _lse_update(m_t, z_t, tl.where(mask, t / tau, float("-inf")))

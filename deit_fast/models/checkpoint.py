@@ -7,7 +7,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-__all__ = ["load_checkpoint", "adapt_state_dict", "read_file"]
+__all__ = ["load_checkpoint", "adapt_state_dict", "read_file", "check_fits", "drop_unfit_heads"]
 
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 
@@ -45,6 +45,39 @@ def adapt_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> Dict[st
     return sd
 
 
+def drop_unfit_heads(model: nn.Module, sd: Dict[str, Tensor], why: str = "") -> Dict[str, Tensor]:
+    """sd without its classifier weights (head, head_dist) that model lacks or shapes otherwise
+    (another number of classes): those stay fresh, as in timm's pretrained loading and the
+    official main.py's finetuning. why: printed for each one dropped, when given."""
+    own = model.state_dict()
+    keep = {}
+    for k, v in sd.items():
+        if k in HEAD_KEYS and not (k in own and v.shape == own[k].shape):
+            if why:
+                print(f"{why}: dropping {k} (shape {tuple(v.shape)}, model "
+                      f"{tuple(own[k].shape) if k in own else 'none'})")
+            continue
+        keep[k] = v
+    return keep
+
+
+def check_fits(model: nn.Module, sd: Dict[str, Tensor], what: str, skip=(), hint: str = "") -> None:
+    """Raise ValueError listing the keys of model missing from sd (except `skip`), the keys of sd
+    model lacks, and the shapes that differ, if there are any."""
+    expected = model.state_dict()
+    missing = sorted(k for k in set(expected) - set(sd) if k not in skip)
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                        for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
+    if missing or unexpected or mismatched:
+        lines = [f"{what} does not fit {type(model).__name__}{hint}:"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", mismatched)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise ValueError("\n".join(lines))
+
+
 def load_checkpoint(model: nn.Module, path: str, new_head: bool = False) -> nn.Module:
     """Load an official DeiT/CaiT, timm or deit_fast checkpoint file into model, strictly.
 
@@ -53,20 +86,8 @@ def load_checkpoint(model: nn.Module, path: str, new_head: bool = False) -> nn.M
     pretrained loading does; every other key must still fit.
     Raises ValueError listing missing, unexpected and shape-mismatched keys."""
     sd = adapt_state_dict(model, _weights(read_file(path)))
-    expected = model.state_dict()
-    if new_head:  # drop the file's heads that do not fit; the model's own stay fresh
-        sd = {k: v for k, v in sd.items()
-              if k not in HEAD_KEYS or (k in expected and v.shape == expected[k].shape)}
-    missing = sorted(k for k in set(expected) - set(sd) if not (new_head and k in HEAD_KEYS))
-    unexpected = sorted(set(sd) - set(expected))
-    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-                        for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {path} does not fit {type(model).__name__}:"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", mismatched)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
-        raise ValueError("\n".join(lines))
+    if new_head:
+        sd = drop_unfit_heads(model, sd)
+    check_fits(model, sd, f"checkpoint {path}", skip=HEAD_KEYS if new_head else ())
     model.load_state_dict(sd, strict=not new_head)
     return model

@@ -24,15 +24,20 @@ def shape(name: str, t: Tensor, expected, what: str = "") -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}{what}, got {tuple(t.shape)}")
 
 
+FP32 = torch.finfo(torch.float32)
+
+
 def positive(name: str, value) -> None:
-    """A positive, finite float (a softmax scale, an eps, a temperature): inf passed a `> 0` test
-    and gave non-finite outputs."""
+    """A positive float that stays finite and nonzero in fp32, where the kernels take it (a
+    softmax scale, an eps, a temperature): inf passed a `> 0` test and gave non-finite outputs,
+    and so did 1e39 (inf in fp32); 1e-39 is subnormal, flushed to 0 on the GPU."""
     try:
-        ok = math.isfinite(float(value)) and float(value) > 0
+        ok = math.isfinite(float(value)) and FP32.tiny <= float(value) <= FP32.max
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+        raise ValueError(f"{name} must be a positive float within fp32's normal range "
+                         f"[{FP32.tiny:.3g}, {FP32.max:.3g}], got {value!r}")
 
 
 def dense(t: Optional[Tensor]) -> Optional[Tensor]:

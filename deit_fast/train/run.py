@@ -56,12 +56,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
 def load_finetune(model: torch.nn.Module, path: str) -> None:
     """Start from other weights (official, timm or our checkpoints): pos_embed resampled, heads
     that do not fit the number of classes dropped (they train from scratch), as main.py."""
-    from deit_fast.models.checkpoint import HEAD_KEYS, _weights, adapt_state_dict, read_file
-    sd = adapt_state_dict(model, _weights(read_file(path)))
-    own = model.state_dict()
-    for k in [k for k in HEAD_KEYS if k in sd and k in own and sd[k].shape != own[k].shape]:
-        print(f"finetune: dropping {k} of {path} (shape {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
-        del sd[k]
+    from deit_fast.models.checkpoint import _weights, adapt_state_dict, drop_unfit_heads, read_file
+    sd = drop_unfit_heads(model, adapt_state_dict(model, _weights(read_file(path))), f"finetune {path}")
     result = model.load_state_dict(sd, strict=False)
     print(f"finetune: loaded {path}; missing {result.missing_keys}, unexpected {result.unexpected_keys}")
 

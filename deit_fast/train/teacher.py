@@ -12,22 +12,10 @@ from torch import nn
 def load_teacher_weights(model: nn.Module, path: str) -> None:
     """Strictly load `path` (a state_dict, or one under 'model' / 'state_dict', DDP prefix
     allowed) with weights_only=True; a file that does not fit raises listing the keys."""
-    from deit_fast.models.checkpoint import _weights, read_file
-    sd = {k[len("module."):] if k.startswith("module.") else k: v
-          for k, v in _weights(read_file(path)).items()}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    mismatched = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-                        for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
-    if missing or unexpected or mismatched:
-        lines = [f"teacher checkpoint {path} does not fit {type(model).__name__} "
-                 f"(check --teacher-model, --teacher-kwargs and the number of classes):"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches (checkpoint vs model)", mismatched)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): {', '.join(keys)}")
-        raise ValueError("\n".join(lines))
+    from deit_fast.models.checkpoint import _weights, adapt_state_dict, check_fits, read_file
+    sd = adapt_state_dict(model, _weights(read_file(path)))
+    check_fits(model, sd, f"teacher checkpoint {path}",
+               hint=" (check --teacher-model, --teacher-kwargs and the number of classes)")
     model.load_state_dict(sd, strict=True)
 
 

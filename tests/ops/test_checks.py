@@ -15,6 +15,7 @@ q = torch.randn(2, 3, 7, 16)
     ((q, q, q, -1.0), "scale"),
     ((q, q, q, float("inf")), "scale"),
     ((q, q, q, float("nan")), "scale"),
+    ((q, q, q, 1e39), "scale"),  # finite, but inf in fp32 where the kernels take it
     ((q, q[:, :, :0], q[:, :, :0]), "k"),
 ])
 def test_attention(args, arg):
@@ -52,6 +53,7 @@ Y = torch.tensor([0, 3, 9, 1])
     (dict(alpha=1.5), "alpha"),
     (dict(tau=0.0), "tau"),
     (dict(tau=float("inf")), "tau"),
+    (dict(tau=1e-40), "tau"),  # subnormal in fp32: flushed to 0 on the GPU
     (dict(label_smoothing=1.0), "label_smoothing"),
     (dict(logits=torch.randn(4, 10, 1)), "logits"),
 ])
@@ -63,7 +65,7 @@ def test_distillation_loss(kwargs, arg):
 
 
 @pytest.mark.parametrize("kwargs,arg", [(dict(weight=torch.randn(5)), "weight"), (dict(eps=0.0), "eps"),
-                                          (dict(eps=float("inf")), "eps")])
+                                          (dict(eps=float("inf")), "eps"), (dict(eps=1e39), "eps")])
 def test_layerscale_residual_layernorm(kwargs, arg):
     x = torch.randn(2, 3, 6)
     args = dict(x=x, y=x, gamma=None, weight=torch.ones(6), bias=torch.zeros(6))

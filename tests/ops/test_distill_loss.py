@@ -149,6 +149,24 @@ def test_teacher_argmax_ties_take_the_first_index(C):
     torch.testing.assert_close(loss, F.cross_entropy(d.detach(), t.argmax(dim=1)))
 
 
+@pytest.mark.parametrize("C", [300, 5000], ids=["one-chunk", "chunked"])
+def test_teacher_nan_is_its_argmax_as_in_torch(C):
+    """torch.argmax ranks NaN above every value and takes the first NaN; the hardware max drops
+    NaN. Rows: a NaN after a larger finite value (in a later chunk when chunked), two NaNs (the
+    first wins), a NaN before a larger finite value."""
+    t = torch.randn(3, C, device=DEVICE)
+    t[0, 5], t[0, C - 2] = 100.0, float("nan")
+    t[1, C - 1], t[1, C // 2] = float("nan"), float("nan")
+    t[2, 1], t[2, C - 3] = float("nan"), 100.0
+    d = torch.randn(3, C, device=DEVICE).requires_grad_()
+    s, y = torch.randn(3, C, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE)
+    with ops.use_backend("triton"):
+        loss = ops.distillation_loss(s, d, y, t, "hard", alpha=1.0)
+    loss.backward()
+    assert d.grad.argmin(dim=1).tolist() == t.argmax(dim=1).tolist() == [C - 2, C // 2, 1]
+    torch.testing.assert_close(loss, F.cross_entropy(d.detach(), t.argmax(dim=1)))
+
+
 def test_grads_not_required_are_not_written(monkeypatch):
     """Heads that need no grad: the kernel gets the flags off and returns empty grad buffers;
     everything it does write is written (poisoned outputs)."""

@@ -10,7 +10,7 @@ import torch
 from deit_fast.train import evaluate_checkpoint, parse_args, train
 from deit_fast.train.checkpoint import load
 
-from .common import SIZE, tiny_args
+from .common import KWARGS, SIZE, tiny_args
 
 MODELS = {"deit": "deit_tiny_distilled_patch16_224", "cait": "cait_xxs24_224"}
 
@@ -177,3 +177,33 @@ def test_compiled_training_matches_eager(tmp_path, digits):
     assert compiled["val_top1"] == eager["val_top1"]
     with pytest.raises(SystemExit):
         tiny_args(tmp_path, digits, "deit_tiny_patch16_224", "--compile-mode", "fastest")
+
+
+def test_finetune_from_another_resolution_and_head(tmp_path, capsys):
+    """--finetune's loader: a DDP-prefixed file at 32 px with a 1000-class head into a 16 px,
+    10-class model: pos_embed resampled to 4x4 patches, both heads dropped and left fresh, every
+    other weight taken as is."""
+    from deit_fast.models import create_model
+    from deit_fast.train.run import load_finetune
+    name, kw = "deit_tiny_distilled_patch16_224", KWARGS["deit_tiny_distilled_patch16_224"]
+    src = create_model(name, img_size=32, **kw)
+    path = tmp_path / "pretrained.pth"
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}}, path)
+    model = create_model(name, img_size=SIZE, num_classes=10, **kw)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    load_finetune(model, str(path))
+    printed = capsys.readouterr().out
+    got, want = model.state_dict(), src.state_dict()
+    assert got["pos_embed"].shape == (1, 2 + 16, 32) and want["pos_embed"].shape == (1, 2 + 64, 32)
+    torch.testing.assert_close(got["pos_embed"][:, :2], want["pos_embed"][:, :2])  # cls, dist kept
+    for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+        assert torch.equal(got[k], fresh[k]) and f"dropping {k}" in printed
+    assert all(torch.equal(got[k], want[k]) for k in want if k != "pos_embed" and not k.startswith("head"))
+
+
+def test_eval_of_finetune_weights_matches_the_run(tmp_path, digits):
+    """`--eval --finetune <checkpoint>` evaluates the checkpoint's weights: the run's accuracy."""
+    record = train(tiny_args(tmp_path / "a", digits))
+    stats = train(tiny_args(tmp_path / "b", digits, "deit_tiny_patch16_224", "--eval", "--finetune",
+                            str(tmp_path / "a" / "checkpoint.pth")))
+    assert stats["val_top1"] == pytest.approx(record["val_top1"])
