@@ -65,9 +65,42 @@ def test_split_head_dim_matches_reference(shape, dtype, monkeypatch):
     check(*qkv_views(*shape, dtype))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 7, 48), (1, 2, 40, 80)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masked_head_dim_matches_reference(shape, dtype, monkeypatch):
+    """SPLIT_HEAD_DIM False (a tune setting; the GPU tests run both): head dims 48 and 80 as one
+    block of 64 / 128 columns masked past D. q, k, v are views of a projection whose heads are
+    padded to the block with NaN, so that a load past D (in either operand of a product) or a
+    store past D (into the next head of the token-major o) shows."""
+    from deit_fast.kernels import attention
+    monkeypatch.setattr(attention, "SPLIT_HEAD_DIM", False)
+    B, H, N, D = shape
+    block = attention._blocks(D, False)[0]
+    assert block > D
+    qkv = torch.full((B, N, 3, H, block), float("nan"), device=DEVICE, dtype=torch.float64)
+    qkv[..., :D] = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=torch.float64)
+    q, k, v = qkv.to(dtype)[..., :D].permute(2, 0, 3, 1, 4).unbind(0)
+    poisoned_empty(monkeypatch)
+    check(q, k, v)
+
+
 def test_scale_and_contiguous_inputs():
     q, k, v = (t.contiguous() for t in qkv_views(2, 3, 65, 48, torch.float32))
     check(q, k, v, scale=0.37)
+
+
+@pytest.mark.parametrize("D", [48, 64])
+def test_k_and_v_with_different_strides(D):
+    """Every other case gives k and v the same row strides (one projection, or both contiguous):
+    here k is contiguous (B, H, N, D), v a token-major view of a wider projection and q a view
+    with a non-unit head stride, so reading one with the other's strides shows."""
+    B, H, N = 2, 3, 65
+    q, k, v = qkv_views(B, H, N, D, torch.float32)
+    wide = torch.randn(B, N, H, D + 16, device=DEVICE, dtype=torch.float64).float()
+    v = wide[..., 16:].transpose(1, 2)
+    k = k.contiguous()
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    check(q, k, v)
 
 
 def test_head_merge_is_a_view():

@@ -109,6 +109,17 @@ def test_imagenet21k_fp16_soft():
     check_against_reference(s, d, t, y, kind="soft", tau=1.0, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_sweeps_of_whole_chunks(kind, monkeypatch):
+    """C a multiple of CHUNK_C (8192 classes: 4 whole chunks, none partial): the second sweep,
+    last chunk first, starts at the last chunk, not one past it."""
+    poisoned_empty(monkeypatch)
+    C = 4 * kernel.CHUNK_C
+    assert not kernel.tile(C)[1]
+    s, d, t, y = make(1, C, F32, "int-smooth")
+    check_against_reference(s, d, t, y, kind=kind, alpha=0.5, tau=2.0, label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("kind,alpha,tau", [(k, a, tau) for k in ("hard", "soft") for a in (0.0, 0.5, 1.0)
                                             for tau in ((1.0, 3.0) if k == "soft" else (1.0,))])
 def test_alpha_and_tau(kind, alpha, tau):

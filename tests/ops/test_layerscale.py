@@ -64,6 +64,16 @@ def test_float_keep_mask_and_keep_prob_one():
     check_against_reference(x, y, g, torch.tensor([1.0, 0.0, 1.0, 1.0], device=DEVICE), keep_prob=1.0)
 
 
+def test_gamma_grad_sums_every_row_tile_of_a_strip(monkeypatch):
+    """The backward's BWD_PROGRAMS strips each sum their rows' gamma grads over as many row tiles
+    as they hold: one at every shape above, several past BWD_PROGRAMS * BLOCK_R rows (16384:
+    DeiT-S training at batch 84 and up). Here 2 strips of 7 tiles of 16 rows, the last partial."""
+    from deit_fast.kernels import layerscale
+    monkeypatch.setattr(layerscale, "BWD_PROGRAMS", 2)
+    poisoned_empty(monkeypatch)
+    check_against_reference(*make((3, 65, 192), (F16, F16, F32), drop=True))
+
+
 def test_strided_views_without_copy():
     """q/k/v-style inputs: x a column slice of a wider tensor, y a (B, N) transposed view."""
     B, N, C = 2, 65, 96

@@ -143,6 +143,21 @@ def test_all_negative_logits_keep_grads_finite(tc, monkeypatch):
     check(0.1 * q + 4 * u, 0.1 * k - 4 * u, v, (torch.eye(4, device=DEVICE) + 0.05 * w_l, b_l, w_w, b_w))
 
 
+def test_all_negative_logits_with_a_dkdv_program_ending_at_key_n(monkeypatch):
+    """The tensor-core dk/dv kernel masks keys past N only in programs that hold one (`tail`). At
+    (2, 8, 47, 48) its programs straddle batch elements: the second holds keys 32..47 of image 0
+    and 0..15 of image 1, so its last key is N itself, which must be masked too: with lse far
+    below 0 that key's exp2(-lse) is inf, and the block-diagonal mixing (0 * inf) would spread NaN
+    to image 1's keys."""
+    monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", True)
+    B, H, N, D = 2, 8, 47, 48
+    assert kernels._grid(kernels._family(H, True, torch.float16)[1], B, N, "BLOCK_N")[2] == {"STRADDLE": True}
+    q, k, v = qkv_views(B, H, N, D, torch.float16)
+    u = torch.randn(D, device=DEVICE, dtype=torch.float16)
+    w_l, b_l, w_w, b_w = mixing(H)
+    check(0.1 * q + 4 * u, 0.1 * k - 4 * u, v, (torch.eye(H, device=DEVICE) + 0.05 * w_l, b_l, w_w, b_w))
+
+
 @MIXING
 def test_grads_are_bitwise_deterministic(tc, monkeypatch):
     monkeypatch.setattr(kernels, "TENSOR_CORE_MIXING", tc)
