@@ -6,7 +6,7 @@ import torch
 import deit_fast
 from deit_fast.models import VisionTransformer, VisionTransformerDistilled
 
-from .common import TINY_DEIT, assert_close_scaled, perturb
+from .common import TINY_CAIT, TINY_DEIT, assert_close_scaled, perturb
 
 
 def _pair(name, **kwargs):
@@ -77,6 +77,17 @@ def test_cait_classifier_methods():
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}
     model.reset_classifier(7, global_pool="avg")
     assert model.get_classifier().out_features == 7 and model(x).shape == (1, 7)
+
+
+def test_cait_avg_pool_follows_timm():
+    """CaiT's global_pool="avg" averages the patch tokens only, as timm's: not the class token."""
+    theirs = perturb(timm.create_model("cait_xxs24_224", **TINY_CAIT, global_pool="avg")).eval()
+    ours = deit_fast.create_model("cait_xxs24_224", **TINY_CAIT, global_pool="avg").eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert_close_scaled(ours(x), theirs(x))
+    feats = ours.forward_features(x)
+    assert_close_scaled(ours.forward_head(feats, pre_logits=True), feats[:, 1:].mean(dim=1))
 
 
 def test_grad_checkpointing_gives_same_grads():

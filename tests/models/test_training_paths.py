@@ -70,3 +70,13 @@ def test_triton_matches_torch(kind, kwargs):
         assert_close_scaled(a, b, rel=1e-4)
     for n, g in grads.items():
         assert_close_scaled(g, ref_grads[n], rel=1e-3)
+
+
+@pytest.mark.parametrize("block", ["Block", "LayerScaleBlock"])
+def test_drop_path_one_drops_every_branch(block):
+    """drop_path 1 (the last block's rate at --drop-path 1, linear decay): every sample's branches
+    are dropped and the block passes x through, as timm's DropPath does (no 1 / keep_prob)."""
+    from deit_fast import layers
+    blk = perturb(getattr(layers, block)(64, num_heads=2, drop_path=1.0)).train()
+    x = torch.randn(2, 5, 64)
+    assert torch.equal(blk(x), x)

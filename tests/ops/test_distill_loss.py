@@ -252,6 +252,23 @@ def test_backward_of_one_head():
     torch.testing.assert_close(got, want)
 
 
+def test_differentiable_backward_scales_by_the_upstream_grad():
+    """create_graph=True with an upstream grad that itself requires grad (a learned loss weight,
+    a gradient penalty) takes the differentiable form of the backward: the saved grads times the
+    upstream grad there too, and differentiable in it."""
+    s, d, t, y = make(4, 10, F32, "int")
+    leaves = [s.detach().requires_grad_(), d.detach().requires_grad_()]
+    upstream = torch.tensor(UPSTREAM, device=DEVICE, requires_grad=True)
+    with ops.use_backend("triton"):
+        loss = ops.distillation_loss(*leaves, y, t, "soft", tau=2.0)
+    grads = torch.autograd.grad(loss, leaves, upstream, create_graph=True)
+    _, want = run("torch", s, d, t, y, kind="soft", tau=2.0)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+    (dup,) = torch.autograd.grad(sum(g.square().sum() for g in grads), upstream)
+    torch.testing.assert_close(dup, sum(2 * w.square().sum() / UPSTREAM for w in want))
+
+
 def test_backward_kernel_spans_blocks(monkeypatch):
     """Heads of several program blocks each, the last ones partial: every element scaled."""
     monkeypatch.setattr(kernel, "SCALE_BLOCK", 64)

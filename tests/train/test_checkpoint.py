@@ -1,6 +1,7 @@
 """Checkpoints: an interrupted and resumed run equals the uninterrupted one, a killed run leaves
 a loadable checkpoint, a corrupt file is reported and never overwritten silently, a non-finite
 loss stops the run before anything corrupted is saved."""
+import json
 import os
 import signal
 import subprocess
@@ -129,3 +130,32 @@ def test_resume_adds_an_ema_of_the_resumed_weights(tmp_path, digits):
     train(tiny_args(out, digits, "deit_tiny_patch16_224", "--resume", ckpt, "--model-ema",
                     "--model-ema-decay", "1.0"))  # runs the epoch's last step, then saves
     assert state_dicts_equal(load(ckpt)["model_ema"], before["model"])
+
+
+def test_resume_restores_the_grad_scaler(tmp_path, digits):
+    """fp16: the GradScaler's scale comes back from the checkpoint (a fresh 65536 after a run that
+    had backed off would overflow again). A scale the run could not reach on its own (growth takes
+    2000 steps) shows that it is the checkpoint's."""
+    out = tmp_path / "run"
+    argv = ("deit_tiny_patch16_224", "--precision", "fp16", "--steps-per-epoch", "2")
+    train(tiny_args(out, digits, *argv, "--stop-after-steps", "1", "--save-every-steps", "1"))
+    ckpt = str(out / "checkpoint.pth")
+    state = load(ckpt)
+    state["scaler"]["scale"] = 8.0
+    torch.save(state, ckpt)
+    train(tiny_args(out, digits, *argv, "--resume", ckpt))
+    assert load(ckpt)["scaler"]["scale"] == 8.0
+
+
+def test_resume_from_an_epoch_end_checkpoint_starts_the_next_epoch(tmp_path, digits):
+    """Stopped after an epoch's checkpoint: the resume trains the next epoch from its first step,
+    as the uninterrupted run did, and logs each epoch once (not the finished one again, empty)."""
+    run = ("deit_tiny_patch16_224", "--epochs", "2", "--steps-per-epoch", "2")
+    full = train(tiny_args(tmp_path / "full", digits, *run))
+    first = train(tiny_args(tmp_path / "cut", digits, *run, "--stop-after-steps", "3"))
+    ckpt = str(tmp_path / "cut" / "checkpoint.pth")
+    assert first["stopped"] and (load(ckpt)["epoch"], load(ckpt)["step_in_epoch"]) == (0, 2)
+    rest = train(tiny_args(tmp_path / "cut", digits, *run, "--resume", ckpt))
+    assert rest["step_losses"] == full["step_losses"][2:]
+    logged = [json.loads(line) for line in open(tmp_path / "cut" / "log.jsonl")]
+    assert [r["epoch"] for r in logged] == [0, 1]

@@ -207,3 +207,137 @@ def test_eval_of_finetune_weights_matches_the_run(tmp_path, digits):
     stats = train(tiny_args(tmp_path / "b", digits, "deit_tiny_patch16_224", "--eval", "--finetune",
                             str(tmp_path / "a" / "checkpoint.pth")))
     assert stats["val_top1"] == pytest.approx(record["val_top1"])
+
+
+# ---- the step's arithmetic, checked directly (a short run's finite losses cannot tell) ---------
+
+def test_param_groups_decay_no_norms_biases_or_tokens():
+    """timm's rule: weight decay on the matrices only, never on norms, biases, pos_embed,
+    cls_token or dist_token (decaying the tokens towards 0 is a silent accuracy loss)."""
+    from deit_fast.models import create_model
+    from deit_fast.train.run import param_groups
+    name = "deit_tiny_distilled_patch16_224"
+    model = create_model(name, **KWARGS[name])
+    no_decay, decay = param_groups(model, 0.05)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    tokens = ("pos_embed", "cls_token", "dist_token")
+    assert {*tokens, "norm.weight", "norm.bias", "head.bias"} <= skipped
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in model.named_parameters() if p.ndim > 1 and n not in tokens}
+
+
+def test_lr_is_scaled_by_the_total_batch_over_512(tmp_path, digits):
+    """The linear scaling rule of the official main.py: lr x batch_size x world / 512, unless
+    --unscale-lr; the schedule's base lr is the scaled one."""
+    for extra, lr in (((), 4e-3 * 16 / 512), (("--unscale-lr",), 4e-3)):
+        out = tmp_path / str(len(extra))
+        train(tiny_args(out, digits, "deit_tiny_patch16_224", "--stop-after-steps", "1",
+                        "--save-every-steps", "1", "--steps-per-epoch", "2", *extra))
+        ckpt = load(str(out / "checkpoint.pth"))
+        assert ckpt["args"]["lr_scaled"] == pytest.approx(lr)
+        assert ckpt["lr_scheduler"]["base_values"] == pytest.approx([lr, lr])
+
+
+def test_clipping_sees_the_unscaled_gradients():
+    """fp16: the GradScaler's scaled grads are unscaled before --clip-grad measures their norm,
+    else the clip shrinks every step to ~1/scale of its size."""
+    from types import SimpleNamespace
+
+    from deit_fast.train.engine import optimizer_step
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([w], lr=1.0)
+    s = SimpleNamespace(args=SimpleNamespace(clip_grad=1.0), optimizer=opt,
+                        raw_model=SimpleNamespace(parameters=lambda: [w]),
+                        scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    optimizer_step(s, (w * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum())  # grad norm 5, clipped to 1
+    torch.testing.assert_close(w.detach(), torch.tensor([-0.6, -0.8, 0.0, 0.0]))
+
+
+def test_loss_takes_each_head_alpha_and_tau_where_they_belong():
+    """compute_loss: the class head against the labels, the distillation head against the
+    teacher, (1 - alpha) and alpha, at temperature tau: exactly ops.distillation_loss of them."""
+    from types import SimpleNamespace
+
+    from deit_fast import ops
+    from deit_fast.train.engine import compute_loss
+    g = torch.Generator().manual_seed(0)
+    cls, dist, teacher = (torch.randn(4, 10, generator=g) for _ in range(3))
+    x, y = torch.randn(4, 3, 2, 2, generator=g), torch.tensor([1, 2, 3, 4])
+    args = SimpleNamespace(distillation_type="soft", precision="fp32", cuda_graph=False,
+                           channels_last_teacher=False, smoothing=0.1, distillation_alpha=0.3,
+                           distillation_tau=3.0, kl_reduction="batchmean")
+    got = compute_loss(lambda _: (cls, dist), lambda _: teacher, x, y, args, torch.device("cpu"))
+    want = ops.distillation_loss(cls, dist, y, teacher, "soft", 0.3, 3.0, 0.1, "batchmean",
+                                 return_components=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_evaluate_counts_top1_and_top5():
+    """evaluate: top-5 counts a target anywhere in the 5 largest logits, top-1 only the largest."""
+    from deit_fast.train.engine import evaluate
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.arange(10.0).expand(len(x), 10)  # ranks: 9, 8, 7, 6, 5, then the rest
+    batch = (torch.zeros(4, 1), torch.tensor([9, 5, 4, 7]))  # top-1: one; top-5: three
+    stats = evaluate(Fixed(), [batch], torch.device("cpu"), "fp32")
+    assert (stats["val_images"], stats["val_top1"], stats["val_top5"]) == (4, 25.0, 75.0)
+
+
+def test_logged_losses_are_the_mean_over_ranks(monkeypatch):
+    """Each rank's window rows are all-reduced (summed) then divided by the world size: the
+    logged loss is the mean over ranks, not their sum."""
+    from types import SimpleNamespace
+
+    from deit_fast.train import distributed, engine
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: t.mul_(2))  # two ranks, equal rows
+    s = SimpleNamespace(dist=distributed.Dist(rank=0, world=2), global_step=2, last_checkpoint="",
+                        meters={"loss": 0.0, "base": 0.0, "distill": 0.0, "steps": 0},
+                        step_losses=[])
+    window = [torch.tensor([1.5, 1.0, 2.0]), torch.tensor([0.5, 0.25, 0.75])]
+    assert engine._check_and_log(s, window, epoch=0) == 0.5
+    assert s.step_losses == [1.5, 0.5]
+    assert s.meters == {"loss": 2.0, "base": 1.25, "distill": 2.75, "steps": 2}
+
+
+def test_per_step_draws_are_the_steps_and_the_ranks():
+    """Each step reseeds from (seed, rank, step): a rerun draws the same drop-path masks and mixup,
+    and two ranks draw different ones (the official seed + rank), not copies of each other."""
+    from types import SimpleNamespace
+
+    from deit_fast.train import distributed, engine
+
+    class Loader(list):
+        batch_sampler = SimpleNamespace(set_epoch=lambda *a: None)
+
+    def draws(rank):
+        step = lambda x, y: (torch.rand(()),) * 3  # noqa: E731  (what the step's RNG gives)
+        args = SimpleNamespace(seed=0, save_every_steps=0, stop_after_steps=0, print_freq=9)
+        s = SimpleNamespace(args=args,
+                            device=torch.device("cpu"), dist=distributed.Dist(rank=rank, world=1),
+                            model=torch.nn.Identity(), mixup=None, graphed=step, global_step=0,
+                            scheduler=SimpleNamespace(step_update=lambda num_updates: None),
+                            model_ema=None, steps_per_epoch=3,
+                            meters=dict(loss=0.0, base=0.0, distill=0.0, steps=0),
+                            step_losses=[], last_checkpoint="")
+        batches = Loader([(torch.zeros(2, 1), torch.zeros(2))] * 3)
+        engine.train_one_epoch(s, batches, 0, 0, lambda k: None)
+        return s.step_losses
+    first = draws(0)
+    assert draws(0) == first and len(set(first)) == 3
+    assert not set(draws(1)) & set(first)
+
+
+def test_lr_warms_up_over_warmup_epochs_of_iterations(tmp_path, digits):
+    """The schedule runs per iteration: --warmup-epochs 1 at 2 steps an epoch is 2 warmup steps,
+    and the lr set after global step t is the schedule's value at t (halfway after the first)."""
+    train(tiny_args(tmp_path, digits, "deit_tiny_patch16_224", "--epochs", "2",
+                    "--steps-per-epoch", "2", "--warmup-epochs", "1", "--warmup-lr", "0",
+                    "--stop-after-steps", "1", "--save-every-steps", "1"))
+    ckpt = load(str(tmp_path / "checkpoint.pth"))
+    base = 4e-3 * 16 / 512
+    assert ckpt["global_step"] == 1 and ckpt["lr_scheduler"]["warmup_t"] == 2
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([base / 2] * 2)
