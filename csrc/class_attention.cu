@@ -18,15 +18,18 @@
 // [split * chunk, + chunk) and writes fp32 (m, l, acc) partials that a second kernel merges in
 // split order. The split count is a function of B*H, N and the SM count only, so a shape on a
 // given GPU always takes the same path and gives the same bits. The forward saves one fp32
-// log-sum-exp per (b, h), in log2 units as the Triton kernels do (the two backends' forward and
-// backward are interchangeable).
+// log-sum-exp per (b, h), in log2 units, and the output in fp32 (out_f32), as the Triton kernels
+// do (the two backends' forward and backward are interchangeable).
 //
 // Backward, with s_j = log2(e) scale q.k_j, P_j = exp2(s_j - lse), delta = dO . O, dP_j = dO . v_j
-// and dS_j = P_j (dP_j - delta): dv_j = P_j dO and dk_j = scale dS_j q belong to key j alone, so the lane group that owns key j
-// stores them; dq = scale sum_j dS_j k_j is merged across groups in shared memory and across
-// splits by a second kernel, both in a fixed order. No atomics anywhere.
+// and dS_j = P_j (dP_j - delta): dv_j = P_j dO and dk_j = scale dS_j q belong to key j alone, so
+// the lane group that owns key j stores them; dq = scale sum_j dS_j k_j is merged across groups
+// in shared memory and across splits by a second kernel, both in a fixed order. No atomics
+// anywhere. delta comes from the fp32 output: where one key takes nearly all the weight
+// (P ~ 0.999) dP_j - delta cancels, and the output rounded to T (2^-8 in bf16) made delta's
+// error many times that key's true dk.
 //
-// q, o, dO (one row per block) are read with all their strides. k and v take the 16-byte vector
+// q and dO (one row per block) are read with all their strides. k and v take the 16-byte vector
 // path when their last stride is 1 and base and other strides are 16-byte multiples (q/k/v views
 // of timm's projections always are); otherwise the same kernel reads them element by element
 // with their strides, never copying. out, lse, dq, dk and dv are fresh tensors: dk, dv
@@ -256,16 +259,17 @@ __device__ __forceinline__ void pass_rows(Stage& stage, int& st, const T* __rest
 // ---- forward -----------------------------------------------------------------------------
 
 // Grid (B*H, splits), block kThreads. With SPLIT the block leaves its merged (m, l, acc) in
-// pm / pl / pacc [split, bh]; otherwise it writes out (B*H, D) and lse (B*H) itself.
+// pm / pl / pacc [split, bh]; otherwise it writes out (B*H, D), out32 (the same in fp32) and
+// lse (B*H) itself.
 // PF (vector path only): each pass requests the next pass's K and V (cp.async, Staging) before it
 // computes, the same arithmetic in the same order (the same results) with two passes' loads
 // overlapping.
 template <typename T, int D, bool VL, bool SPLIT, bool PF>
 __global__ void __launch_bounds__(kThreads) class_attn_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
-    float* __restrict__ lse, float* __restrict__ pm, float* __restrict__ pl,
-    float* __restrict__ pacc, S4 sq, S4 sk, S4 sv, int H, int N, int64_t BH, int chunk,
-    float qk_scale) {
+    float* __restrict__ out32, float* __restrict__ lse, float* __restrict__ pm,
+    float* __restrict__ pl, float* __restrict__ pacc, S4 sq, S4 sk, S4 sv, int H, int N,
+    int64_t BH, int chunk, float qk_scale) {
   using C = Cfg<T, D>;
   __shared__ float red_acc[C::G][D];
   __shared__ float red_m[C::G], red_l[C::G], red_w[C::G];
@@ -345,16 +349,19 @@ __global__ void __launch_bounds__(kThreads) class_attn_fwd_kernel(
     pacc[part * D + c] = o;
     if (c == 0) pm[part] = m_max, pl[part] = l_sum;
   } else {
-    out[bh * D + c] = from_float<T>(o / l_sum);
+    const float of = o / l_sum;
+    out[bh * D + c] = from_float<T>(of);
+    out32[bh * D + c] = of;
     if (c == 0) lse[bh] = m_max + log2f(l_sum);
   }
 }
 
-// out / lse from the split partials, splits merged in order. One thread per (bh, column).
+// out / out32 / lse from the split partials, splits merged in order. One thread per (bh, column).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) class_attn_fwd_combine_kernel(
     const float* __restrict__ pm, const float* __restrict__ pl, const float* __restrict__ pacc,
-    T* __restrict__ out, float* __restrict__ lse, int64_t BH, int D, int splits) {
+    T* __restrict__ out, float* __restrict__ out32, float* __restrict__ lse, int64_t BH, int D,
+    int splits) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= BH * D) return;
   const int64_t bh = i / D;
@@ -366,21 +373,23 @@ __global__ void __launch_bounds__(kThreads) class_attn_fwd_combine_kernel(
     l_sum = fmaf(w, pl[s * BH + bh], l_sum);
     o = fmaf(w, pacc[s * BH * D + i], o);
   }
-  out[i] = from_float<T>(o / l_sum);
+  const float of = o / l_sum;
+  out[i] = from_float<T>(of);
+  out32[i] = of;
   if (i == bh * D) lse[bh] = m_max + log2f(l_sum);
 }
 
 // ---- backward ----------------------------------------------------------------------------
 
 // Grid (B*H, splits), block kThreads. dk, dv: strides sg (unit last stride, 16-byte aligned:
-// allocated here). dq: (B*H, D) in T, or with SPLIT fp32 partials [split, bh, D]. PF as in the
-// forward.
+// allocated here). dq: (B*H, D) in T, or with SPLIT fp32 partials [split, bh, D]. o32: the
+// forward's out32, (B*H, D) contiguous. PF as in the forward.
 template <typename T, int D, bool VL, bool SPLIT, bool PF>
 __global__ void __launch_bounds__(kThreads) class_attn_bwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ o, const T* __restrict__ dout, const float* __restrict__ lse,
+    const float* __restrict__ o32, const T* __restrict__ dout, const float* __restrict__ lse,
     T* __restrict__ dq, float* __restrict__ pdq, T* __restrict__ dk, T* __restrict__ dv, S4 sq,
-    S4 sk, S4 sv, S4 so, S4 sdo, S4 sg, int H, int N, int64_t BH, int chunk, float scale,
+    S4 sk, S4 sv, S4 sdo, S4 sg, int H, int N, int64_t BH, int chunk, float scale,
     float qk_scale) {
   using C = Cfg<T, D>;
   __shared__ float red[C::G][D];
@@ -396,7 +405,7 @@ __global__ void __launch_bounds__(kThreads) class_attn_bwd_kernel(
   float delta = 0.f;  // dO . O, recomputed per block: 2 D loads instead of a kernel
   {
     float of[C::E];
-    load_cols<C, false>(o + b * so.b + h * so.h, so.d, ln.li, of);
+    load_cols<C, false>(o32 + bh * D, 1, ln.li, of);
 #pragma unroll
     for (int e = 0; e < C::E; ++e) delta = fmaf(dof[e], of[e], delta);
     delta = group_sum<C::L>(delta, ln.li, ln.base);
@@ -513,7 +522,13 @@ void check_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale) {
   check_qkv(kBwd, q, k, v, scale);
   check_same(kBwd, "dout", dout, q, q.sizes());
-  check_same(kBwd, "out", out, q, q.sizes());
+  // out: the forward's out_f32
+  TORCH_CHECK(out.sizes() == q.sizes(), kBwd, ": out must have shape ", q.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kFloat, kBwd,
+              ": out dtype must be float32 (the forward's out_f32), got ", out.scalar_type());
+  TORCH_CHECK(out.device() == q.device(), kBwd, ": out is on ", out.device(), " but q is on ",
+              q.device());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1), kBwd,
               ": lse must have shape (", q.size(0), ", ", q.size(1), "), got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat, kBwd, ": lse dtype must be float32, got ",
@@ -590,16 +605,19 @@ Split split_plan(const char* op, int64_t BH, int64_t N, int keys_per_pass, int b
 
 // ---- forward -----------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, double scale, bool) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_meta(const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v, double scale,
+                                                            bool) {
   check_qkv(kFwd, q, k, v, scale);
-  return {at::empty(q.sizes(), q.options()),
-          at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat))};
+  const auto f32 = q.options().dtype(at::kFloat);
+  return {at::empty(q.sizes(), q.options()), at::empty({q.size(0), q.size(1)}, f32),
+          at::empty(q.sizes(), f32)};
 }
 
 template <typename T, int D, bool VL, bool PF>
 void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                    at::Tensor& lse, double scale, cudaStream_t stream) {
+                    at::Tensor& out32, at::Tensor& lse, double scale, cudaStream_t stream) {
   using C = Cfg<T, D>;
   const int64_t BH = k.size(0) * k.size(1);
   const int H = static_cast<int>(k.size(1)), N = static_cast<int>(k.size(2));
@@ -611,9 +629,9 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const auto* vp = static_cast<const T*>(v.const_data_ptr());
   if (sp.count == 1) {
     class_attn_fwd_kernel<T, D, VL, false, PF><<<grid, kThreads, 0, stream>>>(
-        qp, kp, vp, static_cast<T*>(out.data_ptr()), static_cast<float*>(lse.data_ptr()), nullptr,
-        nullptr, nullptr, strides(q), strides(k), strides(v), H, N, BH, sp.chunk,
-        qk_scale);
+        qp, kp, vp, static_cast<T*>(out.data_ptr()), static_cast<float*>(out32.data_ptr()),
+        static_cast<float*>(lse.data_ptr()), nullptr, nullptr, nullptr, strides(q), strides(k),
+        strides(v), H, N, BH, sp.chunk, qk_scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -621,7 +639,7 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   at::Tensor pm = at::empty({sp.count, BH}, f32), pl = at::empty({sp.count, BH}, f32);
   at::Tensor pacc = at::empty({sp.count, BH, D}, f32);
   class_attn_fwd_kernel<T, D, VL, true, PF><<<grid, kThreads, 0, stream>>>(
-      qp, kp, vp, nullptr, nullptr, static_cast<float*>(pm.data_ptr()),
+      qp, kp, vp, nullptr, nullptr, nullptr, static_cast<float*>(pm.data_ptr()),
       static_cast<float*>(pl.data_ptr()), static_cast<float*>(pacc.data_ptr()), strides(q),
       strides(k), strides(v), H, N, BH, sp.chunk, qk_scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -629,30 +647,38 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   class_attn_fwd_combine_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const float*>(pm.const_data_ptr()), static_cast<const float*>(pl.const_data_ptr()),
       static_cast<const float*>(pacc.const_data_ptr()), static_cast<T*>(out.data_ptr()),
-      static_cast<float*>(lse.data_ptr()), BH, D, sp.count);
+      static_cast<float*>(out32.data_ptr()), static_cast<float*>(lse.data_ptr()), BH, D,
+      sp.count);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, double scale, bool prefetch) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v, double scale,
+                                                            bool prefetch) {
   check_qkv(kFwd, q, k, v, scale);
   check_cuda(kFwd, q);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, f32);
+  at::Tensor out32 = at::empty(q.sizes(), f32);
+  if (out.numel() == 0) return {out, lse, out32};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(q.scalar_type(), "q", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool vl = vec_rows(k, 16 / sizeof(T)) && vec_rows(v, 16 / sizeof(T));
     dispatch_head_dim(q.size(3), [&](auto dc) {
       constexpr int D = decltype(dc)::value;
-      if (vl && prefetch) launch_forward<T, D, true, true>(q, k, v, out, lse, scale, stream);
-      else if (vl) launch_forward<T, D, true, false>(q, k, v, out, lse, scale, stream);
-      else launch_forward<T, D, false, false>(q, k, v, out, lse, scale, stream);
+      if (vl && prefetch)
+        launch_forward<T, D, true, true>(q, k, v, out, out32, lse, scale, stream);
+      else if (vl)
+        launch_forward<T, D, true, false>(q, k, v, out, out32, lse, scale, stream);
+      else
+        launch_forward<T, D, false, false>(q, k, v, out, out32, lse, scale, stream);
     });
   });
-  return {out, lse};
+  return {out, lse, out32};
 }
 
 // ---- backward ----------------------------------------------------------------------------
@@ -676,17 +702,18 @@ void launch_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>(sp.count));
   at::Tensor pdq;
   if (sp.count > 1) pdq = at::empty({sp.count, BH, D}, q.options().dtype(at::kFloat));
-  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor lse_c = lse.contiguous(), out_c = out.contiguous();
   // dk and dv come from grad_layout(k) alike: one set of strides serves both.
   auto launch = [&](auto split_tag) {
     class_attn_bwd_kernel<T, D, VL, decltype(split_tag)::value, PF><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k.const_data_ptr()),
-        static_cast<const T*>(v.const_data_ptr()), static_cast<const T*>(out.const_data_ptr()),
+        static_cast<const T*>(v.const_data_ptr()),
+        static_cast<const float*>(out_c.const_data_ptr()),
         static_cast<const T*>(dout.const_data_ptr()),
         static_cast<const float*>(lse_c.const_data_ptr()), static_cast<T*>(dq.data_ptr()),
         pdq.defined() ? static_cast<float*>(pdq.data_ptr()) : nullptr,
         static_cast<T*>(dk.data_ptr()), static_cast<T*>(dv.data_ptr()), strides(q), strides(k),
-        strides(v), strides(out), strides(dout), strides(dk), H, N, BH, sp.chunk,
+        strides(v), strides(dout), strides(dk), H, N, BH, sp.chunk,
         static_cast<float>(scale), static_cast<float>(scale * kLog2e));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -731,14 +758,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(deit_fast_C, m) {
-  // (out, lse) = class attention of q (B, H, 1, D) over k, v (B, H, N >= 1, D): one dtype out of
-  // fp32/fp16/bf16, D in {32, 48, 64, 80, 96, 128}, any strides. out (B, H, 1, D) contiguous in
-  // q's dtype; lse (B, H) fp32 log-sum-exp of the scaled scores in log2 units. prefetch: the
-  // kernels' PF variant where k and v take the vector path (the same results).
+  // (out, lse, out_f32) = class attention of q (B, H, 1, D) over k, v (B, H, N >= 1, D): one
+  // dtype out of fp32/fp16/bf16, D in {32, 48, 64, 80, 96, 128}, any strides. out (B, H, 1, D)
+  // contiguous in q's dtype; lse (B, H) fp32 log-sum-exp of the scaled scores in log2 units;
+  // out_f32 the output in fp32, for the backward. prefetch: the kernels' PF variant where k and
+  // v take the vector path (the same results).
   m.def("class_attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool prefetch=False) "
-        "-> (Tensor, Tensor)");
-  // (dq, dk, dv), deterministic (no atomics); dq contiguous; dk, dv token-major (B, N, H, D) in
-  // memory when k.stride(1) < k.stride(2), else contiguous.
+        "-> (Tensor, Tensor, Tensor)");
+  // (dq, dk, dv), deterministic (no atomics), with out the forward's out_f32; dq contiguous;
+  // dk, dv token-major (B, N, H, D) in memory when k.stride(1) < k.stride(2), else contiguous.
   m.def("class_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, float scale, bool prefetch=False) -> (Tensor, Tensor, Tensor)");
 }

@@ -11,9 +11,13 @@ and accumulator acc[r, :] over keys r, r + BLOCK_N, ..., so the loop has no cros
 reduction (only the D-reduction of q.k inside a warp); slots are merged once at the end.
 When B*H alone cannot fill the GPU (CaiT-S24 at B=8: 64 programs for 132 SMs), the key axis is
 split across programs, each writes (m, l, acc) in fp32 and a small kernel merges them in a fixed
-order. The forward saves only the log-sum-exp per (b, h) (log2 units) for the backward.
+order. The forward saves the log-sum-exp per (b, h) (log2 units) and the output in fp32 (D floats
+per (b, h), ~0.5 % of the K/V read at CaiT shapes) for the backward.
 
 Backward (with delta = sum(dO * O), P_j = exp(s_j - lse), dP_j = dO . v_j, dS_j = P_j (dP_j - delta)):
+delta comes from the fp32 output, not the one rounded to the input dtype: where one key takes
+nearly all the weight (P ~ 0.999, common in a trained class-attention layer) dP_j - delta cancels,
+and delta's rounding error (2^-8 of it in bf16) was then many times that key's true dk.
 dv_j = P_j dO and dk_j = scale dS_j q belong to one key each, so the program owning key j writes
 them directly; dq = scale sum_j dS_j k_j is summed per split in fp32 and the per-split partials are
 summed in a fixed order by a second small kernel. No atomics: grads are bitwise reproducible.
@@ -64,7 +68,7 @@ def _kv_tile(k_base, v_base, n0, end, d, dmask, skn, skd, svn, svd, BLOCK_N: tl.
 
 
 @triton.jit
-def _ca_fwd(Q, K, V, O, LSE, PM, PL, PACC,
+def _ca_fwd(Q, K, V, O, OF, LSE, PM, PL, PACC,
             sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, sod,
             H, N, D, BH, chunk, qk_scale,
             SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -104,12 +108,14 @@ def _ca_fwd(Q, K, V, O, LSE, PM, PL, PACC,
         tl.store(PL + part, l_sum)
         tl.store(PACC + part * D + d, o, mask=dmask)
     else:
-        tl.store(O + b * sob + h * soh + d * sod, (o / l_sum).to(O.dtype.element_ty), mask=dmask)
+        o = o / l_sum
+        tl.store(O + b * sob + h * soh + d * sod, o.to(O.dtype.element_ty), mask=dmask)
+        tl.store(OF + bh.to(tl.int64) * D + d, o, mask=dmask)
         tl.store(LSE + bh, m_max + tl.log2(l_sum))
 
 
 @triton.jit
-def _ca_fwd_combine(PM, PL, PACC, O, LSE, sob, soh, sod, H, D, BH, splits,
+def _ca_fwd_combine(PM, PL, PACC, O, OF, LSE, sob, soh, sod, H, D, BH, splits,
                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -125,17 +131,19 @@ def _ca_fwd_combine(PM, PL, PACC, O, LSE, sob, soh, sod, H, D, BH, splits,
     l_sum = tl.sum(l * w, axis=0)
     o = tl.sum(acc * w[:, None], axis=0) / l_sum
     tl.store(O + b * sob + h * soh + d * sod, o.to(O.dtype.element_ty), mask=dmask)
+    tl.store(OF + bh.to(tl.int64) * D + d, o, mask=dmask)
     tl.store(LSE + bh, m_max + tl.log2(l_sum))
 
 
 @triton.jit
-def _ca_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV,
-            sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, sod, sdb, sdh, sdd,
+def _ca_bwd(Q, K, V, OF, DO, LSE, DQ, DK, DV,
+            sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdd,
             sgb, sgh, sgn, H, N, D, BH, chunk, scale, qk_scale,
             SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             STAGES: tl.constexpr):
     # DK and DV share one layout (strides sgb, sgh, sgn; unit last stride). DQ is (B*H, D)
-    # contiguous in q's dtype, or (splits, B*H, D) fp32 partials when SPLIT.
+    # contiguous in q's dtype, or (splits, B*H, D) fp32 partials when SPLIT. OF: the forward's
+    # fp32 output, (B*H, D) contiguous.
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -143,7 +151,7 @@ def _ca_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV,
     dmask = d < D
     q = tl.load(Q + b * sqb + h * sqh + d * sqd, mask=dmask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + d * sdd, mask=dmask, other=0.0).to(tl.float32)
-    o = tl.load(O + b * sob + h * soh + d * sod, mask=dmask, other=0.0).to(tl.float32)
+    o = tl.load(OF + bh.to(tl.int64) * D + d, mask=dmask, other=0.0)
     delta = tl.sum(do * o, axis=0)  # recomputed per split: 2 x D loads, no extra kernel
     lse = tl.load(LSE + bh)
     q2 = q * qk_scale
@@ -220,14 +228,15 @@ def _grad_layout(t: torch.Tensor) -> torch.Tensor:
 
 def forward(q, k, v, scale: float):
     """q (B, H, 1, D); k, v (B, H, N, D), any strides -> (out (B, H, 1, D) in q's dtype,
-    lse (B, H) fp32 in log2 units)."""
+    lse (B, H) fp32 in log2 units, out_f32 (B, H, 1, D) the same output in fp32, contiguous)."""
     B, H, N, D = k.shape
     BH, block_d = B * H, next_pow2(D)
     block_n = _block_n(block_d, FWD_TILE)
     out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H), dtype=torch.float32, device=q.device)
+    out_f32 = torch.empty((B, H, 1, D), dtype=torch.float32, device=q.device)
     if BH == 0:
-        return out, lse
+        return out, lse, out_f32
     splits, chunk = split_plan(BH, N, block_n, q.device)
     split = splits > 1
     if split:
@@ -236,19 +245,20 @@ def forward(q, k, v, scale: float):
     else:
         pm = pl = pacc = None
     launch(_ca_fwd, (BH, splits),
-        q, k, v, out, lse, pm, pl, pacc,
+        q, k, v, out, out_f32, lse, pm, pl, pacc,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         out.stride(0), out.stride(1), out.stride(3), H, N, D, BH, chunk, scale * LOG2E,
         SPLIT=split, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=STAGES, num_warps=NUM_WARPS)
     if split:
-        launch(_ca_fwd_combine, (BH,), pm, pl, pacc, out, lse, out.stride(0), out.stride(1),
-               out.stride(3), H, D, BH, splits, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
-               num_warps=NUM_WARPS)
-    return out, lse
+        launch(_ca_fwd_combine, (BH,), pm, pl, pacc, out, out_f32, lse, out.stride(0),
+               out.stride(1), out.stride(3), H, D, BH, splits, BLOCK_S=MAX_SPLITS,
+               BLOCK_D=block_d, num_warps=NUM_WARPS)
+    return out, lse, out_f32
 
 
-def backward(do, q, k, v, o, lse, scale: float):
-    """-> (dq, dk, dv) in the inputs' dtype; dk, dv share one layout (see _grad_layout)."""
+def backward(do, q, k, v, out_f32, lse, scale: float):
+    """out_f32, lse: from forward. -> (dq, dk, dv) in the inputs' dtype; dk, dv share one layout
+    (see _grad_layout)."""
     B, H, N, D = k.shape
     BH, block_d = B * H, next_pow2(D)
     block_n = _block_n(block_d, BWD_TILE)
@@ -260,9 +270,9 @@ def backward(do, q, k, v, o, lse, scale: float):
     split = splits > 1
     pdq = torch.empty((splits, BH, D), dtype=torch.float32, device=q.device) if split else dq
     launch(_ca_bwd, (BH, splits),
-        q, k, v, o, do, lse, pdq, dk, dv,
+        q, k, v, out_f32.contiguous(), do, lse, pdq, dk, dv,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
-        o.stride(0), o.stride(1), o.stride(3), do.stride(0), do.stride(1), do.stride(3),
+        do.stride(0), do.stride(1), do.stride(3),
         dk.stride(0), dk.stride(1), dk.stride(2), H, N, D, BH, chunk, scale, scale * LOG2E,
         SPLIT=split, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=STAGES, num_warps=NUM_WARPS)
     if split:
@@ -282,7 +292,7 @@ def aot_configs(dtype: str):
     ints = dict.fromkeys(("H", "N", "D", "BH", "chunk", "splits") + strides, "i32")
     ints.update(scale="fp32", qk_scale="fp32")
     ptrs = dict.fromkeys(("Q", "K", "V", "O", "DO", "DK", "DV"), f"*{dtype}")
-    ptrs.update(dict.fromkeys(("LSE", "PM", "PL", "PACC", "PDQ"), "*fp32"))
+    ptrs.update(dict.fromkeys(("OF", "LSE", "PM", "PL", "PACC", "PDQ"), "*fp32"))
 
     def variant(kernel, **constexprs):
         constexprs.update({a: 1 for a in unit if a in kernel.arg_names})

@@ -31,8 +31,9 @@ def positive(name: str, value) -> None:
     """A positive float that stays finite and nonzero in fp32, where the kernels take it (a
     softmax scale, an eps, a temperature): inf passed a `> 0` test and gave non-finite outputs,
     and so did 1e39 (inf in fp32); 1e-39 is subnormal, flushed to 0 on the GPU."""
-    try:
-        ok = math.isfinite(float(value)) and FP32.tiny <= float(value) <= FP32.max
+    try:  # a bool is an int to float(): True passed as 1.0
+        ok = (not isinstance(value, bool) and math.isfinite(float(value))
+              and FP32.tiny <= float(value) <= FP32.max)
     except (TypeError, ValueError):
         ok = False
     if not ok:

@@ -216,13 +216,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     """
     check_qkv(q, k, v, scale)
     backend = _backend.resolve("attention", q.device)
-    if backend == "torch" or q.numel() == 0:  # empty: nothing to launch
+    if backend == "torch":
         return sdpa(q, k, v, scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
                          "self-attention kernel takes Nq == N: use the torch backend")
+    # checked before the empty shortcut: what a backend refuses must not depend on the batch size
+    kernel_scale = _kernel_scale(backend, q, scale)
+    if q.numel() == 0:  # empty: nothing to launch
+        return sdpa(q, k, v, scale)
     q, k, v = map(_checks.int32_slices, (q, k, v))
-    return dispatch(_fused, q, k, v, _kernel_scale(backend, q, scale), backend)[0]
+    return dispatch(_fused, q, k, v, kernel_scale, backend)[0]
 
 
 def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -233,7 +237,9 @@ def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
     """
     check_packed(qkv, scale)
     backend = _backend.resolve("attention", qkv.device)
-    if backend == "torch" or qkv.numel() == 0:  # empty: nothing to launch
+    if backend == "torch":
         return sdpa(*split_qkv(qkv), scale)
-    return dispatch(_fused_qkv, _checks.int32_slices(qkv), _kernel_scale(backend, qkv, scale, "qkv"),
-                    backend)[0]
+    kernel_scale = _kernel_scale(backend, qkv, scale, "qkv")  # before the empty shortcut
+    if qkv.numel() == 0:  # empty: nothing to launch
+        return sdpa(*split_qkv(qkv), scale)
+    return dispatch(_fused_qkv, _checks.int32_slices(qkv), kernel_scale, backend)[0]

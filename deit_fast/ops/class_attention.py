@@ -2,9 +2,11 @@
 
 The triton and cuda backends run behind two torch.library custom ops (forward, backward), so
 torch.compile sees one opaque node per call (fake impls give it shapes and strides) and autograd
-saves only q, k, v, the output and one fp32 log-sum-exp per (b, h). Both kernel backends take the
-same strided views without a copy, give dk and dv the same layout and keep the log-sum-exp in
-log2 units. The torch backend is SDPA (attention.sdpa), which autograd and torch.compile handle natively.
+saves q, k, v, the output in fp32 and one fp32 log-sum-exp per (b, h). The backward's
+delta = dO . O comes from that fp32 output: rounded to q's dtype, it cancelled badly against
+dP_j where one key takes nearly all the weight. Both kernel backends take the same strided views
+without a copy, give dk and dv the same layout and keep the log-sum-exp in log2 units. The
+torch backend is SDPA (attention.sdpa), which autograd and torch.compile handle natively.
 """
 from typing import Optional, Tuple
 
@@ -35,12 +37,12 @@ def _grad_layout_fake(t: Tensor) -> Tensor:
 CUDA_PREFETCH = False
 
 
-def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     return torch.ops.deit_fast_C.class_attention_forward(q, k, v, scale, CUDA_PREFETCH)
 
 
-def _cuda_backward(dout, q, k, v, out, lse, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return torch.ops.deit_fast_C.class_attention_backward(dout, q, k, v, out, lse, scale,
+def _cuda_backward(dout, q, k, v, out_f32, lse, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.deit_fast_C.class_attention_backward(dout, q, k, v, out_f32, lse, scale,
                                                           CUDA_PREFETCH)
 
 
@@ -54,7 +56,9 @@ def _kernels(backend: str):
 
 
 @custom_op("deit_fast::class_attention")
-def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float,
+           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (out in q's dtype, lse (B, H) fp32, out_f32: out in fp32)."""
     forward, _ = _kernels(backend)
     return forward(q, k, v, scale)
 
@@ -62,36 +66,37 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple
 @_fused.register_fake
 def _(q, k, v, scale, backend):
     B, H, _, D = q.shape
-    return q.new_empty((B, H, 1, D)), q.new_empty((B, H), dtype=torch.float32)
+    return (q.new_empty((B, H, 1, D)), q.new_empty((B, H), dtype=torch.float32),
+            q.new_empty((B, H, 1, D), dtype=torch.float32))
 
 
 @custom_op("deit_fast::class_attention_backward")
-def _fused_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _fused_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out_f32: Tensor, lse: Tensor,
                     scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     _, backward = _kernels(backend)
-    return backward(dout, q, k, v, out, lse, scale)
+    return backward(dout, q, k, v, out_f32, lse, scale)
 
 
 @_fused_backward.register_fake
-def _(dout, q, k, v, out, lse, scale, backend):
+def _(dout, q, k, v, out_f32, lse, scale, backend):
     return q.new_empty((q.shape[0], q.shape[1], 1, q.shape[3])), _grad_layout_fake(k), _grad_layout_fake(k)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    _, lse, out_f32 = output
+    ctx.save_for_backward(q, k, v, out_f32, lse)
     ctx.scale, ctx.backend = scale, backend
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = backward_call(ctx, _fused_backward)(_checks.int32_slices(dout), q, k, v, out, lse,
-                                                     ctx.scale, ctx.backend)
+def _backward(ctx, dout, _dlse, _dout_f32):
+    q, k, v, out_f32, lse = ctx.saved_tensors
+    dq, dk, dv = backward_call(ctx, _fused_backward)(_checks.int32_slices(dout), q, k, v, out_f32,
+                                                     lse, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
 
-register_autograd(_fused, _backward, _setup_context, stats=1)
+register_autograd(_fused, _backward, _setup_context, stats=2)
 
 
 def check_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -114,9 +119,11 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
     if q.shape[2] != 1:
         raise ValueError(f"q must hold one query per head, shape (B, H, 1, D), got {tuple(q.shape)}")
     backend = _backend.resolve("class_attention", q.device)
-    if backend == "torch" or q.numel() == 0:  # empty: nothing to launch
+    if backend == "torch":
         return sdpa(q, k, v, scale)
-    check_kernel(backend, q, k, v)
+    check_kernel(backend, q, k, v)  # before the empty shortcut: refusals don't depend on B
+    if q.numel() == 0:  # empty: nothing to launch
+        return sdpa(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = map(_checks.int32_slices, (q, k, v))
     return dispatch(_fused, q, k, v, scale, backend)[0]

@@ -197,6 +197,21 @@ def _reference_with_components(logits, dist_logits, target, teacher_logits, kind
     return loss, base.detach(), distill.detach()
 
 
+def check_kernel(backend: str, logits, dist_logits, target, teacher_logits, kind: str) -> None:
+    """What the kernel backends refuse on top of check(): grads they would drop, and dtypes."""
+    if torch.is_grad_enabled():  # the kernels give these no grad: say so rather than drop it
+        for name, t in (("teacher_logits", teacher_logits if kind != "none" else None),
+                        ("target", target if target.is_floating_point() else None)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad, but the {backend} backend gives it none "
+                                 "(the teacher is frozen, targets are data): detach it, or use "
+                                 "the torch backend")
+    heads = dict(logits=logits)
+    if kind != "none":
+        heads.update(dist_logits=dist_logits, teacher_logits=teacher_logits)
+    _checks.kernel_dtypes(backend, target=target if target.is_floating_point() else None, **heads)
+
+
 def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Tensor,
                       teacher_logits: Optional[Tensor] = None, kind: str = "hard",
                       alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0,
@@ -229,22 +244,14 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
           kl_reduction, check_target)
     backend = _backend.resolve("distillation_loss", logits.device)
+    if backend != "torch":  # refusals before the empty shortcut: they don't depend on B
+        check_kernel(backend, logits, dist_logits, target, teacher_logits, kind)
     if backend == "torch" or logits.numel() == 0:  # an empty batch: the reference's nan, no launch
         if return_components:
             return _reference_with_components(logits, dist_logits, target, teacher_logits, kind,
                                               alpha, tau, label_smoothing, kl_reduction)
         return reference.distillation_loss(logits, dist_logits, target, teacher_logits, kind, alpha,
                                            tau, label_smoothing, kl_reduction)
-    if torch.is_grad_enabled():  # the kernels give these no grad: say so rather than drop it
-        for name, t in (("teacher_logits", teacher_logits if kind != "none" else None),
-                        ("target", target if target.is_floating_point() else None)):
-            if t is not None and t.requires_grad:
-                raise ValueError(f"{name} requires grad, but the {backend} backend gives it none (the "
-                                 "teacher is frozen, targets are data): detach it, or use the torch backend")
-    heads = dict(logits=logits)
-    if kind != "none":
-        heads.update(dist_logits=dist_logits, teacher_logits=teacher_logits)
-    _checks.kernel_dtypes(backend, target=target if target.is_floating_point() else None, **heads)
     if kind == "none":
         dist_logits = teacher_logits = None
     grad = torch.is_grad_enabled()

@@ -104,14 +104,15 @@ def layerscale_residual(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     """
     check(x, y, gamma, keep_mask, keep_prob)
     backend = _backend.resolve("layerscale_residual", x.device)
-    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch
+    if backend != "torch":
+        _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma)
+        if backend == "triton":
+            from deit_fast.kernels.layerscale import MAX_C
+            if x.shape[-1] > MAX_C:
+                raise ValueError(f"x has C={x.shape[-1]} channels; the triton kernel takes "
+                                 f"C <= {MAX_C}: use the torch backend")
+    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch (refusals checked first)
         return reference.layerscale_residual(x, y, gamma, keep_mask, keep_prob)
-    _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma)
-    if backend == "triton":
-        from deit_fast.kernels.layerscale import MAX_C
-        if x.shape[-1] > MAX_C:
-            raise ValueError(f"x has C={x.shape[-1]} channels; the triton kernel takes C <= {MAX_C}: "
-                             "use the torch backend")
     gamma = _checks.dense(gamma)
     scale = None if keep_mask is None else keep_mask.to(torch.float32) / keep_prob
     return dispatch(_fused, x, y, gamma, scale, backend)
@@ -237,11 +238,13 @@ def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     check_norm(weight, bias, eps, x.shape[-1])
     _checks.same_device(x=x, weight=weight, bias=bias)
     backend = _backend.resolve("layerscale_residual_layernorm", x.device, width=x.shape[-1])
-    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch
-        return reference.layerscale_residual_layernorm(x, y, gamma, weight, bias, eps, keep_mask, keep_prob)
-    _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma, weight=weight, bias=bias)
+    if backend != "torch":
+        _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma, weight=weight, bias=bias)
+        check_norm_width(backend, x.shape[-1])
+    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch (refusals checked first)
+        return reference.layerscale_residual_layernorm(x, y, gamma, weight, bias, eps, keep_mask,
+                                                       keep_prob)
     gamma, weight, bias = (_checks.dense(t) for t in (gamma, weight, bias))
-    check_norm_width(backend, x.shape[-1])
     scale = None if keep_mask is None else keep_mask.to(torch.float32) / keep_prob
     out, normed, _, _ = dispatch(_fused_ln, x, y, gamma, scale, weight, bias, eps, backend)
     return out, normed
@@ -297,9 +300,10 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Te
     check_norm(weight, bias, eps, x.shape[-1])
     _checks.same_device(x=x, weight=weight, bias=bias)
     backend = _backend.resolve("layer_norm", x.device)
-    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch
+    if backend != "torch":
+        _checks.kernel_dtypes(backend, x=x, weight=weight, bias=bias)
+        check_norm_width(backend, x.shape[-1])
+    if backend == "torch" or x.numel() == 0:  # empty: nothing to launch (refusals checked first)
         return reference.layer_norm(x, weight, bias, eps)
-    _checks.kernel_dtypes(backend, x=x, weight=weight, bias=bias)
     weight, bias = _checks.dense(weight), _checks.dense(bias)
-    check_norm_width(backend, x.shape[-1])
     return dispatch(_ln, x, weight, bias, eps, backend)[0]

@@ -64,8 +64,8 @@ def test_the_op_module_passes_prefetch(ops, monkeypatch):
     q, k = meta((2, 3, 1, 48), BF16), meta((2, 3, 7, 48), BF16)
 
     def both():
-        out, lse = op_module._cuda_forward(q, k, k, 0.1)
-        op_module._cuda_backward(out, q, k, k, out, lse, 0.1)
+        out, lse, out_f32 = op_module._cuda_forward(q, k, k, 0.1)
+        op_module._cuda_backward(out, q, k, k, out_f32, lse, 0.1)
     for flag in (False, True):
         monkeypatch.setattr(op_module, "CUDA_PREFETCH", flag)
         assert flag_values("prefetch", both) == [("deit_fast_C.class_attention_forward.default", flag),
@@ -75,7 +75,7 @@ def test_the_op_module_passes_prefetch(ops, monkeypatch):
 def test_schemas(ops):
     assert str(ops.class_attention_forward.default._schema) == (
         "deit_fast_C::class_attention_forward(Tensor q, Tensor k, Tensor v, float scale, "
-        "bool prefetch=False) -> (Tensor, Tensor)")
+        "bool prefetch=False) -> (Tensor, Tensor, Tensor)")
     assert str(ops.class_attention_backward.default._schema) == (
         "deit_fast_C::class_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, "
         "Tensor out, Tensor lse, float scale, bool prefetch=False) -> (Tensor, Tensor, Tensor)")
@@ -86,7 +86,7 @@ def test_cpu_tensors_raise_instead_of_crashing(ops):
     with pytest.raises(NotImplementedError, match="CPU"):
         ops.class_attention_forward(q, k, k, 0.1)
     with pytest.raises(NotImplementedError, match="CPU"):
-        ops.class_attention_backward(q, q, k, k, q, torch.zeros(2, 3), 0.1)
+        ops.class_attention_backward(q, q, k, k, q.float(), torch.zeros(2, 3), 0.1)
 
 
 @pytest.mark.parametrize("D", HEAD_DIMS)
@@ -94,15 +94,18 @@ def test_cpu_tensors_raise_instead_of_crashing(ops):
 @pytest.mark.parametrize("B,H,N", [(2, 3, 7), (1, 1, 1), (4, 8, 577), (0, 2, 5)], ids=str)
 def test_output_metadata_and_opcheck(ops, B, H, N, D, dtype):
     q, k, v = meta((B, H, 1, D), dtype), meta((B, H, N, D), dtype), meta((B, H, N, D), dtype)
-    out, lse = ops.class_attention_forward(q, k, v, D ** -0.5)
+    out, lse, out_f32 = ops.class_attention_forward(q, k, v, D ** -0.5)
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((B, H, 1, D), dtype, (B, H), F32)
-    assert out.is_contiguous() and lse.is_contiguous()
-    dq, dk, dv = ops.class_attention_backward(meta((B, H, 1, D), dtype), q, k, v, out, lse, 0.5)
+    assert (out_f32.shape, out_f32.dtype) == ((B, H, 1, D), F32)
+    assert out.is_contiguous() and lse.is_contiguous() and out_f32.is_contiguous()
+    dq, dk, dv = ops.class_attention_backward(meta((B, H, 1, D), dtype), q, k, v, out_f32, lse,
+                                              0.5)
     assert (dq.shape, dk.shape, dv.shape) == ((B, H, 1, D), (B, H, N, D), (B, H, N, D))
     assert dq.dtype == dk.dtype == dv.dtype == dtype
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
     torch.library.opcheck(ops.class_attention_forward.default, (q, k, v, 0.3))
-    torch.library.opcheck(ops.class_attention_backward.default, (out, q, k, v, out, lse, 0.3))
+    torch.library.opcheck(ops.class_attention_backward.default,
+                          (out, q, k, v, out_f32, lse, 0.3))
 
 
 def test_projection_views_give_token_major_grads(ops):
@@ -112,13 +115,14 @@ def test_projection_views_give_token_major_grads(ops):
     B, H, N, D = 2, 4, 197, 48
     q = meta((B, 1, H, D), BF16).transpose(1, 2)
     kv = meta((B, N, 2, H, D), BF16).permute(2, 0, 3, 1, 4)
-    out, lse = ops.class_attention_forward(q, kv[0], kv[1], 0.1)
+    out, lse, out_f32 = ops.class_attention_forward(q, kv[0], kv[1], 0.1)
     assert out.is_contiguous() and out.shape == (B, H, 1, D)
-    dq, dk, dv = ops.class_attention_backward(out, q, kv[0], kv[1], out, lse, 0.1)
+    dq, dk, dv = ops.class_attention_backward(out, q, kv[0], kv[1], out_f32, lse, 0.1)
     fake = _grad_layout_fake(kv[0])
     assert dk.stride() == dv.stride() == fake.stride() == (N * H * D, D, H * D, 1)
     assert dq.is_contiguous()
-    torch.library.opcheck(ops.class_attention_backward.default, (out, q, kv[0], kv[1], out, lse, 0.1))
+    torch.library.opcheck(ops.class_attention_backward.default,
+                          (out, q, kv[0], kv[1], out_f32, lse, 0.1))
 
 
 Q, K = meta((2, 3, 1, 48), BF16), meta((2, 3, 7, 48), BF16)
@@ -146,20 +150,20 @@ def test_bad_input_names_the_argument(ops, change, arg):
     with pytest.raises(RuntimeError, match=arg):
         ops.class_attention_forward(*args.values())
     with pytest.raises(RuntimeError, match=arg):
-        ops.class_attention_backward(args["q"], args["q"], args["k"], args["v"], args["q"],
-                                     meta((2, 3)), args["scale"])
+        ops.class_attention_backward(args["q"], args["q"], args["k"], args["v"],
+                                     meta(args["q"].shape), meta((2, 3)), args["scale"])
 
 
 @pytest.mark.parametrize("change,arg", [
     (dict(dout=meta((2, 3, 1, 32), BF16)), "dout must have shape"),
     (dict(dout=meta((2, 3, 1, 48), F32)), "dout dtype"),
-    (dict(out=meta((2, 3, 2, 48), BF16)), "out must have shape"),
-    (dict(out=meta((2, 3, 1, 48), F16)), "out dtype"),
+    (dict(out=meta((2, 3, 2, 48))), "out must have shape"),
+    (dict(out=meta((2, 3, 1, 48), BF16)), "out dtype must be float32"),
     (dict(lse=meta((2, 4))), "lse must have shape"),
     (dict(lse=meta((2, 3), BF16)), "lse dtype"),
 ])
 def test_bad_backward_input_names_the_argument(ops, change, arg):
-    args = dict(dout=Q, q=Q, k=K, v=K, out=Q, lse=meta((2, 3)), scale=0.1)
+    args = dict(dout=Q, q=Q, k=K, v=K, out=meta((2, 3, 1, 48)), lse=meta((2, 3)), scale=0.1)
     args.update(change)
     with pytest.raises(RuntimeError, match=arg):
         ops.class_attention_backward(*args.values())

@@ -16,6 +16,7 @@ q = torch.randn(2, 3, 7, 16)
     ((q, q, q, float("inf")), "scale"),
     ((q, q, q, float("nan")), "scale"),
     ((q, q, q, 1e39), "scale"),  # finite, but inf in fp32 where the kernels take it
+    ((q, q, q, True), "scale"),  # float(True) is 1.0
     ((q, q[:, :, :0], q[:, :, :0]), "k"),
 ])
 def test_attention(args, arg):

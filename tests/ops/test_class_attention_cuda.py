@@ -16,7 +16,7 @@ from deit_fast import ops
 from tests.ops.sanitizer import TOOLS, run_sanitizer
 from tests.ops.streams import on_a_side_stream
 # run: output and (dq, dk, dv) of the public op on a backend, inputs as given
-from tests.ops.test_class_attention import check_custom_ops_pass_opcheck, run
+from tests.ops.test_class_attention import check_custom_ops_pass_opcheck, check_peaked_grads, run
 from tests.ops.tolerance import assert_rule
 
 # the module, which deit_fast.ops's function of the same name shadows as an attribute
@@ -70,6 +70,12 @@ def test_batches_match_reference(shape, dtype):
     check_against_reference(*make(*shape, dtype))
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+def test_peaked_softmax_grads_keep_their_precision(dtype):
+    """delta from the forward's fp32 output (out_f32), as in the Triton backend."""
+    check_peaked_grads("cuda", dtype, "cuda")
+
+
 def test_scale_argument():
     check_against_reference(*make(2, 3, 65, 48, F32), scale=0.37)
 
@@ -95,10 +101,11 @@ def test_lse_has_the_triton_convention():
     from deit_fast.kernels import class_attention as tri
     for shape in [(1, 1, 577, 48), (16, 8, 197, 64)]:
         q, k, v = make(*shape, F32)
-        out_c, lse_c = torch.ops.deit_fast_C.class_attention_forward(q, k, v, 0.2)
-        out_t, lse_t = tri.forward(q, k, v, 0.2)
+        out_c, lse_c, f32_c = torch.ops.deit_fast_C.class_attention_forward(q, k, v, 0.2)
+        out_t, lse_t, f32_t = tri.forward(q, k, v, 0.2)
         torch.testing.assert_close(lse_c, lse_t, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out_c, out_t, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f32_c, f32_t, rtol=1e-4, atol=1e-5)
         s = (q.double() @ k.double().transpose(-1, -2)).squeeze(2) * 0.2
         torch.testing.assert_close(lse_c.double(), torch.logsumexp(s, -1) / math.log(2),
                                    rtol=1e-5, atol=1e-5)
@@ -211,9 +218,9 @@ def test_extension_ops_on_cuda_pass_opcheck():
     q, k, v = make(2, 3, 9, 64, BF16)
     kt = torch.randn(2, 9, 3, 64, device="cuda", dtype=BF16).transpose(1, 2)
     torch.library.opcheck(C.class_attention_forward.default, (q, k, v, 0.125))
-    out, lse = C.class_attention_forward(q, kt, kt, 0.125)
+    out, lse, out_f32 = C.class_attention_forward(q, kt, kt, 0.125)
     torch.library.opcheck(C.class_attention_backward.default,
-                          (torch.randn_like(out), q, kt, kt, out, lse, 0.125))
+                          (torch.randn_like(out), q, kt, kt, out_f32, lse, 0.125))
 
 
 def test_inputs_on_two_devices_raise():

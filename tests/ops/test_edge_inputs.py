@@ -82,6 +82,41 @@ def test_empty_batch(op):
     out.sum().backward()
 
 
+def _x64(*shape):
+    return torch.randn(*shape, device=DEVICE, dtype=torch.float64)
+
+
+# (call, the argument the refusal names): what the kernel backends refuse at B > 0, at B = 0.
+REFUSED_EMPTY = {
+    "attention D=0": (lambda: ops.attention(*(_x(2, 2, 5, 0),) * 3), "q has head dim D=0"),
+    "attention D=24": (lambda: ops.attention(*(_x(0, 2, 5, 24),) * 3), "q has head dim D=24"),
+    "attention Nq != N": (lambda: ops.attention(_x(0, 2, 4, 32), _x(0, 2, 5, 32), _x(0, 2, 5, 32)),
+                          "q has 4 queries"),
+    "attention_qkv D=0": (lambda: ops.attention_qkv(_x(2, 5, 3, 2, 0)), "qkv has head dim D=0"),
+    "class_attention D=0": (lambda: ops.class_attention(_x(2, 2, 1, 0), _x(2, 2, 5, 0),
+                                                        _x(2, 2, 5, 0)), "q has head dim D=0"),
+    "class_attention fp64": (lambda: ops.class_attention(_x64(0, 2, 1, 32), _x64(0, 2, 5, 32),
+                                                         _x64(0, 2, 5, 32)), "q dtype"),
+    "layerscale_residual fp64": (lambda: ops.layerscale_residual(_x64(0, 3, 8), _x64(0, 3, 8),
+                                                                 _x64(8)), "x dtype"),
+    "layerscale_residual_layernorm fp64": (lambda: ops.layerscale_residual_layernorm(
+        _x64(0, 3, 8), _x64(0, 3, 8), _x64(8), _x64(8), _x64(8)), "x dtype"),
+    "layer_norm fp64": (lambda: ops.layer_norm(_x64(0, 3, 8), _x64(8), _x64(8)), "x dtype"),
+    "distillation_loss teacher with grad": (lambda: ops.distillation_loss(
+        _x(0, 10), _x(0, 10), torch.zeros(0, dtype=torch.long, device=DEVICE), _x(0, 10),
+        kind="hard"), "teacher_logits requires grad"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_EMPTY))
+def test_kernel_refusals_do_not_depend_on_the_batch(case):
+    """The empty-input shortcut came before the kernel backends' checks: D = 0 (an empty tensor
+    at any B) and every other refusal passed when B = 0."""
+    call, message = REFUSED_EMPTY[case]
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=message):
+        call()
+
+
 DOUBLE = {
     "layerscale_residual": lambda x, w: ops.layerscale_residual(x, x * 2, w),
     "layerscale_residual_layernorm": lambda x, w: ops.layerscale_residual_layernorm(x, x, w, w, w)[1],
