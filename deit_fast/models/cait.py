@@ -81,7 +81,13 @@ class Cait(ClassifierMixin, nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         # pos_embed first: the sum takes its token-major layout, not the conv's transposed
         # (B, C, N) one, so the blocks' kernels read it without a copy (and the result is the same).
-        x = self.pos_drop(self.pos_embed + self.patch_embed(x))
+        # Not while pos_drop is active: Dropout draws its mask in memory order, and timm's
+        # (B, C, N)-laid sum is what a seeded run must drop the same elements of.
+        x = self.patch_embed(x)
+        if self.training and self.pos_drop.p > 0:
+            x = self.pos_drop(x + self.pos_embed)
+        else:
+            x = self.pos_embed + x
         if self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.blocks, x)
         else:

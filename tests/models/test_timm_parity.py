@@ -58,3 +58,23 @@ def test_outputs_match_timm(name):
         ours.train(train), theirs.train(train)
         with torch.no_grad():
             assert_close_scaled(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+                                  "cait_xxs24_224"])
+def test_seeded_dropout_matches_timm(name):
+    """With every dropout on, a seeded train-mode forward drops the same elements as timm's: CaiT
+    added pos_embed first (for the kernels' layout), and Dropout draws its mask in memory order,
+    so its pos_drop hit other elements than timm's."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+              pos_drop_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_rate=0.1)
+    theirs = perturb(timm.create_model(name, **kw)).train()
+    ours = deit_fast.create_model(name, **kw).train()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for model in (ours, theirs):
+        torch.manual_seed(0)
+        outs.append(model(x))
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in outs)):
+        assert_close_scaled(a, b)
