@@ -4,9 +4,13 @@ The choice is global (set_backend / use_backend) and resolved per op and device 
 "auto" takes the first kernel backend in the op's preference order that can run on the device,
 else torch. An explicit backend that cannot run raises and says why, so a benchmark never
 silently measures the wrong thing. backend_report() shows the decision and every reason.
+Inputs a kernel backend refuses (a head dim, dtype or width its kernels do not take: fit()) raise
+under an explicit backend too; under "auto" they run on the next backend that takes them, else
+torch, with a warning once per op and reason, so a model of any width runs by default.
 """
 import contextlib
-from typing import Dict, Optional, Tuple
+import warnings
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 
@@ -173,8 +177,39 @@ def resolve(op: str, device: torch.device, width: Optional[int] = None) -> str:
     return _current
 
 
+_warned: Set[tuple] = set()
+
+
+def fit(op: str, device: torch.device, check: Callable[[str], None],
+        width: Optional[int] = None) -> str:
+    """resolve(op, device, width), once check(backend) has passed: check raises ValueError for
+    inputs the backend's kernels refuse. An explicit backend raises it; "auto" takes the next
+    kernel backend of its order whose check passes, else torch (and warns once)."""
+    backend = resolve(op, device, width)
+    if backend == "torch":
+        return backend
+    if _current != "auto":
+        check(backend)
+        return backend
+    refusals = []
+    for name in order(op, width):
+        if unavailable(op, name, device.type) is None:
+            try:
+                check(name)
+                return name
+            except ValueError as e:
+                refusals.append(f"{name}: {e}")
+    why = "; ".join(refusals)
+    # not while torch.compile traces (a warning breaks a fullgraph trace): eager calls say it
+    if not torch.compiler.is_compiling() and (op, why) not in _warned:
+        _warned.add((op, why))
+        warnings.warn(f"{op} runs on the torch backend for these inputs ({why})", stacklevel=3)
+    return "torch"
+
+
 def backend_report() -> Dict[str, Dict[str, dict]]:
-    """Per op and device type: the backend that runs under the current setting, why each other
+    """Per op and device type: the backend that runs under the current setting (for inputs its
+    kernels take: see fit), why each other
     backend cannot run there, and (for "auto" with several kernel backends) what the preference
     order rests on.
 

@@ -194,13 +194,19 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def _kernel_scale(backend: str, q: Tensor, scale: Optional[float], name: str = "q") -> float:
-    """What the kernel backends take beyond the input checks (dtype, head dim); returns the
-    scale as a float. q: any tensor whose last dim is the head dim."""
+def check_kernel(backend: str, q: Tensor, name: str = "q", keys: Optional[int] = None) -> None:
+    """What the kernel backends take beyond the input checks: dtype, head dim and (keys: k's
+    token count) Nq == N. q: any tensor whose last dim is the head dim."""
     from deit_fast.kernels.attention import HEAD_DIMS
     _checks.kernel_dtypes(backend, **{name: q})
     _checks.dot_dtype(backend, name, q)
     check_head_dim(backend, q, HEAD_DIMS, name)
+    if keys is not None and q.shape[2] != keys:
+        raise ValueError(f"q has {q.shape[2]} queries but k has {keys} keys; the {backend} "
+                         "self-attention kernel takes Nq == N: use the torch backend")
+
+
+def _kernel_scale(q: Tensor, scale: Optional[float]) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
@@ -215,18 +221,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     the CUDA forward where uses_cuda_kernel(q) says so and Triton's otherwise (see the top).
     """
     check_qkv(q, k, v, scale)
-    backend = _backend.resolve("attention", q.device)
-    if backend == "torch":
-        return sdpa(q, k, v, scale)
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
-                         "self-attention kernel takes Nq == N: use the torch backend")
     # checked before the empty shortcut: what a backend refuses must not depend on the batch size
-    kernel_scale = _kernel_scale(backend, q, scale)
-    if q.numel() == 0:  # empty: nothing to launch
+    backend = _backend.fit("attention", q.device, lambda b: check_kernel(b, q, keys=k.shape[2]))
+    if backend == "torch" or q.numel() == 0:  # empty: nothing to launch
         return sdpa(q, k, v, scale)
     q, k, v = map(_checks.int32_slices, (q, k, v))
-    return dispatch(_fused, q, k, v, kernel_scale, backend)[0]
+    return dispatch(_fused, q, k, v, _kernel_scale(q, scale), backend)[0]
 
 
 def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -236,10 +236,7 @@ def attention_qkv(qkv: Tensor, scale: Optional[float] = None) -> Tensor:
     unpacked q, k, v grads cost two extra copies of it.
     """
     check_packed(qkv, scale)
-    backend = _backend.resolve("attention", qkv.device)
-    if backend == "torch":
+    backend = _backend.fit("attention", qkv.device, lambda b: check_kernel(b, qkv, "qkv"))
+    if backend == "torch" or qkv.numel() == 0:  # empty: nothing to launch
         return sdpa(*split_qkv(qkv), scale)
-    kernel_scale = _kernel_scale(backend, qkv, scale, "qkv")  # before the empty shortcut
-    if qkv.numel() == 0:  # empty: nothing to launch
-        return sdpa(*split_qkv(qkv), scale)
-    return dispatch(_fused_qkv, _checks.int32_slices(qkv), kernel_scale, backend)[0]
+    return dispatch(_fused_qkv, _checks.int32_slices(qkv), _kernel_scale(qkv, scale), backend)[0]

@@ -118,11 +118,9 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
     check_qkv(q, k, v, scale)
     if q.shape[2] != 1:
         raise ValueError(f"q must hold one query per head, shape (B, H, 1, D), got {tuple(q.shape)}")
-    backend = _backend.resolve("class_attention", q.device)
-    if backend == "torch":
-        return sdpa(q, k, v, scale)
-    check_kernel(backend, q, k, v)  # before the empty shortcut: refusals don't depend on B
-    if q.numel() == 0:  # empty: nothing to launch
+    # checked before the empty shortcut: what a backend refuses must not depend on B
+    backend = _backend.fit("class_attention", q.device, lambda b: check_kernel(b, q, k, v))
+    if backend == "torch" or q.numel() == 0:  # empty: nothing to launch
         return sdpa(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = map(_checks.int32_slices, (q, k, v))

@@ -243,9 +243,9 @@ def distillation_loss(logits: Tensor, dist_logits: Optional[Tensor], target: Ten
     """
     check(logits, dist_logits, target, teacher_logits, kind, alpha, tau, label_smoothing,
           kl_reduction, check_target)
-    backend = _backend.resolve("distillation_loss", logits.device)
-    if backend != "torch":  # refusals before the empty shortcut: they don't depend on B
-        check_kernel(backend, logits, dist_logits, target, teacher_logits, kind)
+    # refusals before the empty shortcut: they don't depend on B
+    backend = _backend.fit("distillation_loss", logits.device, lambda b: check_kernel(
+        b, logits, dist_logits, target, teacher_logits, kind))
     if backend == "torch" or logits.numel() == 0:  # an empty batch: the reference's nan, no launch
         if return_components:
             return _reference_with_components(logits, dist_logits, target, teacher_logits, kind,

@@ -103,14 +103,8 @@ def layerscale_residual(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     and the promoted dtype of x, y and gamma (fp32 under autocast with an fp32 gamma, as timm).
     """
     check(x, y, gamma, keep_mask, keep_prob)
-    backend = _backend.resolve("layerscale_residual", x.device)
-    if backend != "torch":
-        _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma)
-        if backend == "triton":
-            from deit_fast.kernels.layerscale import MAX_C
-            if x.shape[-1] > MAX_C:
-                raise ValueError(f"x has C={x.shape[-1]} channels; the triton kernel takes "
-                                 f"C <= {MAX_C}: use the torch backend")
+    backend = _backend.fit("layerscale_residual", x.device,
+                           lambda b: check_residual_kernel(b, x, y, gamma))
     if backend == "torch" or x.numel() == 0:  # empty: nothing to launch (refusals checked first)
         return reference.layerscale_residual(x, y, gamma, keep_mask, keep_prob)
     gamma = _checks.dense(gamma)
@@ -128,14 +122,27 @@ def check_norm(weight: Tensor, bias: Tensor, eps: float, channels: int) -> None:
 CUDA_LN_MAX_C = 8192  # kMaxC in csrc/layerscale_layernorm.cu
 
 
-def check_norm_width(backend: str, channels: int) -> None:
+def check_residual_kernel(backend: str, x: Tensor, y: Tensor, gamma: Optional[Tensor]) -> None:
+    """What layerscale_residual's kernel backends refuse on top of check()."""
+    _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma)
+    if backend == "triton":
+        from deit_fast.kernels.layerscale import MAX_C
+        if x.shape[-1] > MAX_C:
+            raise ValueError(f"x has C={x.shape[-1]} channels; the triton kernel takes "
+                             f"C <= {MAX_C}: use the torch backend")
+
+
+def check_norm_kernel(backend: str, x: Tensor, **params: Optional[Tensor]) -> None:
+    """What the LayerNorm kernel backends refuse on top of the input checks: dtypes, and rows
+    wider than a program holds in registers."""
+    _checks.kernel_dtypes(backend, x=x, **params)
     if backend == "cuda":
         limit = CUDA_LN_MAX_C
     else:
         from deit_fast.kernels.layerscale import LN_MAX_C as limit
-    if channels > limit:
-        raise ValueError(f"x has C={channels} channels; the {backend} LayerNorm kernels hold a row "
-                         f"in registers and take C <= {limit}: use the torch backend")
+    if x.shape[-1] > limit:
+        raise ValueError(f"x has C={x.shape[-1]} channels; the {backend} LayerNorm kernels hold a "
+                         f"row in registers and take C <= {limit}: use the torch backend")
 
 
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -237,10 +244,8 @@ def layerscale_residual_layernorm(x: Tensor, y: Tensor, gamma: Optional[Tensor],
     check(x, y, gamma, keep_mask, keep_prob)
     check_norm(weight, bias, eps, x.shape[-1])
     _checks.same_device(x=x, weight=weight, bias=bias)
-    backend = _backend.resolve("layerscale_residual_layernorm", x.device, width=x.shape[-1])
-    if backend != "torch":
-        _checks.kernel_dtypes(backend, x=x, y=y, gamma=gamma, weight=weight, bias=bias)
-        check_norm_width(backend, x.shape[-1])
+    backend = _backend.fit("layerscale_residual_layernorm", x.device, lambda b: check_norm_kernel(
+        b, x, y=y, gamma=gamma, weight=weight, bias=bias), width=x.shape[-1])
     if backend == "torch" or x.numel() == 0:  # empty: nothing to launch (refusals checked first)
         return reference.layerscale_residual_layernorm(x, y, gamma, weight, bias, eps, keep_mask,
                                                        keep_prob)
@@ -299,10 +304,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Te
         raise ValueError(f"x must be (rows, C) or (B, ..., C), got shape {tuple(x.shape)}")
     check_norm(weight, bias, eps, x.shape[-1])
     _checks.same_device(x=x, weight=weight, bias=bias)
-    backend = _backend.resolve("layer_norm", x.device)
-    if backend != "torch":
-        _checks.kernel_dtypes(backend, x=x, weight=weight, bias=bias)
-        check_norm_width(backend, x.shape[-1])
+    backend = _backend.fit("layer_norm", x.device,
+                           lambda b: check_norm_kernel(b, x, weight=weight, bias=bias))
     if backend == "torch" or x.numel() == 0:  # empty: nothing to launch (refusals checked first)
         return reference.layer_norm(x, weight, bias, eps)
     weight, bias = _checks.dense(weight), _checks.dense(bias)

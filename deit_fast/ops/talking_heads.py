@@ -108,20 +108,19 @@ def _backend_for(q: Tensor, k: Tensor, w_l: Tensor, b_l: Tensor, w_w: Tensor, b_
         _checks.tensor(arg, t)
         _checks.shape(arg, t, shape, f" for H={heads} heads")
     _checks.same_device(q=q, w_l=w_l, b_l=b_l, w_w=w_w, b_w=b_w)
-    backend = _backend.resolve("talking_heads_attention", q.device)
-    if backend == "torch":
-        return backend
-    from deit_fast.kernels.talking_heads import HEAD_DIMS, MAX_HEADS
-    _checks.kernel_dtypes(backend, q=q, w_l=w_l, b_l=b_l, w_w=w_w, b_w=b_w)
-    _checks.dot_dtype(backend, name, q)
-    check_head_dim(backend, q, HEAD_DIMS, name)
-    if heads > MAX_HEADS:
-        raise ValueError(f"q has H={heads} heads; the {backend} kernel holds all heads of a tile "
-                         f"in registers and takes H <= {MAX_HEADS}: use the torch backend")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the {backend} "
-                         "kernel takes Nq == N: use the torch backend")
-    return backend
+
+    def check_kernel(backend: str) -> None:
+        from deit_fast.kernels.talking_heads import HEAD_DIMS, MAX_HEADS
+        _checks.kernel_dtypes(backend, q=q, w_l=w_l, b_l=b_l, w_w=w_w, b_w=b_w)
+        _checks.dot_dtype(backend, name, q)
+        check_head_dim(backend, q, HEAD_DIMS, name)
+        if heads > MAX_HEADS:
+            raise ValueError(f"q has H={heads} heads; the {backend} kernel holds all heads of a "
+                             f"tile in registers and takes H <= {MAX_HEADS}: use the torch backend")
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"q has {q.shape[2]} queries but k has {k.shape[2]} keys; the "
+                             f"{backend} kernel takes Nq == N: use the torch backend")
+    return _backend.fit("talking_heads_attention", q.device, check_kernel)
 
 
 def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, w_l: Tensor, b_l: Tensor,

@@ -101,3 +101,68 @@ def test_cuda_attention_needs_triton_too(monkeypatch):
                                                     ("triton", "cuda"): "triton does not import"})
     assert _backend.unavailable("attention", "cuda", "cuda") == "triton does not import"
     assert _backend.unavailable("class_attention", "cuda", "cuda") is None
+
+
+def _as_on_a_gpu(monkeypatch, unavailable=None):
+    """auto decides for CPU tensors as for CUDA ones: triton can run (the interpreter), cuda not
+    unless `unavailable` says otherwise."""
+    resolve = _backend.resolve
+    monkeypatch.setattr(_backend, "resolve",
+                        lambda op, device, width=None: resolve(op, torch.device("cuda"), width))
+    monkeypatch.setattr(_backend, "_availability", {("triton", "cuda"): None,
+                                                    ("cuda", "cuda"): "no CUDA device"})
+    if unavailable is not None:
+        monkeypatch.setattr(_backend, "unavailable", unavailable)
+    monkeypatch.setattr(_backend, "_warned", set())
+
+
+def test_auto_takes_the_next_backend_whose_kernels_take_the_inputs(monkeypatch):
+    _as_on_a_gpu(monkeypatch, unavailable=lambda op, backend, device_type: None)
+    cpu = torch.device("cpu")
+
+    def refuses(*names):
+        def check(backend):
+            if backend in names:
+                raise ValueError(f"{backend} refuses")
+        return check
+    assert _backend.fit("class_attention", cpu, refuses()) == "cuda"
+    assert _backend.fit("class_attention", cpu, refuses("cuda")) == "triton"
+    with pytest.warns(UserWarning, match="torch .*cuda: cuda refuses; triton: triton refuses"):
+        assert _backend.fit("class_attention", cpu, refuses("cuda", "triton")) == "torch"
+    for explicit in ("cuda", "triton"):  # set explicitly: the refusal is the answer
+        with ops.use_backend(explicit), pytest.raises(ValueError, match=f"{explicit} refuses"):
+            _backend.fit("class_attention", cpu, refuses("cuda", "triton"))
+
+
+def test_auto_runs_inputs_the_kernels_refuse_on_torch(monkeypatch):
+    """A custom width (head dim 24, which no kernel takes) ran under auto on a GPU only until an
+    op refused it: ValueError in forward. Now torch runs those ops, with one warning per op and
+    reason; explicit backends still refuse."""
+    _as_on_a_gpu(monkeypatch)
+    import warnings
+
+    import deit_fast
+    model = deit_fast.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8,
+                                   embed_dim=48, num_heads=2, depth=1, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="attention runs on the torch backend .*D=24"):
+        out = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per op and reason
+        assert torch.equal(model(x), out)
+    with ops.use_backend("torch"):
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    with ops.use_backend("triton"), pytest.raises(ValueError, match="head dim D=24"):
+        model(x)
+    q = torch.randn(1, 2, 5, 32, requires_grad=True)  # D = 32: the kernels take it
+    assert "deit_fast" in type(ops.attention(q, q, q).grad_fn).__name__
+    with pytest.warns(UserWarning, match="class_attention runs on the torch backend .*float64"):
+        ops.class_attention(q[:, :, :1].double(), q.double(), q.double())
+
+
+def test_auto_fallback_traces_in_one_graph(monkeypatch):
+    """The fallback's warning is skipped while torch.compile traces (it broke fullgraph)."""
+    _as_on_a_gpu(monkeypatch)
+    q = torch.randn(1, 2, 5, 24)
+    compiled = torch.compile(lambda t: ops.attention(t, t, t), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q), torch.nn.functional.scaled_dot_product_attention(q, q, q))
