@@ -1,4 +1,5 @@
 """Helpers shared by the model tests: tiny configs, weight perturbation, scaled comparison."""
+import timm
 import torch
 
 import deit_fast
@@ -40,3 +41,17 @@ def assert_close_scaled(actual, expected, rel: float = 2e-5, floor: float = 1e-7
     scale = expected.abs().max().clamp_min(1e-12)
     err = (actual - expected).abs().max()
     assert err <= rel * scale + floor, f"max abs error {err:.3g} > {rel:g} x {scale:.3g}"
+
+
+def seeded_train_outputs(name: str, kwargs: dict, x: torch.Tensor, seed: int):
+    """(ours, timm's model, [our output, timm's]): timm's model perturbed, its weights loaded into
+    ours, each run in train mode from the same seed (so their dropout and drop-path draws can
+    be compared)."""
+    theirs = perturb(timm.create_model(name, **kwargs)).train()
+    ours = deit_fast.create_model(name, **kwargs).train()
+    ours.load_state_dict(theirs.state_dict())
+    outs = []
+    for model in (ours, theirs):
+        torch.manual_seed(seed)
+        outs.append(model(x))
+    return ours, theirs, outs

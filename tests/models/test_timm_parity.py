@@ -10,7 +10,7 @@ import torch
 
 import deit_fast
 
-from .common import assert_close_scaled, perturb
+from .common import assert_close_scaled, perturb, seeded_train_outputs
 
 # DESIGN.md section 4 and the CaiT paper.
 PARAMS = {"deit_tiny_patch16_224": 5_717_416, "deit_small_patch16_224": 22_050_664,
@@ -68,13 +68,6 @@ def test_seeded_dropout_matches_timm(name):
     so its pos_drop hit other elements than timm's."""
     kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
               pos_drop_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_rate=0.1)
-    theirs = perturb(timm.create_model(name, **kw)).train()
-    ours = deit_fast.create_model(name, **kw).train()
-    ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    outs = []
-    for model in (ours, theirs):
-        torch.manual_seed(0)
-        outs.append(model(x))
+    outs = seeded_train_outputs(name, kw, torch.randn(2, 3, 32, 32), 0)[2]
     for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in outs)):
         assert_close_scaled(a, b)

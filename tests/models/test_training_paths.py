@@ -1,26 +1,19 @@
 """Training-time behaviour on tiny models: DropPath draws as timm's, torch.compile(fullgraph=True)
 traces forward and backward, and the Triton backend (interpreted on CPU) matches the torch one."""
 import pytest
-import timm
 import torch
 
-from deit_fast import create_model, ops
+from deit_fast import ops
 
-from .common import TINY_CAIT, TINY_DEIT, assert_close_scaled, perturb, tiny
+from .common import (TINY_CAIT, TINY_DEIT, assert_close_scaled, perturb, seeded_train_outputs,
+                     tiny)
 
 
 @pytest.mark.parametrize("name, kwargs", [("deit_tiny_distilled_patch16_224", TINY_DEIT),
                                           ("cait_xxs24_224", TINY_CAIT)], ids=["deit", "cait"])
 def test_drop_path_matches_timm(name, kwargs):
-    kwargs = dict(kwargs, drop_path_rate=0.5)
-    theirs = perturb(timm.create_model(name, **kwargs)).train()
-    ours = create_model(name, **kwargs).train()
-    ours.load_state_dict(theirs.state_dict())
     x = torch.randn(8, 3, 32, 32)
-    outs = []
-    for model in (ours, theirs):
-        torch.manual_seed(123)
-        outs.append(model(x))
+    ours, _, outs = seeded_train_outputs(name, dict(kwargs, drop_path_rate=0.5), x, 123)
     assert_close_scaled(*outs)
     torch.manual_seed(123)
     assert not torch.allclose(ours.eval()(x), outs[0])  # the masks did drop something
