@@ -329,7 +329,8 @@ TC_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
 # 3.6 (the GPU machine's): none in dq's loops / one access a tile; the fused dk/dv kernel 15 / 28
 # accesses a tile (120 bytes of stack under 3.6, past the AOT test's 64); none in the forward.
 # Not yet timed: bench.tune's talking_heads.tc_fwd / tc_bwd try 16 warps for all the kernels, and
-# tc_bwd for dq alone.
+# tc_bwd for dq alone and for all with dk and dv in two launches (FUSED_DKDV False), which at 16
+# warps take no stack (3.6 and 3.8).
 TC_DQ_WARPS = None
 # One tensor-core launch computes dk and dv together (_th_bwd_dkdv_tc with DK and DV): the mixed
 # logits, their exp2 and the q and dO tiles once for both, not once each. SASS per score of the
