@@ -4,8 +4,9 @@ Importing this registers every model in timm's registry as deit_fast_* (see regi
 """
 from .cait import Cait
 from .checkpoint import load_checkpoint
+from .convert import from_timm
 from .deit import VisionTransformer, VisionTransformerDistilled
 from .registry import create_model, list_models, timm_name
 
-__all__ = ["Cait", "VisionTransformer", "VisionTransformerDistilled", "create_model", "list_models",
-           "load_checkpoint", "timm_name"]
+__all__ = ["Cait", "VisionTransformer", "VisionTransformerDistilled", "create_model", "from_timm",
+           "list_models", "load_checkpoint", "timm_name"]
