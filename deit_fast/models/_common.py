@@ -1,9 +1,11 @@
 """What DeiT and CaiT share: timm's classifier-head methods."""
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from timm.layers import trunc_normal_
-from torch import nn
+from torch import Tensor, nn
+
+from deit_fast.layers import Attention, ClassAttn
 
 
 def init_linears(model: nn.Module) -> None:
@@ -38,3 +40,20 @@ class ClassifierMixin:
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = head(self.embed_dim, num_classes).to(self.cls_token).train(self.training)
+
+    def attention_maps(self, x: Tensor) -> List[Tensor]:
+        """The attention probabilities of every attention layer for images x, in forward order:
+        (B, H, N, N) per self-attention block (CaiT's: the mixed probabilities of its talking
+        heads, over the patches), then (B, H, 1, N + 1) per CaiT class-attention block. The
+        model runs its usual fused forward once; each layer's maps are then recomputed from its
+        input by the layer's unfused forward_attn_map (the fused kernels never hold them)."""
+        inputs = []
+        layers = [m for m in self.modules() if isinstance(m, (Attention, ClassAttn))]
+        hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0])))
+                 for m in layers]
+        try:
+            self.forward_features(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [layer.forward_attn_map(h) for layer, h in inputs]
