@@ -165,3 +165,14 @@ def test_other_models_and_wrappers_are_refused_with_a_hint():
     wrapped.module = timm_model("distilled")
     with pytest.raises(TypeError, match=r"DDP's \.module"):
         deit_fast.from_timm(wrapped)
+
+
+def test_timms_plain_vits_of_deits_architecture_convert():
+    """timm's ViT (augreg, DINO, MIIL weights) is DeiT's architecture; DeiT III is not (its
+    pos_embed skips the class token, its blocks carry LayerScale)."""
+    theirs = timm.create_model("vit_tiny_patch16_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with ops.use_backend("torch"), torch.no_grad():
+        torch.testing.assert_close(deit_fast.from_timm(theirs)(x), theirs(x))
+    with pytest.raises(ValueError, match="no_embed_class"):
+        deit_fast.from_timm(timm.create_model("deit3_small_patch16_224"))
