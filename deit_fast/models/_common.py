@@ -1,4 +1,4 @@
-"""What DeiT and CaiT share: timm's classifier-head methods."""
+"""What DeiT and CaiT share: timm's classifier-head methods, and attention_maps."""
 from typing import List, Optional
 
 import torch
@@ -22,8 +22,9 @@ def head(dim: int, num_classes: int) -> nn.Module:
 
 
 class ClassifierMixin:
-    """get_classifier / reset_classifier / set_grad_checkpointing as timm models offer them.
-    Subclasses have embed_dim, cls_token, head, global_pool and grad_checkpointing."""
+    """get_classifier / reset_classifier / set_grad_checkpointing as timm models offer them, and
+    attention_maps. Subclasses have embed_dim, cls_token, head, global_pool, grad_checkpointing
+    and forward_features."""
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
